@@ -1,0 +1,432 @@
+"""The sampled-trajectory policy-gradient recipe: Flow-GRPO, DanceGRPO and the presets built on them.
+
+One readable loop (torchtune-style ``setup / train / save_checkpoint / cleanup``). Each iteration:
+
+1. **rollout** -- P prompts x G samples through the SDE sampler, recorded as a ``RolloutTree``
+   (each rank samples G / world_size of every prompt's group, so groups span ranks);
+2. **reward** -- decode and score the leaves, then gather scores from every rank;
+3. **advantages** -- group-relative over the *global* group, scattered back onto the tree's edges;
+4. **update** -- recompute each trained edge's log-prob under the current weights and minimise the
+   PPO-clip loss (+ optional KL on transition means against the reference policy).
+
+All math lives in ``flowalign.samplers``, ``flowalign.advantages`` and ``flowalign.losses``. Every
+random stream is derived from ``(seed, stream name, iteration, rank)``, so a resumed run replays
+exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from flowalign.advantages import edge_advantages, get_advantage_estimator
+from flowalign.config import RLConfig, num_trained_steps, read_prompts, to_yaml
+from flowalign.guards import assert_finite
+from flowalign.losses import get_loss, kl_on_means
+from flowalign.pipelines import load_adapter_class
+from flowalign.rewards.registry import build_reward, build_rewards
+from flowalign.rollout import BranchSpec, rollout, sample_ode
+from flowalign.samplers import sde_step
+from flowalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowalign.training.ema import EMA
+from flowalign.training.metrics import MetricsLogger, read_metrics
+from flowalign.training.plots import format_table, save_image_grid, save_reward_curve
+from flowalign.training.rng import capture_rng_state, restore_rng_state
+from flowalign.types import Conditioning, RolloutTree
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TIME_KEYS = ("time/rollout_s", "time/reward_s", "time/train_s", "time/other_s", "time/iteration_s")
+
+
+def stream_generator(seed: int, stream: str, *indices: int) -> torch.Generator:
+    """A CPU generator for one named random stream, e.g. ``("rollout", iteration, rank)``."""
+    words = [seed, *(ord(c) for c in stream), *indices]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
+
+
+def prompt_indices(num_prompts: int, per_iter: int, iteration: int, seed: int) -> list[int]:
+    """Prompts of one iteration: consecutive slices of a fresh seeded permutation per epoch."""
+    out = []
+    for position in range(iteration * per_iter, (iteration + 1) * per_iter):
+        epoch, offset = divmod(position, num_prompts)
+        perm = torch.randperm(num_prompts, generator=stream_generator(seed, "prompts", epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+class RLRecipe:
+    """Flow-GRPO-style training of a pipeline adapter against rewards.
+
+    Args:
+        cfg: the validated run configuration.
+        rewards: optional Python reward(s) replacing ``cfg.rewards`` (a Reward, a plain callable
+            ``fn(media, prompts, metadata)``, or a list / dict of them).
+        judges: optional Python judge(s) replacing ``cfg.eval.judges``.
+    """
+
+    def __init__(self, cfg: RLConfig, *, rewards: Any = None, judges: Any = None):
+        self.cfg = cfg
+        self._reward_override = rewards
+        self._judge_override = judges
+
+    # ------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.train.mixed_precision)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        torch.manual_seed(cfg.seed)  # LoRA initialisation
+
+        adapter_cls = load_adapter_class(cfg.model._component_)
+        self.adapter = adapter_cls.from_pretrained(cfg.model.pretrained, dtype=DTYPES[cfg.model.dtype],
+                                                   device=self.accelerator.device)
+        self.module = self._make_trainable(self.adapter.trainable_module())
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        optimizer_cls = _import_path(cfg.train.optimizer._component_, "train.optimizer._component_")
+        o = cfg.train.optimizer
+        optimizer = optimizer_cls(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+        wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
+        self.adapter.set_trainable_module(wrapped)
+        self.wrapped = wrapped
+        self.ema = EMA(self.module, decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+
+        self.reward_fn = build_rewards(self._reward_override if self._reward_override is not None else cfg.rewards)
+        judge_specs = self._judge_override if self._judge_override is not None else cfg.eval.judges
+        self.judges = {j.name: j for j in (build_reward(s) for s in _as_list(judge_specs))}
+        self.train_prompts = read_prompts(cfg.data.train_prompts, "data.train_prompts")
+        self.eval_prompts = read_prompts(cfg.eval.prompts, "eval.prompts")
+        self.advantage_fn = get_advantage_estimator(cfg.algorithm.advantage)
+        self.loss_fn = get_loss(cfg.algorithm.loss)
+        self.spec = self._branch_spec()
+        self.noise_levels = torch.tensor(self.spec.noise_levels, dtype=torch.float32)
+
+        self.start_iteration, self.before, self.best = 0, None, None
+        if self.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        self._maybe_resume()
+        self.logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.logging.tensorboard,
+                                    wandb_project=cfg.logging.wandb_project,
+                                    resume_step=self.start_iteration if self.start_iteration else None,
+                                    enabled=self.is_main)
+
+    def _make_trainable(self, module: torch.nn.Module) -> torch.nn.Module:
+        m = self.cfg.model
+        if m.lora_rank > 0:
+            from peft import LoraConfig
+
+            module.requires_grad_(False)
+            module.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank,
+                                          target_modules=self.adapter.lora_target_modules, init_lora_weights="gaussian"))
+        else:
+            module.requires_grad_(True)
+            if self.cfg.algorithm.kl_beta > 0:
+                self.adapter.keep_reference_copy()
+        if m.gradient_checkpointing:
+            module.enable_gradient_checkpointing()
+        return module.train()
+
+    def _branch_spec(self) -> BranchSpec:
+        s = self.cfg.sampling
+        start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
+        trained = tuple(range(start, start + num_trained_steps(s)))
+        return BranchSpec.flat(s.num_steps, s.group_size // self.world, s.noise_level, sampler=s.sampler,
+                               sde_steps=range(start, end), train_steps=trained, guidance_scale=s.guidance_scale)
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.before is None:
+            self.before = self.evaluate(step=0)
+            self._log_eval(0, self.before)
+        bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc="flowalign train", initial=self.start_iteration,
+                   total=cfg.train.iterations, disable=not (self.is_main and cfg.logging.progress))
+        for iteration in bar:
+            step = iteration + 1
+            metrics = self.train_iteration(iteration, check_ratio=iteration == self.start_iteration)
+            t0 = time.perf_counter()
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.iterations:
+                self._log_eval(step, self.evaluate(step))
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != cfg.train.iterations:
+                self.save_checkpoint(step)
+            metrics["time/other_s"] = time.perf_counter() - t0
+            metrics["time/iteration_s"] = sum(metrics[k] for k in TIME_KEYS[:4])
+            self.logger.log(step, metrics)
+            bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}")
+        final = self.evaluate(cfg.train.iterations)
+        self._log_eval(cfg.train.iterations, final)
+        self.save_checkpoint(cfg.train.iterations)
+        return self._finish(final)
+
+    def train_iteration(self, iteration: int, check_ratio: bool = False) -> dict[str, float]:
+        """One rollout + reward + advantage + update cycle; returns its metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        idx = prompt_indices(len(self.train_prompts), cfg.data.prompts_per_iter, iteration, cfg.seed)
+        prompts = [self.train_prompts[i] for i in idx]
+        self.module.eval()
+        with acc.autocast():
+            cond = self.adapter.encode(prompts)
+            tree = rollout(self.adapter, cond, self.spec, prompts=prompts,
+                           generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
+                           keep_means=False, decode=True)
+        t1 = time.perf_counter()
+
+        leaf_prompts = [prompts[i] for i in tree.leaf_prompt_idx.tolist()]
+        reward = self.reward_fn(tree.media, leaf_prompts)
+        scores = assert_finite(reward.scores.to(acc.device), "rewards")
+        valid = reward.valid.to(acc.device) if reward.valid is not None else torch.ones_like(scores, dtype=torch.bool)
+        all_scores, all_groups, all_valid = acc.gather((scores, tree.leaf_group.to(acc.device), valid))
+        t2 = time.perf_counter()
+
+        a = cfg.algorithm
+        all_adv = self.advantage_fn(all_scores.cpu(), all_groups.cpu(), std_mode=a.std_mode,
+                                    clip=a.adv_clip or None, valid=all_valid.cpu())
+        leaf_adv = all_adv.view(self.world, -1)[self.rank]
+        edge_adv = assert_finite(edge_advantages(leaf_adv, tree.leaf_edges, tree.num_edges), "advantages")
+        self.module.train()
+        train_metrics = self._update(tree, cond, edge_adv, iteration, check_ratio)
+        t3 = time.perf_counter()
+
+        metrics = {
+            "train/reward_mean": all_scores.mean().item(),
+            "train/reward_std": all_scores.std().item(),
+            "train/advantage_abs_mean": all_adv.abs().mean().item(),
+            "rollout/nfe": float(tree.nfe),
+            "rollout/trained_edges": float(tree.trainable.sum().item()),
+            **{f"train/{k}": acc.gather(v.to(acc.device)).mean().item() for k, v in reward.components.items()},
+            **train_metrics,
+            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2,
+        }
+        return metrics
+
+    def _update(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, iteration: int,
+                check_ratio: bool) -> dict[str, float]:
+        """PPO-clip updates over the tree's trainable edges, ``steps_per_iter`` optimizer steps."""
+        cfg, acc = self.cfg, self.accelerator
+        edges = tree.trainable.nonzero().squeeze(1)
+        edges = edges[torch.randperm(len(edges), generator=stream_generator(cfg.seed, "shuffle", iteration, self.rank))]
+        sums: dict[str, float] = {}
+        grad_norms: list[float] = []
+        n_micro = 0
+        for k, chunk in enumerate(edges.tensor_split(cfg.train.steps_per_iter)):
+            micro_batches = chunk.split(cfg.train.micro_batch_size)
+            for j, mb in enumerate(micro_batches):
+                sync = nullcontext() if j == len(micro_batches) - 1 else acc.no_sync(self.wrapped)
+                with sync:
+                    loss, m = self._edge_loss(tree, cond, edge_adv, mb)
+                    acc.backward(loss * (len(mb) / len(chunk)))
+                if check_ratio and k == 0 and j == 0:
+                    first_dev = m["ratio_max_dev"]
+                    self._check_on_policy(first_dev)
+                for name, value in m.items():
+                    sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value
+                n_micro += 1
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
+            grad_norms.append(assert_finite(torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1), "gradient norm").item())
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.module, step=iteration * cfg.train.steps_per_iter + k)
+        out = {name: total / n_micro for name, total in sums.items()}
+        out["train/grad_norm"] = float(np.mean(grad_norms))
+        if check_ratio:
+            out["train/ratio_first_step_dev"] = first_dev
+        return out
+
+    def _edge_loss(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, mb: torch.Tensor):
+        """Loss of a micro-batch of edges: new log-probs of the stored transitions vs the old ones."""
+        cfg, acc = self.cfg, self.accelerator
+        step = tree.step[mb]
+        sigma, sigma_next = tree.sigmas[step], tree.sigmas[step + 1]
+        x_t = tree.x_t[mb].to(self.adapter.dtype)
+        c = cond[tree.prompt_idx[mb]]
+        kwargs = dict(kind=cfg.sampling.sampler, noise_level=self.noise_levels[step].to(x_t.device), prev_sample=tree.x_next[mb])
+        with acc.autocast():
+            v = self.adapter.predict(x_t, sigma, c, cfg.sampling.guidance_scale)
+        new = sde_step(v.float(), sigma, sigma_next, tree.x_t[mb], **kwargs)
+        kl = None
+        if cfg.algorithm.kl_beta > 0:
+            with torch.no_grad(), self.adapter.disable_adapter(), acc.autocast():
+                v_ref = self.adapter.predict(x_t, sigma, c, cfg.sampling.guidance_scale)
+            ref = sde_step(v_ref.float(), sigma, sigma_next, tree.x_t[mb], **kwargs)
+            kl = kl_on_means(new.mean, ref.mean, new.std)
+        return self.loss_fn(new.log_prob, tree.log_prob_old[mb], edge_adv[mb], clip_range=cfg.algorithm.clip_range,
+                            kl=kl, kl_beta=cfg.algorithm.kl_beta)
+
+    def _check_on_policy(self, ratio_dev: float) -> None:
+        """Invariant 2 of DESIGN.md: before any update the recomputed log-probs equal the rollout's."""
+        if ratio_dev > self.cfg.algorithm.ratio_tolerance:
+            raise RuntimeError(
+                f"on-policy check failed: max |ratio - 1| = {ratio_dev:.3g} > algorithm.ratio_tolerance="
+                f"{self.cfg.algorithm.ratio_tolerance} at the first inner step; the rollout and the update compute "
+                "log-probs differently (dropout on? different precision? non-deterministic kernels?)"
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Deterministic ODE samples of the held-out prompts from fixed noise, scored by the
+        training rewards and by the judges. Returns metrics plus the grid's media (main rank)."""
+        cfg, acc = self.cfg, self.accelerator
+        e = cfg.eval
+        prompts = [p for p in self.eval_prompts for _ in range(e.samples_per_prompt)]
+        n_local = len(prompts) // self.world
+        shard = slice(self.rank * n_local, (self.rank + 1) * n_local)
+        latents = self.adapter.init_latents(len(prompts), stream_generator(cfg.seed, "eval"))[shard]
+        local_prompts = prompts[shard]
+        self.module.eval()
+        with (self.ema.swapped_into(self.module) if self.ema is not None else nullcontext()), acc.autocast():
+            cond = self.adapter.encode(local_prompts)
+            final = sample_ode(self.adapter, cond, e.num_steps, latents=latents, guidance_scale=cfg.sampling.guidance_scale)
+            media = self.adapter.decode(final)
+        self.module.train()
+        result: dict[str, Any] = {}
+        scorers = {"reward": self.reward_fn, **{f"judge/{name}": judge for name, judge in self.judges.items()}}
+        for prefix, scorer in scorers.items():
+            out = scorer(media, local_prompts)
+            result[f"eval/{prefix}"] = acc.gather(out.scores.to(acc.device)).mean().item()
+            for comp, values in out.components.items():
+                result[f"eval/{prefix}/{comp}"] = acc.gather(values.float().to(acc.device)).mean().item()
+        grid_media = acc.gather((media * 255).round().to(torch.uint8).contiguous())
+        n_grid = min(e.grid_prompts, len(self.eval_prompts)) * e.samples_per_prompt
+        result["media"] = grid_media[:n_grid].float().div(255).cpu()
+        return result
+
+    def _log_eval(self, step: int, result: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in result.items() if k != "media"}
+        self.logger.log(step, scalars)
+        if step and (self.best is None or scalars["eval/reward"] > self.best["eval/reward"]):
+            self.best = {"step": step, **scalars}
+            if self.is_main:
+                with self.ema.swapped_into(self.module) if self.ema is not None else nullcontext():
+                    self.adapter.save_pretrained(os.path.join(self.cfg.output_dir, "best"))
+        if self.is_main and step == 0:
+            torch.save(result["media"], os.path.join(self.cfg.output_dir, "eval_before_media.pt"))
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> None:
+        """Atomic checkpoint: trainable weights, optimizer, EMA, RNG, step, before/best evaluations."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_checkpoint(
+                self.cfg.output_dir, step,
+                model_state={n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad},
+                optimizer_state=self.optimizer.state_dict(),
+                ema_state=self.ema.state_dict() if self.ema is not None else None,
+                rng_state=capture_rng_state(),
+                extra={"step": step, "before": _scalars(self.before), "best": self.best},
+                keep_last=self.cfg.train.keep_checkpoints,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume == "never":
+            return
+        path = latest_checkpoint(self.cfg.output_dir) if resume == "auto" else resume
+        if path is None:
+            return
+        ckpt = load_checkpoint(path)
+        missing = [n for n, p in self.module.named_parameters() if p.requires_grad and n not in ckpt.model_state]
+        if missing:
+            raise ValueError(f"checkpoint {path!r} does not match the model (missing {missing[:3]}...); "
+                             "set train.resume=never or use another output_dir")
+        self.module.load_state_dict(ckpt.model_state, strict=False)
+        self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if self.ema is not None and ckpt.ema_state is not None:
+            self.ema.load_state_dict(ckpt.ema_state)
+        if ckpt.rng_state is not None:
+            restore_rng_state(ckpt.rng_state)
+        self.start_iteration = int(ckpt.extra["step"])
+        self.before = ckpt.extra.get("before")
+        self.best = ckpt.extra.get("best")
+        media_file = os.path.join(self.cfg.output_dir, "eval_before_media.pt")
+        if self.before is not None and os.path.exists(media_file):
+            self.before["media"] = torch.load(media_file)
+        if self.is_main:
+            print(f"[flowalign] resumed from {path} at iteration {self.start_iteration}")
+
+    # ------------------------------------------------------------------------------------------
+    # outputs
+    # ------------------------------------------------------------------------------------------
+    def _finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        cfg, out = self.cfg, self.cfg.output_dir
+        before = self.before
+        summary: dict[str, Any] = {"output_dir": out, "iterations": cfg.train.iterations,
+                                   "before": _scalars(before), "after": _scalars(final), "best": self.best}
+        if not self.is_main:
+            return summary
+        with self.ema.swapped_into(self.module) if self.ema is not None else nullcontext():
+            self.adapter.save_pretrained(os.path.join(out, "final"))
+        records = read_metrics(os.path.join(out, "metrics.jsonl"))
+        iter_times = [r["time/iteration_s"] for r in records if "time/iteration_s" in r]
+        summary["seconds_per_iteration"] = float(np.mean(iter_times)) if iter_times else float("nan")
+
+        if before is not None and "media" in before:
+            k = min(4, cfg.eval.samples_per_prompt)
+            n = before["media"].shape[0] // cfg.eval.samples_per_prompt
+            rows = [torch.cat([before["media"][i * cfg.eval.samples_per_prompt:][:k],
+                               final["media"][i * cfg.eval.samples_per_prompt:][:k]]) for i in range(n)]
+            summary["grid"] = save_image_grid(os.path.join(out, "before_after.png"), rows,
+                                              row_labels=self.eval_prompts[:n], col_labels=["before"] * k + ["after"] * k,
+                                              title="held-out prompts: base model | aligned model (ODE, fixed noise)")
+        series = {"train/reward_mean": "train reward", "eval/reward": "held-out reward"}
+        series.update({k: k.removeprefix("eval/") for k in final if k.startswith("eval/judge/") and k.endswith("accuracy")})
+        summary["curve"] = save_reward_curve(os.path.join(out, "reward_curve.png"), records, series=series,
+                                             title=f"{cfg.model._component_}: {self.reward_fn.name}")
+        rows = []
+        for key in [k for k in final if k.startswith("eval/")]:
+            rows.append([key.removeprefix("eval/"), before.get(key, float("nan")) if before else float("nan"), final[key],
+                         self.best.get(key, float("nan")) if self.best else float("nan")])
+        rows.append(["seconds / iteration", "", summary["seconds_per_iteration"], ""])
+        summary["table"] = format_table(["held-out metric", "before", "after", f"best (it {self.best['step'] if self.best else '-'})"], rows)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "table"}, f, indent=2)
+        print("\n" + summary["table"])
+        print(f"\nrun directory: {out}  (before_after.png, reward_curve.png, metrics.jsonl, final/, best/)")
+        return summary
+
+    def cleanup(self) -> None:
+        self.logger.close()
+        self.accelerator.end_training()
+
+
+def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:
+    return None if result is None else {k: v for k, v in result.items() if k != "media"}
+
+
+def _as_list(specs: Any) -> list:
+    if specs is None:
+        return []
+    if isinstance(specs, dict) and "_component_" not in specs:
+        return list(specs.values())
+    return list(specs) if isinstance(specs, (list, tuple)) else [specs]
+
+
+def _import_path(path: str, key: str):
+    import importlib
+
+    module_name, _, attr = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{key}: cannot import {path!r}: {err}") from err

@@ -1,0 +1,27 @@
+"""Model-family adapters (importable as ``flowalign.pipelines``).
+
+``ADAPTERS`` maps a family name to the dotted path of its adapter class; classes import lazily
+so that ``import flowalign.pipelines`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ADAPTERS: dict[str, str] = {
+    "toy": "flowalign.pipelines.toy:ToyAdapter",
+}
+
+
+def load_adapter_class(name: str):
+    """Resolve a registered family name or a ``package.module:Class`` / ``package.module.Class`` path."""
+    path = ADAPTERS.get(name, name)
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"unknown pipeline adapter {name!r}; registered: {sorted(ADAPTERS)} (or give 'package.module:Class')")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import pipeline adapter {name!r} ({path}): {err}") from err
