@@ -33,7 +33,7 @@ from flowalign.config import RLConfig, num_trained_steps, read_prompts, to_yaml
 from flowalign.guards import assert_finite
 from flowalign.losses import get_loss, kl_on_means
 from flowalign.pipelines import load_adapter_class
-from flowalign.rewards.registry import build_reward, build_rewards
+from flowalign.rewards.registry import build_rewards
 from flowalign.rollout import BranchSpec, rollout, sample_ode
 from flowalign.samplers import sde_step
 from flowalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -101,9 +101,9 @@ class RLRecipe:
         self.wrapped = wrapped
         self.ema = EMA(self.module, decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
-        self.reward_fn = build_rewards(self._reward_override if self._reward_override is not None else cfg.rewards)
-        judge_specs = self._judge_override if self._judge_override is not None else cfg.eval.judges
-        self.judges = {j.name: j for j in (build_reward(s) for s in _as_list(judge_specs))}
+        self.reward_fn = build_rewards(_spec_list(self._reward_override if self._reward_override is not None else cfg.rewards))
+        judge_specs = _spec_list(self._judge_override if self._judge_override is not None else cfg.eval.judges)
+        self.judges = build_rewards(judge_specs).rewards if judge_specs else {}
         self.train_prompts = read_prompts(cfg.data.train_prompts, "data.train_prompts")
         self.eval_prompts = read_prompts(cfg.eval.prompts, "eval.prompts")
         self.advantage_fn = get_advantage_estimator(cfg.algorithm.advantage)
@@ -117,9 +117,12 @@ class RLRecipe:
             with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
         self._maybe_resume()
+        metrics_file = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if self.is_main and self.start_iteration == 0 and os.path.exists(metrics_file):
+            os.remove(metrics_file)  # a fresh run: records of an earlier attempt that never checkpointed are stale
         self.logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project,
-                                    resume_step=self.start_iteration if self.start_iteration else None,
+                                    resume_step=self.start_iteration or None,
                                     enabled=self.is_main)
 
     def _make_trainable(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -157,7 +160,7 @@ class RLRecipe:
                    total=cfg.train.iterations, disable=not (self.is_main and cfg.logging.progress))
         for iteration in bar:
             step = iteration + 1
-            metrics = self.train_iteration(iteration, check_ratio=iteration == self.start_iteration)
+            metrics = self.train_iteration(iteration)
             t0 = time.perf_counter()
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.iterations:
                 self._log_eval(step, self.evaluate(step))
@@ -172,7 +175,7 @@ class RLRecipe:
         self.save_checkpoint(cfg.train.iterations)
         return self._finish(final)
 
-    def train_iteration(self, iteration: int, check_ratio: bool = False) -> dict[str, float]:
+    def train_iteration(self, iteration: int) -> dict[str, float]:
         """One rollout + reward + advantage + update cycle; returns its metrics."""
         cfg, acc = self.cfg, self.accelerator
         t0 = time.perf_counter()
@@ -199,7 +202,7 @@ class RLRecipe:
         leaf_adv = all_adv.view(self.world, -1)[self.rank]
         edge_adv = assert_finite(edge_advantages(leaf_adv, tree.leaf_edges, tree.num_edges), "advantages")
         self.module.train()
-        train_metrics = self._update(tree, cond, edge_adv, iteration, check_ratio)
+        train_metrics = self._update(tree, cond, edge_adv, iteration)
         t3 = time.perf_counter()
 
         metrics = {
@@ -214,9 +217,11 @@ class RLRecipe:
         }
         return metrics
 
-    def _update(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, iteration: int,
-                check_ratio: bool) -> dict[str, float]:
-        """PPO-clip updates over the tree's trainable edges, ``steps_per_iter`` optimizer steps."""
+    def _update(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, iteration: int) -> dict[str, float]:
+        """PPO-clip updates over the tree's trainable edges, ``steps_per_iter`` optimizer steps.
+
+        The first micro-batch runs before any weight change, so its ratio must be exactly 1
+        (DESIGN.md invariant 2): it is checked and logged every iteration."""
         cfg, acc = self.cfg, self.accelerator
         edges = tree.trainable.nonzero().squeeze(1)
         edges = edges[torch.randperm(len(edges), generator=stream_generator(cfg.seed, "shuffle", iteration, self.rank))]
@@ -230,7 +235,7 @@ class RLRecipe:
                 with sync:
                     loss, m = self._edge_loss(tree, cond, edge_adv, mb)
                     acc.backward(loss * (len(mb) / len(chunk)))
-                if check_ratio and k == 0 and j == 0:
+                if k == 0 and j == 0:
                     first_dev = m["ratio_max_dev"]
                     self._check_on_policy(first_dev)
                 for name, value in m.items():
@@ -244,8 +249,7 @@ class RLRecipe:
                 self.ema.update(self.module, step=iteration * cfg.train.steps_per_iter + k)
         out = {name: total / n_micro for name, total in sums.items()}
         out["train/grad_norm"] = float(np.mean(grad_norms))
-        if check_ratio:
-            out["train/ratio_first_step_dev"] = first_dev
+        out["train/ratio_first_step_dev"] = first_dev
         return out
 
     def _edge_loss(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, mb: torch.Tensor):
@@ -414,12 +418,9 @@ def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:
     return None if result is None else {k: v for k, v in result.items() if k != "media"}
 
 
-def _as_list(specs: Any) -> list:
-    if specs is None:
-        return []
-    if isinstance(specs, dict) and "_component_" not in specs:
-        return list(specs.values())
-    return list(specs) if isinstance(specs, (list, tuple)) else [specs]
+def _spec_list(specs: Any) -> list | dict:
+    """A single reward object / callable becomes a one-element list; lists and dicts pass through."""
+    return specs if isinstance(specs, (list, tuple, dict)) else [specs]
 
 
 def _import_path(path: str, key: str):

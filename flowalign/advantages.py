@@ -1,0 +1,211 @@
+"""Advantage estimators (DESIGN.md, "Advantages and losses").
+
+Pure tensor functions, selected by name from the static table :data:`ADVANTAGE_ESTIMATORS`.
+
+* :func:`group_advantages` -- the group-relative advantage of GRPO / Flow-GRPO / DanceGRPO: each
+  sample's reward minus its group's (prompt's) mean, divided by a std.
+* :func:`edge_advantages` -- spreads per-leaf advantages onto the edges of a :class:`RolloutTree`:
+  an edge gets the mean advantage of the leaves below it.
+
+Statistics are accumulated in float64 (groups are small, the cost is nil) and returned in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from flowalign.guards import assert_finite
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "STD_MODES",
+    "edge_advantages",
+    "get_advantage_estimator",
+    "group_advantages",
+]
+
+STD_MODES: tuple[str, ...] = ("group", "global", "none")
+
+
+def _check_index_vector(t: Tensor, name: str, n: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}] (one entry per reward), got {tuple(t.shape)}")
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    std_mode: str = "group",
+    clip: float | None = None,
+    eps: float = 1e-4,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Group-relative advantages ``A_i = (r_i - mean_g) / (std + eps)``.
+
+    GRPO's outcome-supervision advantage (Shao et al. 2024, DeepSeekMath §4.1.2, used in the
+    GRPO objective Eq. 3) as adopted by Flow-GRPO (Liu et al. 2025, arXiv:2505.05470, §4.1; the
+    reference implementation is ``flow_grpo/stat_tracking.py``: population ``np.std``, eps 1e-4,
+    ``global_std`` option) and DanceGRPO (Xue et al. 2025).
+
+    Args:
+        rewards: ``[N]`` real scores (any float or integer dtype).
+        group_ids: ``[N]`` integer group id per sample (a prompt's index in the global batch). Ids
+            need not be contiguous, sorted or non-negative.
+        std_mode: ``"group"`` -- divide by the group's population std (Flow-GRPO default);
+            ``"global"`` -- divide by the population std of all valid rewards in the batch
+            (Flow-GRPO ``global_std``); ``"none"`` -- mean-centering only (``std + eps`` := 1).
+        clip: if given, clamp advantages to ``[-clip, clip]`` (Flow-GRPO ``adv_clip_max = 5``).
+        eps: added to the std (>= 0).
+        valid: optional ``[N]`` bool; ``False`` samples are left out of every statistic and get
+            advantage 0. Their rewards are never read, so they may be NaN.
+
+    Returns:
+        ``[N]`` float32 advantages on ``rewards.device``. A group whose valid rewards are all equal
+        (including a group with one valid member) gets exactly 0, never NaN.
+
+    Raises:
+        FloatingPointError: a valid reward is NaN/Inf (message names ``rewards``).
+        ValueError / TypeError: bad shapes, dtypes, ``std_mode``, ``clip`` or ``eps``.
+    """
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if rewards.dtype == torch.bool or rewards.is_complex():
+        raise TypeError(f"rewards must be a real float or integer tensor, got dtype {rewards.dtype}")
+    n = rewards.shape[0]
+    _check_index_vector(group_ids, "group_ids", n)
+    if group_ids.dtype == torch.bool or group_ids.is_floating_point() or group_ids.is_complex():
+        raise TypeError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+    if std_mode not in STD_MODES:
+        raise ValueError(f"std_mode must be one of {list(STD_MODES)}, got {std_mode!r}")
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a positive finite number or None, got {clip!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if valid is None:
+        valid = torch.ones(n, dtype=torch.bool, device=rewards.device)
+    else:
+        _check_index_vector(valid, "valid", n)
+        if valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor, got dtype {valid.dtype}")
+        valid = valid.to(rewards.device)
+
+    # Invalid entries are never read (a reward that could not score may be NaN); valid ones must be finite.
+    r = rewards.detach().to(torch.float64).masked_fill(~valid, 0.0)
+    assert_finite(r, "rewards")
+
+    _, inv = torch.unique(group_ids.to(rewards.device), return_inverse=True)  # [N] in 0..G-1
+    num_groups = int(inv.max()) + 1 if n > 0 else 0
+    w = valid.to(torch.float64)
+    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, w)
+    total = torch.zeros_like(count).index_add_(0, inv, r)
+    mean = total / count.clamp_min(1.0)  # [G]; 0 for groups with no valid member
+    centered = (r - mean[inv]) * w  # [N]; 0 where invalid
+
+    if std_mode == "group":
+        # Population variance (ddof=0) by two passes, as np.std in Flow-GRPO's stat tracker.
+        var = torch.zeros_like(count).index_add_(0, inv, centered**2) / count.clamp_min(1.0)
+        denom = var.sqrt()[inv] + eps  # [N]
+    elif std_mode == "global":
+        n_valid = w.sum().clamp_min(1.0)
+        global_mean = r.sum() / n_valid
+        global_std = ((((r - global_mean) * w) ** 2).sum() / n_valid).sqrt()
+        denom = (global_std + eps).expand(n)
+    else:
+        denom = torch.ones(n, dtype=torch.float64, device=r.device)
+
+    # A group whose valid rewards all coincide has zero spread: its advantage is exactly 0
+    # (r - mean can be a rounding error away from 0, and std + eps can be 0 when eps == 0).
+    big = torch.finfo(torch.float64).max
+    r_hi = r.masked_fill(~valid, -big)
+    r_lo = r.masked_fill(~valid, big)
+    gmax = torch.full_like(count, -big).scatter_reduce_(0, inv, r_hi, reduce="amax")
+    gmin = torch.full_like(count, big).scatter_reduce_(0, inv, r_lo, reduce="amin")
+    spread = (gmax > gmin)[inv] & valid  # [N]
+
+    safe_denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    adv = torch.where(spread, centered / safe_denom, torch.zeros_like(centered))
+    if clip is not None:
+        adv = adv.clamp(-float(clip), float(clip))
+    return adv.to(torch.float32)
+
+
+def edge_advantages(leaf_advantages: Tensor, leaf_edges: Tensor, num_edges: int) -> Tensor:
+    """Per-edge advantages: each edge gets the mean advantage of the leaves whose path contains it.
+
+    For a flat group (each edge on exactly one leaf's path) that is the leaf's own advantage; for a
+    tree with shared prefixes (BranchGRPO-style) a shared edge gets the mean over its descendant
+    leaves -- the Monte-Carlo estimate of the advantage of the subtree under it.
+
+    Args:
+        leaf_advantages: ``[L]`` float per-leaf advantages.
+        leaf_edges: ``[L, T]`` integer edge ids on each leaf's path (``RolloutTree.leaf_edges``).
+            ``-1`` entries are padding and are ignored. An id may appear at most once per row.
+        num_edges: ``E``, the number of edges in the tree (ids must lie in ``[0, E)``).
+
+    Returns:
+        ``[E]`` float32; edges on no leaf's path get 0.
+
+    Raises:
+        ValueError / TypeError: bad shapes or dtypes, ids out of range, an edge repeated on a path.
+        FloatingPointError: ``leaf_advantages`` holds NaN/Inf.
+    """
+    if not isinstance(leaf_advantages, Tensor) or not isinstance(leaf_edges, Tensor):
+        raise TypeError("leaf_advantages and leaf_edges must be torch.Tensors")
+    if leaf_advantages.dim() != 1:
+        raise ValueError(f"leaf_advantages must be 1-D [L], got shape {tuple(leaf_advantages.shape)}")
+    if leaf_edges.dim() != 2 or leaf_edges.shape[0] != leaf_advantages.shape[0]:
+        raise ValueError(
+            f"leaf_edges must have shape [L, T] with L = {leaf_advantages.shape[0]} "
+            f"(len(leaf_advantages)), got {tuple(leaf_edges.shape)}"
+        )
+    if leaf_edges.dtype == torch.bool or leaf_edges.is_floating_point() or leaf_edges.is_complex():
+        raise TypeError(f"leaf_edges must be an integer tensor, got dtype {leaf_edges.dtype}")
+    if isinstance(num_edges, bool) or not isinstance(num_edges, int) or num_edges < 0:
+        raise ValueError(f"num_edges must be a non-negative int, got {num_edges!r}")
+    assert_finite(leaf_advantages, "leaf_advantages")
+    device = leaf_advantages.device
+    edges = leaf_edges.to(device=device, dtype=torch.long)
+    if edges.numel() > 0:
+        lo, hi = int(edges.min()), int(edges.max())
+        if lo < -1 or hi >= num_edges:
+            raise ValueError(
+                f"leaf_edges holds ids in [{lo}, {hi}], outside [0, num_edges={num_edges}) (-1 = padding)"
+            )
+        srt = edges.sort(dim=1).values
+        repeated = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if bool(repeated.any()):
+            leaf = int(repeated.any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"leaf_edges row {leaf} lists an edge more than once: {leaf_edges[leaf].tolist()}")
+
+    on_path = edges >= 0  # [L, T]
+    ids = edges[on_path]  # [K]
+    vals = leaf_advantages.detach().to(torch.float64)[:, None].expand_as(edges)[on_path]  # [K]
+    sums = torch.zeros(num_edges, dtype=torch.float64, device=device).scatter_add_(0, ids, vals)
+    counts = torch.zeros(num_edges, dtype=torch.float64, device=device).scatter_add_(0, ids, torch.ones_like(vals))
+    out = torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.zeros_like(sums))
+    return out.to(torch.float32)
+
+
+#: Static name -> estimator table (DESIGN.md: "selected by name from one static table").
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
+    "group": group_advantages,
+}
+
+
+def get_advantage_estimator(name: str) -> Callable[..., Tensor]:
+    """Look up an advantage estimator by name; unknown names raise ``ValueError`` listing the valid ones."""
+    try:
+        return ADVANTAGE_ESTIMATORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}"
+        ) from None

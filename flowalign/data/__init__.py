@@ -1,0 +1,6 @@
+"""Shipped data helpers.
+
+* :mod:`flowalign.data.digits` -- the digits quickstart: 16x16 images from scikit-learn's
+  ``load_digits``, deliberately flawed labels (``corrupt_labels``), train / held-out prompt
+  templates and ``parse_digit``.
+"""

@@ -1,0 +1,61 @@
+"""Finite-value guards (DESIGN.md invariant 3: a NaN reward or loss never reaches the optimizer
+silently).
+
+The guard is a pure check: it returns its input unchanged (same object, autograd graph intact)
+or raises :class:`FloatingPointError` naming what was checked and where it went wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["assert_finite"]
+
+# How many offending entries an error message lists before summarizing the rest.
+_MAX_REPORTED = 5
+
+
+def assert_finite(tensor: Tensor, what: str) -> Tensor:
+    """Raise if ``tensor`` holds a NaN or an infinity; otherwise return it unchanged.
+
+    Args:
+        tensor: any shape, any dtype. Integer and bool tensors are always finite.
+        what: a short name for the tensor (``"rewards"``, ``"loss"``), put first in the message.
+
+    Returns:
+        ``tensor`` itself (not a copy), so the call can wrap an expression.
+
+    Raises:
+        TypeError: ``tensor`` is not a ``torch.Tensor`` or ``what`` is not a string.
+        FloatingPointError: ``"{what} contains NaN/Inf at indices [...]: values [...]"`` with the
+            first few offending indices (tuples for tensors with more than one dimension) and
+            the count of non-finite entries.
+    """
+    if not isinstance(what, str):
+        raise TypeError(f"assert_finite: `what` must be a str naming the tensor, got {type(what).__name__}")
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"assert_finite: {what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return tensor
+    with torch.no_grad():
+        bad = ~torch.isfinite(tensor.detach())
+        if not bool(bad.any()):
+            return tensor
+        count = int(bad.sum())
+        if tensor.dim() == 0:
+            indices: list = [()]
+            values = [tensor.detach().item()]
+        else:
+            where = torch.nonzero(bad)[:_MAX_REPORTED].cpu()
+            flat = tensor.detach()[bad][:_MAX_REPORTED].cpu().tolist()
+            if tensor.dim() == 1:
+                indices = [int(row[0]) for row in where]
+            else:
+                indices = [tuple(int(i) for i in row) for row in where]
+            values = flat
+    more = " (first %d shown)" % _MAX_REPORTED if count > _MAX_REPORTED else ""
+    raise FloatingPointError(
+        f"{what} contains NaN/Inf at indices {indices}: values {values}{more}; "
+        f"{count} of {tensor.numel()} entries non-finite, shape {tuple(tensor.shape)}"
+    )

@@ -1,0 +1,174 @@
+"""The PPO-clip policy loss on per-edge likelihood ratios, with Flow-GRPO's KL on the means.
+
+Flow-GRPO (Liu et al. 2025, arXiv:2505.05470, §4.1) trains every sampled transition (edge)
+``x_t -> x_next`` of a rollout tree with the clipped surrogate of PPO (Schulman et al. 2017,
+Eq. 7), the advantage of the edge standing in for ``Â_t``, and regularizes toward the reference
+policy with the closed-form KL between the two Gaussian transition kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flowalign.guards import assert_finite
+
+__all__ = ["kl_on_means", "ppo_clip_loss"]
+
+
+def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
+    """Per-edge KL between the policy's and the reference's Gaussian transition kernels.
+
+    Both kernels are ``N(mean, std² I)`` with the same ``std``, so
+    ``KL(N(μθ, s²I) || N(μref, s²I)) = ||μθ − μref||² / (2 s²)`` (the Gaussian KL with equal
+    covariances; Flow-GRPO §4.1 / ``train_sd3.py``: ``((μθ−μref)²).mean(dims) / (2 std²)``).
+    Like the log-prob convention of the samplers, the squared distance is averaged (not summed)
+    over the latent dims, i.e. this is the KL *per dimension*.
+
+    Args:
+        mean: ``[N, *D]`` the policy's transition means (gradients flow through it).
+        mean_ref: ``[N, *D]`` the reference policy's means (treated as a constant: detached).
+        std: ``[N]`` (or a 0-dim scalar) per-edge std of the transition, > 0 (detached).
+
+    Returns:
+        ``[N]`` float32 KL per edge.
+
+    Raises:
+        ValueError: shapes disagree, or a ``std`` is not positive and finite.
+    """
+    if not all(isinstance(t, Tensor) for t in (mean, mean_ref, std)):
+        raise TypeError("kl_on_means: mean, mean_ref and std must be torch.Tensors")
+    if mean.dim() < 1:
+        raise ValueError(f"kl_on_means: mean must be at least 1-D [N, ...], got shape {tuple(mean.shape)}")
+    if mean_ref.shape != mean.shape:
+        raise ValueError(
+            f"kl_on_means: mean_ref has shape {tuple(mean_ref.shape)}, expected mean's shape {tuple(mean.shape)}"
+        )
+    n = mean.shape[0]
+    if not (std.dim() == 0 or tuple(std.shape) == (n,)):
+        raise ValueError(f"kl_on_means: std must have shape [{n}] or be a scalar, got {tuple(std.shape)}")
+    s = std.detach().to(device=mean.device, dtype=torch.float32)
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        bad = s.reshape(-1)[~(torch.isfinite(s.reshape(-1)) & (s.reshape(-1) > 0))][:5].tolist()
+        raise ValueError(
+            f"kl_on_means: std must be positive and finite (deterministic ODE edges have no KL), got {bad}"
+        )
+    diff = mean.float() - mean_ref.detach().float()
+    sq = diff.pow(2).reshape(n, -1).mean(dim=1)  # [N] mean over latent dims
+    return sq / (2.0 * s.pow(2))
+
+
+def _weighted_mean(x: Tensor, weights: Tensor | None) -> Tensor:
+    if weights is None:
+        return x.mean()
+    return (weights * x).sum() / weights.sum()
+
+
+def ppo_clip_loss(
+    log_prob: Tensor,
+    log_prob_old: Tensor,
+    advantages: Tensor,
+    *,
+    clip_range: float,
+    weights: Tensor | None = None,
+    kl: Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """The PPO clipped surrogate loss over ``N`` edges, plus an optional KL penalty.
+
+    ``ratio = exp(log_prob − log_prob_old)``;
+    ``l_e = max(−A·ratio, −A·clamp(ratio, 1−ε, 1+ε))`` -- the negated PPO objective
+    ``min(r·Â, clip(r, 1−ε, 1+ε)·Â)`` of Schulman et al. 2017, Eq. 7 (Flow-GRPO's per-step
+    clipped term, §4.1); ``policy = Σ w·l / Σ w`` (plain mean without weights);
+    ``loss = policy + kl_beta · Σ w·kl / Σ w`` (Flow-GRPO's β·D_KL).
+
+    ``log_prob_old`` and ``advantages`` are data, not functions of the parameters: they are
+    detached. The math runs in float32 whatever the input dtype.
+
+    Args:
+        log_prob: ``[N]`` log-density of each edge's ``x_next`` under the current policy.
+        log_prob_old: ``[N]`` the same under the sampling policy.
+        advantages: ``[N]`` per-edge advantages.
+        clip_range: ε > 0.
+        weights: optional ``[N]`` non-negative per-edge weights with a positive sum.
+        kl: optional ``[N]`` per-edge KL (e.g. :func:`kl_on_means`); required when ``kl_beta > 0``.
+        kl_beta: β >= 0.
+
+    Returns:
+        ``(loss, metrics)``: a 0-dim float32 loss and python floats ``loss``, ``policy_loss``,
+        ``kl`` (weighted mean of ``kl``; 0.0 without it) and the unweighted diagnostics over all
+        ``N`` edges, as Flow-GRPO logs them: ``clip_frac`` = mean(|ratio−1| > ε),
+        ``approx_kl`` = ½·mean((log_prob − log_prob_old)²), ``ratio_mean`` = mean(ratio),
+        ``ratio_max_dev`` = max|ratio − 1| (0 on-policy: DESIGN.md invariant 2).
+
+    Raises:
+        ValueError: shapes disagree, ``clip_range``/``kl_beta``/``weights`` are invalid, or
+            ``kl_beta > 0`` without ``kl``.
+        FloatingPointError: an input or the loss is NaN/Inf (``assert_finite(loss, "loss")``).
+    """
+    named = {"log_prob": log_prob, "log_prob_old": log_prob_old, "advantages": advantages}
+    if weights is not None:
+        named["weights"] = weights
+    if kl is not None:
+        named["kl"] = kl
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ppo_clip_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if log_prob.dim() != 1 or log_prob.shape[0] == 0:
+        raise ValueError(f"ppo_clip_loss: log_prob must be 1-D [N] with N >= 1, got shape {tuple(log_prob.shape)}")
+    n = log_prob.shape[0]
+    for name, t in named.items():
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"ppo_clip_loss: {name} must have shape [{n}] like log_prob, got {tuple(t.shape)}")
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not (
+        math.isfinite(clip_range) and clip_range > 0
+    ):
+        raise ValueError(f"ppo_clip_loss: clip_range must be a positive finite number, got {clip_range!r}")
+    if isinstance(kl_beta, bool) or not isinstance(kl_beta, (int, float)) or not (
+        math.isfinite(kl_beta) and kl_beta >= 0
+    ):
+        raise ValueError(f"ppo_clip_loss: kl_beta must be a finite number >= 0, got {kl_beta!r}")
+    if kl_beta > 0 and kl is None:
+        raise ValueError(f"ppo_clip_loss: kl_beta={kl_beta} > 0 needs the per-edge `kl` tensor")
+
+    device = log_prob.device
+    lp = log_prob.float()
+    lp_old = assert_finite(log_prob_old.detach().to(device=device, dtype=torch.float32), "log_prob_old")
+    adv = assert_finite(advantages.detach().to(device=device, dtype=torch.float32), "advantages")
+    w = None
+    if weights is not None:
+        w = assert_finite(weights.detach().to(device=device, dtype=torch.float32), "weights")
+        if bool((w < 0).any()) or not float(w.sum()) > 0:
+            raise ValueError(
+                f"ppo_clip_loss: weights must be >= 0 with a positive sum, got min {float(w.min())}, sum {float(w.sum())}"
+            )
+
+    log_ratio = lp - lp_old
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_edge = torch.maximum(unclipped, clipped)  # [N]
+    policy_loss = _weighted_mean(per_edge, w)
+
+    loss = policy_loss
+    kl_mean = None
+    if kl is not None:
+        kl_mean = _weighted_mean(kl.to(device=device, dtype=torch.float32), w)
+        if kl_beta > 0:
+            loss = loss + kl_beta * kl_mean
+    assert_finite(loss, "loss")
+
+    with torch.no_grad():
+        dev = (ratio - 1.0).abs()
+        metrics = {
+            "loss": float(loss),
+            "policy_loss": float(policy_loss),
+            "kl": float(kl_mean) if kl_mean is not None else 0.0,
+            "clip_frac": float((dev > clip_range).float().mean()),
+            "approx_kl": float(0.5 * log_ratio.pow(2).mean()),
+            "ratio_mean": float(ratio.mean()),
+            "ratio_max_dev": float(dev.max()),
+        }
+    return loss, metrics

@@ -1,0 +1,267 @@
+"""The rollout engine: sample a :class:`~flowalign.types.RolloutTree` from a :class:`BranchSpec`.
+
+One engine builds every tree (flat groups, BranchGRPO prefixes, TempFlow ODE trunks, MixGRPO
+windows; see :mod:`flowalign.rollout.spec`). At step ``t`` all distinct nodes at depth ``t`` go
+through ONE batched ``adapter.predict`` call; if the step splits with factor ``k``, each node's
+latent and velocity are repeated ``k`` times and ``sde_step`` draws ``k`` independent noises, so a
+split costs one model evaluation and yields ``k`` edges. ``nfe`` counts evaluated nodes summed over
+steps, so shared prefixes show up as fewer NFEs than a flat rollout with the same leaves.
+
+Edge order (the edge id is the row in every per-edge tensor):
+    * edges of step ``t`` come after all edges of step ``t - 1`` (ids of a step are contiguous);
+    * within a step, the children of node ``i`` come before those of node ``i + 1`` and the ``k``
+      children of one node are consecutive;
+    * at depth 0 the nodes are prompt-major: the ``G`` initial noises of prompt ``p`` are nodes
+      ``p*G .. p*G + G - 1`` (row ``p*G + g`` of ``initial_latents``).
+    Consequently the leaves (nodes after the last step) are also prompt-major, and leaf ``l`` is
+    the node produced by edge ``leaf_edges[l, T-1]``.
+
+An edge is ``trainable`` when its step has noise level > 0 and is kept by ``spec.train_steps``
+(all SDE steps when None) *and* its transition std is > 0: a CPS step into ``sigma_next = 0`` is
+deterministic whatever the noise level, has no log-probability to train and is left untrained.
+
+Precision: the model runs in ``adapter.dtype``; step math, log-probs and stored latents are fp32.
+ODE steps (noise level 0) use ``ode_step`` and draw no noise from the generator, so the random
+stream is consumed only by SDE steps (one ``sde_step`` call per SDE step, on all its children).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flowalign.pipelines.base import PipelineAdapter
+from flowalign.rollout.spec import BranchSpec
+from flowalign.samplers.steps import ode_step, sde_step
+from flowalign.types import Conditioning, RolloutTree
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _schedule(adapter: PipelineAdapter, num_steps: int) -> Tensor:
+    """``adapter.sigmas(num_steps)`` as a validated ``[T + 1]`` fp32 tensor on the adapter's device."""
+    sigmas = adapter.sigmas(num_steps)
+    if not isinstance(sigmas, Tensor) or sigmas.shape != (num_steps + 1,):
+        shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
+        raise ValueError(f"adapter.sigmas({num_steps}) must return a [{num_steps + 1}] tensor, got {shape}")
+    sigmas = sigmas.to(device=adapter.device, dtype=torch.float32)
+    if not torch.isfinite(sigmas).all() or (sigmas[1:] > sigmas[:-1]).any():
+        raise ValueError(f"adapter.sigmas({num_steps}) must be finite and descending, got {sigmas.tolist()}")
+    return sigmas
+
+
+def _velocity(adapter: PipelineAdapter, x: Tensor, sigma: Tensor, cond: Conditioning, guidance_scale: float) -> Tensor:
+    """One batched model call: ``x [N, *latent]`` fp32, ``sigma [N]`` -> fp32 velocity ``[N, *latent]``.
+
+    The model runs in ``adapter.dtype``; the result is cast back to fp32 for the step math.
+    """
+    v = adapter.predict(x.to(adapter.dtype), sigma, cond, guidance_scale)
+    if v.shape != x.shape:
+        raise ValueError(f"adapter.predict returned shape {tuple(v.shape)} for x_t of shape {tuple(x.shape)}")
+    return v.float()
+
+
+def _check_latents(name: str, latents: Tensor, n: int, latent_shape: tuple[int, ...]) -> None:
+    if not isinstance(latents, Tensor) or not latents.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {type(latents).__name__}"
+                        + (f" of dtype {latents.dtype}" if isinstance(latents, Tensor) else ""))
+    expected = (n, *latent_shape)
+    if tuple(latents.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(latents.shape)}, expected {expected}")
+
+
+def _check_cond(cond: Conditioning, n: int, what: str) -> None:
+    if not isinstance(cond, Conditioning):
+        raise TypeError(f"cond must be a flowalign.types.Conditioning, got {type(cond).__name__}")
+    if len(cond) != n:
+        raise ValueError(f"cond has {len(cond)} rows but there are {n} {what}")
+
+
+# -- public API -------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(
+    adapter: PipelineAdapter,
+    cond: Conditioning,
+    spec: BranchSpec,
+    *,
+    prompts: list[str],
+    generator: torch.Generator,
+    group_ids: Tensor | None = None,
+    initial_latents: Tensor | None = None,
+    keep_means: bool = False,
+    decode: bool = True,
+    progress: bool = False,
+) -> RolloutTree:
+    """Sample the tree described by ``spec`` for ``P`` prompts.
+
+    Args:
+        adapter: a ``PipelineAdapter``.
+        cond: conditioning with one row per prompt, ``len(cond) == P``.
+        spec: the tree to sample.
+        prompts: the ``P`` prompt strings (stored in the tree; ``prompt_idx`` indexes them).
+        generator: the source of the initial noises (when not given) and of every SDE noise.
+        group_ids: ``[P]`` global group id per prompt (so groups can span ranks);
+            default ``arange(P)``.
+        initial_latents: ``[P*G, *latent_shape]`` initial noises, prompt-major (rows
+            ``p*G .. p*G+G-1`` belong to prompt ``p``); default ``adapter.init_latents(P*G, generator)``.
+        keep_means: also store ``mean_old [E, *latent_shape]`` (for a KL term on means).
+        decode: fill ``media = adapter.decode(leaf_latents)``.
+        progress: show a tqdm bar over the steps.
+
+    Returns:
+        A :class:`RolloutTree` with ``E = P * sum_t nodes_t * k_t`` edges and
+        ``L = P * spec.leaves_per_prompt`` leaves; see the module docstring for the edge order.
+        ``nfe == spec.expected_nfe(P)``.
+    """
+    if not isinstance(spec, BranchSpec):
+        raise TypeError(f"spec must be a BranchSpec, got {type(spec).__name__}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    P, G, T = len(prompts), spec.samples_per_prompt, spec.num_steps
+    if P == 0:
+        raise ValueError("prompts is empty: nothing to roll out")
+    _check_cond(cond, P, "prompts")
+    device = adapter.device
+    cond = cond.to(dtype=adapter.dtype)  # floating tensors only; the model runs in adapter.dtype
+
+    if group_ids is None:
+        group_ids = torch.arange(P, device=device)
+    else:
+        group_ids = torch.as_tensor(group_ids, device=device)
+        if group_ids.shape != (P,) or group_ids.is_floating_point() or group_ids.is_complex():
+            raise ValueError(f"group_ids must be an integer tensor of shape [{P}], got {group_ids.dtype} {tuple(group_ids.shape)}")
+        group_ids = group_ids.long()
+
+    if initial_latents is None:
+        initial_latents = adapter.init_latents(P * G, generator)
+    _check_latents("initial_latents", initial_latents, P * G, tuple(adapter.latent_shape))
+
+    sigmas = _schedule(adapter, T)
+    branching = spec.branching
+
+    # State of the nodes at the current depth (prompt-major at depth 0).
+    x = initial_latents.to(device=device, dtype=torch.float32)
+    node_prompt = torch.arange(P, device=device).repeat_interleave(G)
+    node_edge = torch.full((P * G,), -1, dtype=torch.long, device=device)  # edge that produced each node
+
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("prompt_idx", "parent", "step", "x_t", "x_next",
+                                                      "log_prob", "std", "trainable", "mean")}
+    num_edges, nfe = 0, 0
+
+    for t in tqdm(range(T), desc="rollout", disable=not progress, leave=False):
+        # One batched model evaluation of every distinct node at depth t.
+        n = x.shape[0]
+        v = _velocity(adapter, x, sigmas[t].expand(n), cond[node_prompt], spec.guidance_scale)
+        nfe += n
+
+        # Split: each node's latent / velocity repeated k times (children of a node are consecutive).
+        k = branching[t]
+        if k > 1:
+            x, v = x.repeat_interleave(k, dim=0), v.repeat_interleave(k, dim=0)
+            node_edge, node_prompt = node_edge.repeat_interleave(k), node_prompt.repeat_interleave(k)
+        m = x.shape[0]
+        sigma, sigma_next = sigmas[t].expand(m), sigmas[t + 1].expand(m)
+
+        a = spec.noise_levels[t]
+        if a == 0:
+            x_next = ode_step(v, sigma, sigma_next, x).float()
+            log_prob = torch.zeros(m, device=device)
+            std = torch.zeros(m, device=device)
+            mean = x_next
+        else:
+            out = sde_step(v, sigma, sigma_next, x, kind=spec.sampler, noise_level=a, generator=generator)
+            x_next, log_prob, std, mean = out.prev_sample.float(), out.log_prob.float(), out.std.float(), out.mean.float()
+
+        std = std.expand(m) if std.ndim == 0 else std.reshape(m)
+        if k > 1 and not bool((std > 0).all()):
+            raise ValueError(
+                f"spec.splits splits step {t} into k={k} children, but the transition there is deterministic "
+                f"(noise_std 0 at sigma {float(sigmas[t]):.4g} -> {float(sigmas[t + 1]):.4g}, e.g. CPS into sigma_next=0): "
+                "the children would be identical"
+            )
+        # Trainable: an SDE step kept by spec.train_steps, and a transition that is actually random
+        # (CPS has std = sigma_next * sin(a*pi/2) = 0 on the last step even when a > 0).
+        trainable = (std > 0) & spec.is_trainable_step(t)
+
+        ids = torch.arange(num_edges, num_edges + m, device=device)
+        parts["prompt_idx"].append(node_prompt)
+        parts["parent"].append(node_edge)
+        parts["step"].append(torch.full((m,), t, dtype=torch.long, device=device))
+        parts["x_t"].append(x)
+        parts["x_next"].append(x_next)
+        parts["log_prob"].append(log_prob.reshape(m))
+        parts["std"].append(std)
+        parts["trainable"].append(trainable)
+        if keep_means:
+            parts["mean"].append(mean)
+
+        x, node_edge, num_edges = x_next, ids, num_edges + m
+
+    cat = {k: torch.cat(v) for k, v in parts.items() if v}
+
+    # leaf_edges [L, T]: the last column is the edge producing each leaf; earlier columns follow
+    # parent pointers, one vectorised gather per step.
+    num_leaves = x.shape[0]
+    leaf_edges = torch.empty(num_leaves, T, dtype=torch.long, device=device)
+    leaf_edges[:, T - 1] = node_edge
+    for t in range(T - 1, 0, -1):
+        leaf_edges[:, t - 1] = cat["parent"][leaf_edges[:, t]]
+
+    return RolloutTree(
+        prompt_idx=cat["prompt_idx"],
+        parent=cat["parent"],
+        step=cat["step"],
+        x_t=cat["x_t"],
+        x_next=cat["x_next"],
+        log_prob_old=cat["log_prob"],
+        noise_std=cat["std"],
+        trainable=cat["trainable"],
+        leaf_prompt_idx=node_prompt,
+        leaf_group=group_ids[node_prompt],
+        leaf_edges=leaf_edges,
+        leaf_latents=x,
+        prompts=list(prompts),
+        sigmas=sigmas,
+        nfe=nfe,
+        mean_old=cat["mean"] if keep_means else None,
+        media=adapter.decode(x) if decode else None,
+    )
+
+
+@torch.no_grad()
+def sample_ode(
+    adapter: PipelineAdapter,
+    cond: Conditioning,
+    num_steps: int,
+    *,
+    latents: Tensor,
+    guidance_scale: float = 1.0,
+) -> Tensor:
+    """Deterministic Euler sampling (the probability-flow ODE), e.g. for evaluation.
+
+    Args:
+        cond: conditioning with one row per sample, ``len(cond) == N``.
+        num_steps: ``T`` Euler steps on ``adapter.sigmas(T)``.
+        latents: ``[N, *latent_shape]`` initial noise.
+
+    Returns:
+        ``[N, *latent_shape]`` fp32 final latents; bitwise equal to
+        ``rollout(...).leaf_latents`` with all noise levels 0 and the same initial latents.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if not isinstance(latents, Tensor):
+        raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
+    n = latents.shape[0] if latents.ndim else 0
+    _check_latents("latents", latents, n, tuple(adapter.latent_shape))
+    _check_cond(cond, n, "latents")
+    cond = cond.to(dtype=adapter.dtype)
+    sigmas = _schedule(adapter, num_steps)
+    x = latents.to(device=adapter.device, dtype=torch.float32)
+    for t in range(num_steps):
+        sigma, sigma_next = sigmas[t].expand(n), sigmas[t + 1].expand(n)
+        v = _velocity(adapter, x, sigma, cond, float(guidance_scale))
+        x = ode_step(v, sigma, sigma_next, x).float()
+    return x

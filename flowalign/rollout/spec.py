@@ -1,0 +1,211 @@
+"""``BranchSpec``: the one description of every rollout tree (DESIGN.md, "Rollout").
+
+A rollout of ``P`` prompts starts from ``G = samples_per_prompt`` initial noises per prompt and
+runs ``T`` transitions down the sigma schedule. At step ``t`` every node at depth ``t`` is
+evaluated once by the model; if ``t`` is a split step with factor ``k``, each node then spawns
+``k`` children from ``k`` independent SDE noises (one model evaluation, ``k`` edges).
+
+The algorithms of the family are specs, not separate engines:
+
+* Flow-GRPO / DanceGRPO flat group (Liu et al. 2025; Xue et al. 2025): ``G`` noises, no splits,
+  SDE at every step -- :meth:`BranchSpec.flat`.
+* MixGRPO window (Li et al. 2025): SDE on a sliding window of steps, ODE elsewhere --
+  ``BranchSpec.flat(..., sde_steps=window)``.
+* BranchGRPO (Li et al. 2025): ``G = 1`` and splits at chosen depths; prefixes are shared, so the
+  rollout costs fewer model evaluations than a flat group with the same leaves; ``train_steps``
+  prunes which edges are trained without changing what is sampled.
+* TempFlow-GRPO (He et al. 2025): an ODE trunk (noise level 0) with SDE children at the branch
+  points, finished by ODE -- noise levels non-zero only at the split steps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Iterable
+
+from flowalign.samplers.steps import SDE_KINDS
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _step_indices(name: str, steps: Iterable[int], num_steps: int) -> tuple[int, ...]:
+    """Validate an iterable of step indices in ``[0, num_steps)``; returns a sorted, de-duplicated tuple."""
+    if isinstance(steps, (str, bytes)):
+        raise TypeError(f"BranchSpec.{name} must be an iterable of step indices, got the string {steps!r}")
+    out = []
+    for s in steps:
+        if not _is_int(s):
+            raise TypeError(f"BranchSpec.{name} must hold integer step indices, got {s!r} ({type(s).__name__})")
+        if not 0 <= s < num_steps:
+            raise ValueError(f"BranchSpec.{name} has step {s}, outside [0, num_steps={num_steps})")
+        out.append(int(s))
+    return tuple(sorted(set(out)))
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """What to sample: initial noises, split steps, per-step noise, and which edges are trained.
+
+    Attributes:
+        num_steps: ``T``, the number of transitions (the schedule has ``T + 1`` sigmas).
+        noise_levels: ``[T]`` per-step noise level ``a`` passed to ``sde_step`` (``eta`` for the
+            ``"dance"`` sampler); 0 makes the step a deterministic ODE (Euler) step.
+        samples_per_prompt: initial noises per prompt (the group size ``G`` of a flat group).
+        splits: ``(step, k)`` pairs: after the model evaluation at ``step`` every node spawns
+            ``k`` children from ``k`` independent SDE noises. Each step appears at most once.
+        sampler: the ``sde_step`` kind: ``"flow_grpo"``, ``"dance"`` or ``"cps"``.
+        train_steps: steps whose SDE edges are trainable; ``None`` means every SDE step. A listed
+            step whose noise level is 0 simply has no trainable edges (an ODE edge has no
+            log-probability). Pruning never changes what is sampled.
+        guidance_scale: classifier-free guidance scale passed to ``adapter.predict``.
+
+    Lists (e.g. from an OmegaConf config) are accepted and stored as tuples.
+    """
+
+    num_steps: int
+    noise_levels: tuple[float, ...]
+    samples_per_prompt: int = 1
+    splits: tuple[tuple[int, int], ...] = ()
+    sampler: str = "flow_grpo"
+    train_steps: tuple[int, ...] | None = None
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
+
+        if not _is_int(self.num_steps) or self.num_steps < 1:
+            raise ValueError(f"BranchSpec.num_steps must be an integer >= 1, got {self.num_steps!r}")
+        set_("num_steps", int(self.num_steps))
+        T = self.num_steps
+
+        if isinstance(self.noise_levels, (str, bytes)) or not hasattr(self.noise_levels, "__iter__"):
+            raise TypeError(f"BranchSpec.noise_levels must be a sequence of {T} floats, got {self.noise_levels!r}")
+        levels = tuple(self.noise_levels)
+        if len(levels) != T:
+            raise ValueError(f"BranchSpec.noise_levels has length {len(levels)}, expected num_steps={T}")
+        for t, a in enumerate(levels):
+            if not _is_number(a) or not math.isfinite(a) or a < 0:
+                raise ValueError(f"BranchSpec.noise_levels[{t}] must be a finite number >= 0, got {a!r}")
+        set_("noise_levels", tuple(float(a) for a in levels))
+
+        if not _is_int(self.samples_per_prompt) or self.samples_per_prompt < 1:
+            raise ValueError(f"BranchSpec.samples_per_prompt must be an integer >= 1, got {self.samples_per_prompt!r}")
+        set_("samples_per_prompt", int(self.samples_per_prompt))
+
+        if not isinstance(self.sampler, str) or self.sampler not in SDE_KINDS:
+            raise ValueError(f"BranchSpec.sampler must be one of {SDE_KINDS}, got {self.sampler!r}")
+        if self.sampler == "cps":
+            # CPS: std = sigma_next * sin(a*pi/2) (Wang & Yu 2025, "Coefficients-Preserving Sampling
+            # for Reinforcement Learning with Flow Matching"); a in [0, 1] spans std from 0 to sigma_next.
+            for t, a in enumerate(self.noise_levels):
+                if a > 1:
+                    raise ValueError(f"BranchSpec.noise_levels[{t}] = {a} > 1 is out of range for sampler 'cps' (a in [0, 1])")
+
+        splits = []
+        seen: set[int] = set()
+        for i, pair in enumerate(self.splits):
+            if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+                raise ValueError(f"BranchSpec.splits[{i}] must be a (step, k) pair, got {pair!r}")
+            step, k = pair
+            if not _is_int(step) or not 0 <= step < T:
+                raise ValueError(f"BranchSpec.splits[{i}] has step {step!r}, expected an integer in [0, num_steps={T})")
+            if not _is_int(k) or k < 1:
+                raise ValueError(f"BranchSpec.splits[{i}] has branching factor k={k!r}, expected an integer >= 1")
+            if step in seen:
+                raise ValueError(f"BranchSpec.splits lists step {step} more than once")
+            if k > 1 and self.noise_levels[step] == 0:
+                raise ValueError(
+                    f"BranchSpec.splits[{i}] splits step {step} into k={k} children but noise_levels[{step}] is 0: "
+                    "an ODE step would give identical children"
+                )
+            seen.add(step)
+            splits.append((int(step), int(k)))
+        set_("splits", tuple(sorted(splits)))
+
+        if self.train_steps is not None:
+            set_("train_steps", _step_indices("train_steps", self.train_steps, T))
+
+        if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"BranchSpec.guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        set_("guidance_scale", float(self.guidance_scale))
+
+    # -- derived quantities ---------------------------------------------------------------------
+    @property
+    def branching(self) -> tuple[int, ...]:
+        """``[T]`` branching factor per step (1 where the step does not split)."""
+        k = dict(self.splits)
+        return tuple(k.get(t, 1) for t in range(self.num_steps))
+
+    @property
+    def leaves_per_prompt(self) -> int:
+        """Finished samples per prompt: ``samples_per_prompt * prod(k)``."""
+        return self.samples_per_prompt * math.prod(self.branching)
+
+    def nodes_per_prompt(self) -> tuple[int, ...]:
+        """``[T + 1]`` number of nodes per prompt at each depth (depth ``t`` = before step ``t``)."""
+        nodes = [self.samples_per_prompt]
+        for k in self.branching:
+            nodes.append(nodes[-1] * k)
+        return tuple(nodes)
+
+    def is_trainable_step(self, step: int) -> bool:
+        """Whether the edges of ``step`` are trainable: SDE (noise level > 0) and in ``train_steps``."""
+        if self.noise_levels[step] <= 0:
+            return False
+        return self.train_steps is None or step in self.train_steps
+
+    def expected_nfe(self, num_prompts: int) -> int:
+        """Per-sample model evaluations of a rollout of ``num_prompts`` prompts.
+
+        Every node at depth ``t < T`` is evaluated once (a CFG pair counts once), so
+        ``NFE = P * sum_{t<T} nodes_per_prompt[t]``; a flat group costs ``P * G * T``.
+        """
+        if not _is_int(num_prompts) or num_prompts < 0:
+            raise ValueError(f"num_prompts must be an integer >= 0, got {num_prompts!r}")
+        return num_prompts * sum(self.nodes_per_prompt()[: self.num_steps])
+
+    # -- constructors -----------------------------------------------------------------------------
+    @classmethod
+    def flat(
+        cls,
+        num_steps: int,
+        group_size: int,
+        noise_level: float,
+        *,
+        sampler: str = "flow_grpo",
+        sde_steps: Iterable[int] | None = None,
+        train_steps: Iterable[int] | None = None,
+        guidance_scale: float = 1.0,
+    ) -> "BranchSpec":
+        """A flat group (Flow-GRPO / DanceGRPO): ``group_size`` independent trajectories per prompt.
+
+        Args:
+            num_steps: ``T``.
+            group_size: ``G`` initial noises per prompt.
+            noise_level: the noise level ``a`` on SDE steps.
+            sde_steps: the steps that use the SDE (others are ODE steps), e.g. a MixGRPO window;
+                ``None`` = all steps.
+            train_steps: see :class:`BranchSpec`; ``None`` = all SDE steps.
+        """
+        if not _is_int(num_steps) or num_steps < 1:
+            raise ValueError(f"BranchSpec.num_steps must be an integer >= 1, got {num_steps!r}")
+        if not _is_number(noise_level):
+            raise ValueError(f"BranchSpec.flat noise_level must be a number, got {noise_level!r}")
+        sde = set(range(num_steps)) if sde_steps is None else set(_step_indices("sde_steps", sde_steps, num_steps))
+        levels = tuple(float(noise_level) if t in sde else 0.0 for t in range(num_steps))
+        return cls(
+            num_steps=num_steps,
+            noise_levels=levels,
+            samples_per_prompt=group_size,
+            sampler=sampler,
+            train_steps=None if train_steps is None else tuple(train_steps),
+            guidance_scale=guidance_scale,
+        )

@@ -1,0 +1,37 @@
+"""Training support: atomic checkpoints, RNG capture, EMA, metrics logging and run pictures.
+
+Names are loaded on first use so ``import flowalign.training`` stays light (matplotlib and
+TensorBoard are only imported by the functions that need them).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "latest_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "capture_rng_state": "rng",
+    "restore_rng_state": "rng",
+    "EMA": "ema",
+    "MetricsLogger": "metrics",
+    "read_metrics": "metrics",
+    "save_image_grid": "plots",
+    "save_reward_curve": "plots",
+    "format_table": "plots",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

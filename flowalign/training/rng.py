@@ -1,0 +1,119 @@
+"""Capture and restore every global random-number generator, for exact resume.
+
+The state covers Python's ``random``, NumPy's global generator, torch's CPU generator and, when
+CUDA is available, the generator of every visible CUDA device. Explicit ``torch.Generator`` objects
+owned by a recipe are not global; save their ``get_state()`` beside this dict.
+
+The returned dict holds only types that ``torch.load(..., weights_only=True)`` accepts (ints,
+floats, strings, tuples, lists, dicts and tensors), so a checkpoint's ``rng.pt`` never needs
+arbitrary unpickling: NumPy's ``uint32`` key array is stored as an ``int64`` tensor.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["capture_rng_state", "restore_rng_state"]
+
+_KEYS = ("python", "numpy", "torch", "cuda")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot the global RNGs.
+
+    Returns:
+        ``{"python": random.getstate(), "numpy": {...}, "torch": ByteTensor, "cuda": list[ByteTensor]
+        | None}`` where ``"numpy"`` is ``{"bit_generator": str, "key": int64 Tensor [624], "pos":
+        int, "has_gauss": int, "gauss": float}`` and ``"cuda"`` has one state per visible device
+        (``None`` without CUDA).
+    """
+    np_state = np.random.get_state(legacy=False)
+    if np_state["bit_generator"] != "MT19937":  # np.random's global generator is always MT19937
+        raise RuntimeError(f"unexpected numpy global bit generator {np_state['bit_generator']!r}")
+    cuda = None
+    if torch.cuda.is_available():
+        cuda = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state().clone(),
+        "cuda": cuda,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNGs from a :func:`capture_rng_state` snapshot.
+
+    After this call the next ``random`` / ``numpy.random`` / ``torch.rand`` (CPU and CUDA) draws
+    equal those that followed the capture.
+
+    Raises:
+        TypeError / ValueError: naming the missing or malformed key.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"rng state must be a dict from capture_rng_state(), got {type(state).__name__}")
+    missing = [k for k in _KEYS if k not in state]
+    if missing:
+        raise ValueError(f"rng state is missing key(s) {missing}; expected keys {list(_KEYS)}")
+
+    py = state["python"]
+    try:
+        # torch.load may hand tuples back as lists; random.setstate needs the exact tuple shape.
+        version, internal, gauss_next = py
+        random.setstate((int(version), tuple(int(v) for v in internal), gauss_next))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"rng state key 'python' is not a random.getstate() tuple: {err}") from err
+
+    npst = state["numpy"]
+    need = ("bit_generator", "key", "pos", "has_gauss", "gauss")
+    if not isinstance(npst, dict) or any(k not in npst for k in need):
+        raise ValueError(f"rng state key 'numpy' must be a dict with keys {list(need)}")
+    key = torch.as_tensor(npst["key"]).cpu().numpy().astype(np.uint32)
+    if key.shape != (624,):
+        raise ValueError(f"rng state key 'numpy.key' must have shape (624,), got {tuple(key.shape)}")
+    np.random.set_state(
+        {
+            "bit_generator": npst["bit_generator"],
+            "state": {"key": key, "pos": int(npst["pos"])},
+            "has_gauss": int(npst["has_gauss"]),
+            "gauss": float(npst["gauss"]),
+        }
+    )
+
+    cpu = state["torch"]
+    if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8:
+        raise ValueError("rng state key 'torch' must be the uint8 tensor from torch.get_rng_state()")
+    torch.set_rng_state(cpu.cpu())
+
+    cuda = state["cuda"]
+    if cuda is None:
+        return
+    if not isinstance(cuda, (list, tuple)):
+        raise ValueError("rng state key 'cuda' must be a list of per-device states or None")
+    if not torch.cuda.is_available():
+        warnings.warn(
+            f"rng state holds {len(cuda)} CUDA generator state(s) but CUDA is not available; "
+            "only the CPU generators were restored",
+            stacklevel=2,
+        )
+        return
+    n_dev = torch.cuda.device_count()
+    if len(cuda) != n_dev:
+        warnings.warn(
+            f"rng state holds {len(cuda)} CUDA generator state(s) but {n_dev} device(s) are visible; "
+            f"restoring the first {min(len(cuda), n_dev)}",
+            stacklevel=2,
+        )
+    for device, dev_state in enumerate(cuda[:n_dev]):
+        torch.cuda.set_rng_state(torch.as_tensor(dev_state).cpu(), device)

@@ -1,0 +1,166 @@
+"""Digit rewards of the quickstart task: a CNN reward the policy trains on and an independent judge.
+
+* :class:`DigitClassifierReward` ("digit_classifier") -- a small CNN (:class:`DigitClassifierNet`,
+  shipped in ``assets/quickstart/digit-classifier``); score = its softmax probability of the
+  prompted digit.
+* :class:`DigitJudge` ("digit_judge") -- a model of another kind (an RBF support-vector machine
+  with Platt-scaled probabilities) fitted on scikit-learn's 8x8 digits with their correct labels.
+  The policy never trains on it: where reward and judge disagree, the policy hacked the CNN.
+
+Both take media ``[B, 3, H, W]`` in [0, 1] (grey = channel mean) and the target digit from
+``metadata[i]["digit"]`` when given, else from the prompt (:func:`flowalign.data.digits.parse_digit`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import Tensor, nn
+
+from flowalign.data.digits import parse_digit
+
+from .base import RewardOutput
+
+
+def target_digits(prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None, batch: int) -> Tensor:
+    """``[B]`` long target digits: ``metadata[i]["digit"]`` when present, else parsed from the prompt."""
+    if len(prompts) != batch:
+        raise ValueError(f"got {batch} media but {len(prompts)} prompts")
+    if metadata is not None and len(metadata) != batch:
+        raise ValueError(f"got {batch} media but {len(metadata)} metadata entries")
+    targets = []
+    for i, prompt in enumerate(prompts):
+        meta = metadata[i] if metadata is not None else None
+        if meta and "digit" in meta:
+            digit = meta["digit"]
+            if isinstance(digit, bool) or int(digit) != digit or not 0 <= int(digit) <= 9:
+                raise ValueError(f"metadata[{i}]['digit'] must be a digit 0-9, got {digit!r}")
+            targets.append(int(digit))
+        else:
+            targets.append(parse_digit(prompt))
+    return torch.tensor(targets, dtype=torch.long)
+
+
+def media_to_grey(media: Tensor, size: int) -> Tensor:
+    """``[B, C, H, W]`` media in [0, 1] (C = 1 or 3) -> ``[B, 1, size, size]`` grey in [0, 1].
+
+    Grey is the channel mean; shrinking uses area averaging, enlarging bilinear interpolation.
+    """
+    if not isinstance(media, Tensor) or media.ndim != 4 or media.shape[1] not in (1, 3):
+        raise ValueError(f"media must be a [B, 3, H, W] image tensor, got shape {tuple(getattr(media, 'shape', ()))}")
+    if not torch.isfinite(media).all():
+        raise ValueError("media contains NaN or inf values")
+    grey = media.float().mean(dim=1, keepdim=True)
+    height, width = grey.shape[-2:]
+    if (height, width) == (size, size):
+        return grey
+    if height >= size and width >= size:
+        return F.interpolate(grey, size=(size, size), mode="area")
+    return F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _output(probs: Tensor, targets: Tensor) -> RewardOutput:
+    """Score = probability of the target ``[B]``; component ``accuracy`` = argmax == target."""
+    targets = targets.to(probs.device)
+    score = probs.gather(1, targets[:, None]).squeeze(1)
+    accuracy = (probs.argmax(dim=1) == targets).float()
+    return RewardOutput(scores=score, components={"accuracy": accuracy})
+
+
+class DigitClassifierNet(ModelMixin, ConfigMixin):
+    """A small CNN: ``[B, 1, S, S]`` in [-1, 1] -> ``[B, num_classes]`` logits.
+
+    Two conv blocks (3x3 conv + ReLU, 2x2 max-pool) and an MLP head with dropout.
+    """
+
+    @register_to_config
+    def __init__(self, image_size: int = 16, channels: tuple[int, int] = (16, 32), hidden: int = 64,
+                 num_classes: int = 10, dropout: float = 0.2):
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4, got {image_size!r}")
+        c1, c2 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * (image_size // 4) ** 2, hidden), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class DigitClassifierReward:
+    """Reward = the CNN's softmax probability of the prompted digit.
+
+    Args:
+        path: a directory written by ``DigitClassifierNet.save_pretrained``.
+        device: where the network runs.
+    """
+
+    name = "digit_classifier"
+    modality = "image"
+
+    def __init__(self, path: str, device: str = "cpu"):
+        if not os.path.isfile(os.path.join(str(path), "config.json")):
+            raise FileNotFoundError(f"digit classifier not found at {str(path)!r} (expected a save_pretrained "
+                                    "directory with config.json)")
+        self.device = torch.device(device)
+        self.net = DigitClassifierNet.from_pretrained(str(path)).to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
+                 ) -> RewardOutput:
+        """``media [B, 3, H, W]`` in [0, 1] -> scores ``[B]`` in [0, 1] (on ``media``'s device)."""
+        grey = media_to_grey(media, self.net.config.image_size).to(self.device)
+        targets = target_digits(prompts, metadata, media.shape[0])
+        probs = self.net(grey * 2.0 - 1.0).float().softmax(dim=1)
+        out = _output(probs, targets)
+        return RewardOutput(out.scores.to(media.device), {k: v.to(media.device) for k, v in out.components.items()})
+
+
+class DigitJudge:
+    """Independent judge: an RBF SVM on 8x8 area-downsampled images scaled to 0-16 (the
+    ``load_digits`` format), fitted on all 1797 digits with their correct labels.
+
+    Probabilities are Platt-scaled (Platt 1999, "Probabilistic outputs for support vector
+    machines"): a sigmoid fitted on 5-fold (unshuffled, stratified) cross-validated decision values
+    by ``CalibratedClassifierCV(SVC(), method="sigmoid", ensemble=False)``, which is deterministic.
+    Fitting takes about a second on one core.
+    """
+
+    name = "digit_judge"
+    modality = "image"
+
+    def __init__(self, C: float = 10.0):
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.datasets import load_digits
+        from sklearn.svm import SVC
+
+        digits = load_digits()
+        self.svm = CalibratedClassifierCV(SVC(C=C, kernel="rbf", gamma="scale"), method="sigmoid", cv=5, ensemble=False)
+        self.svm.fit(digits.data, digits.target)
+        if list(self.svm.classes_) != list(range(10)):
+            raise RuntimeError(f"judge classes must be 0-9, got {list(self.svm.classes_)}")
+
+    def features(self, media: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in [0, 1] -> ``[B, 64]`` 8x8 grey features in [0, 16]."""
+        return (media_to_grey(media, 8) * 16.0).flatten(1).cpu().double()
+
+    @torch.no_grad()
+    def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
+                 ) -> RewardOutput:
+        """``media [B, 3, H, W]`` in [0, 1] -> scores ``[B]`` in [0, 1] (on ``media``'s device)."""
+        features = self.features(media)
+        targets = target_digits(prompts, metadata, media.shape[0])
+        probs = torch.as_tensor(self.svm.predict_proba(features.numpy()), dtype=torch.float32)
+        out = _output(probs, targets)
+        return RewardOutput(out.scores.to(media.device), {k: v.to(media.device) for k, v in out.components.items()})

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny random quickstart-style model saved to disk, prompt files, and a
+2-iteration config that runs the real recipe in seconds on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A random-weight ToyAdapter saved with save_pretrained (loaded back through from_pretrained)."""
+    from flowalign.pipelines.toy import build_toy_adapter
+
+    path = str(tmp_path_factory.mktemp("tiny-toy"))
+    build_toy_adapter(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prompt_files(tmp_path_factory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("prompts")
+    train, evaluation = d / "train.txt", d / "eval.txt"
+    train.write_text("a handwritten one\na handwritten seven\nthe digit three\n")
+    evaluation.write_text("a drawing of a one\nthe number 7\n")
+    return str(train), str(evaluation)
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir, prompt_files) -> dict:
+    """A config dict for a 2-iteration run (P=2 prompts x G=4 samples x 3 steps)."""
+    train, evaluation = prompt_files
+    return {
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+        "model": {"_component_": "toy", "pretrained": tiny_model_dir},
+        "rewards": [{"_component_": "jpeg_compressibility", "weight": 1.0}],
+        "data": {"train_prompts": train, "prompts_per_iter": 2},
+        "sampling": {"num_steps": 3, "group_size": 4, "noise_level": 0.7},
+        "algorithm": {"clip_range": 0.2},
+        "train": {"iterations": 2, "steps_per_iter": 2, "micro_batch_size": 8, "checkpoint_every": 0},
+        "eval": {"prompts": evaluation, "samples_per_prompt": 2, "num_steps": 3, "every": 0, "grid_prompts": 2},
+        "logging": {"progress": False},
+    }
