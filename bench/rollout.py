@@ -36,7 +36,7 @@ def direct_model_time(recipe: RLRecipe, repeats: int) -> float:
     unet = adapter.trainable_module()
     n = cfg.data.prompts_per_iter * cfg.sampling.group_size
     shape = (n, *adapter.latent_shape)
-    prompts = [recipe.train_prompts[i % len(recipe.train_prompts)] for i in range(n)]
+    prompts = [recipe.train_prompts[i % len(recipe.train_prompts)] for i in range(max(n, cfg.train.micro_batch_size))]
     embeds = adapter.encode(prompts).tensors["prompt_embeds"]
     trained = n * num_trained_steps(cfg.sampling)
     chunks = [len(c) for c in torch.arange(trained).tensor_split(cfg.train.steps_per_iter)]
@@ -48,11 +48,11 @@ def direct_model_time(recipe: RLRecipe, repeats: int) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
             for _ in range(cfg.sampling.num_steps):
-                unet(torch.randn(shape), torch.full((n,), 500.0), encoder_hidden_states=embeds)
+                unet(torch.randn(shape), torch.full((n,), 500.0), encoder_hidden_states=embeds[:n])
         for m in micro:
             out = unet(torch.randn(m, *adapter.latent_shape), torch.full((m,), 500.0), encoder_hidden_states=embeds[:m]).sample
             out.square().mean().backward()
-        recipe.reward_fn(media, prompts)
+        recipe.reward_fn(media, prompts[:n])
         timings.append(time.perf_counter() - t0)
     unet.zero_grad(set_to_none=True)
     return statistics.median(timings)

@@ -121,7 +121,9 @@ def test_two_process_accelerate_run_groups_span_ranks(tiny_config, tmp_path):
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_config))
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # `accelerate launch --cpu` always starts ONE process (accelerate 1.15's simple launcher);
+    # --multi_gpu goes through torchrun, and on a machine without GPUs the recipe runs gloo on CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flowalign", "train", str(cfg_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -131,6 +133,7 @@ def test_two_process_accelerate_run_groups_span_ranks(tiny_config, tmp_path):
         p0, p1 = calls[0][it], calls[1][it]
         assert len(p0) == len(p1) == 2 * 4 // 2  # P x G / world
         assert set(p0) == set(p1), "each prompt's group must have members on both ranks"
+    assert "num_processes=2" in out.stdout + out.stderr, "the run did not see two processes"
     summary = json.load(open(os.path.join(tiny_config["output_dir"], "summary.json")))
     assert summary["iterations"] == 2
     records = read_metrics(os.path.join(tiny_config["output_dir"], "metrics.jsonl"))

@@ -83,7 +83,10 @@ class RLRecipe:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.train.mixed_precision)
+        # Without an accelerator, accelerate only sets up multi-process (gloo) training when told to
+        # use the CPU; Accelerator() would leave every torchrun process training alone.
+        no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        self.accelerator = Accelerator(cpu=cfg.device == "cpu" or no_accelerator, mixed_precision=cfg.train.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(cfg.seed)  # LoRA initialisation
@@ -120,6 +123,12 @@ class RLRecipe:
         metrics_file = os.path.join(cfg.output_dir, "metrics.jsonl")
         if self.is_main and self.start_iteration == 0 and os.path.exists(metrics_file):
             os.remove(metrics_file)  # a fresh run: records of an earlier attempt that never checkpointed are stale
+        if self.is_main:
+            s = cfg.sampling
+            print(f"[flowalign] {cfg.model._component_} ({cfg.model.pretrained}) on {self.accelerator.device}, "
+                  f"num_processes={self.world}, trainable parameters={sum(p.numel() for p in self.params):,}; "
+                  f"per iteration: {cfg.data.prompts_per_iter} prompts x {s.group_size} samples, "
+                  f"{s.num_steps} steps ({s.sampler} SDE, noise {s.noise_level})")
         self.logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project,
                                     resume_step=self.start_iteration or None,
