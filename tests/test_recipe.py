@@ -138,3 +138,36 @@ def test_two_process_accelerate_run_groups_span_ranks(tiny_config, tmp_path):
     assert summary["iterations"] == 2
     records = read_metrics(os.path.join(tiny_config["output_dir"], "metrics.jsonl"))
     assert max(r.get("train/ratio_first_step_dev", 0.0) for r in records) <= 1e-6
+
+
+def test_ema_under_bf16_autocast_saves_the_averaged_weights(tiny_config):
+    tiny_config["train"].update(mixed_precision="bf16", ema_decay=0.5)
+    flowalign.train(tiny_config)
+    run = tiny_config["output_dir"]
+    records = read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert all(r["train/ratio_first_step_dev"] <= 1e-6 for r in records if "train/ratio_first_step_dev" in r)
+    from flowalign.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    final = _weights(run)
+    assert ckpt.ema_state is not None and ckpt.ema_state.keys() == ckpt.model_state.keys()
+    assert all(torch.equal(final[k], ckpt.ema_state[k]) for k in ckpt.ema_state), "final/ must hold the EMA weights"
+    assert any(not torch.equal(ckpt.ema_state[k], ckpt.model_state[k]) for k in ckpt.ema_state)
+
+
+def test_cli_sample_and_eval(tiny_config, tiny_model_dir, tmp_path):
+    out_png = tmp_path / "samples.png"
+    sample = subprocess.run([sys.executable, "-m", "flowalign", "sample", tiny_model_dir, "--prompt", "a handwritten one",
+                             "--prompt", "the digit 7", "--samples-per-prompt", "3", "--num-steps", "2", "--out", str(out_png)],
+                            capture_output=True, text=True)
+    assert sample.returncode == 0, sample.stderr
+    from PIL import Image
+
+    assert Image.open(out_png).size[0] > 3 * 16
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config))
+    ev = subprocess.run([sys.executable, "-m", "flowalign", "eval", str(cfg_path)], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    scores = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert set(scores) >= {"eval/reward", "eval/reward/jpeg_compressibility"}
+    assert scores["eval/reward"] == flowalign.evaluate(tiny_config)["eval/reward"]

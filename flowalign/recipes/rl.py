@@ -180,8 +180,9 @@ class RLRecipe:
             self.logger.log(step, metrics)
             bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}")
         final = self.evaluate(cfg.train.iterations)
-        self._log_eval(cfg.train.iterations, final)
-        self.save_checkpoint(cfg.train.iterations)
+        if self.start_iteration < cfg.train.iterations:  # else: a finished run re-opened, already logged
+            self._log_eval(cfg.train.iterations, final)
+            self.save_checkpoint(cfg.train.iterations)
         return self._finish(final)
 
     def train_iteration(self, iteration: int) -> dict[str, float]:
@@ -421,6 +422,13 @@ class RLRecipe:
     def cleanup(self) -> None:
         self.logger.close()
         self.accelerator.end_training()
+        # accelerate keeps mixed-precision settings in process-global state; release them so that a
+        # second run in the same process (a notebook, a sweep) may choose another precision. The
+        # process group (PartialState) is kept.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
 
 
 def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:
