@@ -37,6 +37,11 @@ class ModelConfig:
     lora_rank: int = _f(0, "LoRA rank (peft); 0 trains all denoiser weights (full fine-tuning).")
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 means alpha = rank.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    options: dict[str, Any] = _f(
+        factory=dict,
+        help="Adapter keyword arguments for from_pretrained: resolution, shift, num_frames, attention_backend, "
+             "offload_idle, embedding_cache_dir, ... (see the adapter's docstring).",
+    )
 
 
 @dataclass
@@ -52,6 +57,7 @@ class SamplingConfig:
     noise_level: float = _f(0.7, "SDE noise level a (Flow-GRPO a, DanceGRPO eta, CPS a).")
     group_size: int = _f(8, "Samples per prompt (G); a group may span ranks.")
     guidance_scale: float = _f(1.0, "Classifier-free guidance scale for rollouts and evaluation (1 = off).")
+    negative_prompt: str = _f("", "Negative prompt used for classifier-free guidance when guidance_scale > 1.")
     sde_window: list[int] | None = _f(None, "[start, end) steps that use the SDE (MixGRPO-style); null = all steps.")
     timestep_fraction: float = _f(1.0, "Fraction of SDE steps trained (the first ones), as Flow-GRPO's timestep_fraction.")
 

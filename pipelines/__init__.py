@@ -10,6 +10,11 @@ import importlib
 
 ADAPTERS: dict[str, str] = {
     "toy": "flowalign.pipelines.toy:ToyAdapter",
+    "sd": "flowalign.pipelines.sd:StableDiffusionAdapter",
+    "sdxl": "flowalign.pipelines.sdxl:StableDiffusionXLAdapter",
+    "sd3": "flowalign.pipelines.sd3:StableDiffusion3Adapter",
+    "flux": "flowalign.pipelines.flux:FluxAdapter",
+    "wan": "flowalign.pipelines.wan:WanAdapter",
 }
 
 

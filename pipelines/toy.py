@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from flowalign.types import Conditioning
 
 from .base import AdapterBase, shift_sigmas
+from .common import set_attention_backend
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_VOCAB = ["<pad>", "<unk>", "a", "an", "the", "of", "handwritten", "digit", "number", "drawing", "picture",
@@ -105,7 +106,8 @@ class ToyAdapter(AdapterBase):
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "ToyAdapter":
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        attention_backend: str | None = None) -> "ToyAdapter":
         """Load ``path/unet``, ``path/text_encoder`` and ``path/adapter_config.json``."""
         if not os.path.isdir(path):
             raise FileNotFoundError(f"toy model directory not found: {path!r}")
@@ -119,6 +121,7 @@ class ToyAdapter(AdapterBase):
         if os.path.exists(cfg_file):
             with open(cfg_file) as f:
                 extra = json.load(f)
+        set_attention_backend(unet, attention_backend)
         return cls(unet.to(device), encoder.to(device), shift=extra.get("shift", 1.0))
 
     def save_pretrained(self, directory: str) -> None:

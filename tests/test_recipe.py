@@ -171,3 +171,28 @@ def test_cli_sample_and_eval(tiny_config, tiny_model_dir, tmp_path):
     scores = json.loads(ev.stdout[ev.stdout.index("{"):])
     assert set(scores) >= {"eval/reward", "eval/reward/jpeg_compressibility"}
     assert scores["eval/reward"] == flowalign.evaluate(tiny_config)["eval/reward"]
+
+
+def test_unknown_adapter_option_is_a_config_error_naming_the_key(tiny_config):
+    from flowalign.config import ConfigError
+
+    tiny_config["model"]["options"] = {"resolutoin": 64}
+    with pytest.raises(ConfigError, match=r"^model.options: .*resolutoin"):
+        flowalign.train(tiny_config)
+
+
+def test_cfg_rollouts_use_the_negative_prompt(tiny_config):
+    from flowalign.config import load_config
+    from flowalign.recipes.rl import RLRecipe
+
+    tiny_config["sampling"].update(guidance_scale=2.0, negative_prompt="blurry")
+    recipe = RLRecipe(load_config(tiny_config))
+    recipe.setup()
+    try:
+        cond = recipe._encode(["a handwritten one", "the digit 7"])
+        expected = recipe.adapter.encode(["blurry", "blurry"]).tensors["prompt_embeds"]
+        assert torch.equal(cond.negative["prompt_embeds"], expected)
+        metrics = recipe.train_iteration(0)
+        assert metrics["train/ratio_first_step_dev"] <= 1e-6
+    finally:
+        recipe.cleanup()

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from flowalign.advantages import edge_advantages, get_advantage_estimator
-from flowalign.config import RLConfig, num_trained_steps, read_prompts, to_yaml
+from flowalign.config import ConfigError, RLConfig, num_trained_steps, read_prompts, to_yaml
 from flowalign.guards import assert_finite
 from flowalign.losses import get_loss, kl_on_means
 from flowalign.pipelines import load_adapter_class
@@ -92,8 +92,13 @@ class RLRecipe:
         torch.manual_seed(cfg.seed)  # LoRA initialisation
 
         adapter_cls = load_adapter_class(cfg.model._component_)
-        self.adapter = adapter_cls.from_pretrained(cfg.model.pretrained, dtype=DTYPES[cfg.model.dtype],
-                                                   device=self.accelerator.device)
+        try:
+            self.adapter = adapter_cls.from_pretrained(cfg.model.pretrained, dtype=DTYPES[cfg.model.dtype],
+                                                       device=self.accelerator.device, **cfg.model.options)
+        except TypeError as err:
+            if "unexpected keyword" not in str(err):
+                raise
+            raise ConfigError(f"model.options: {err} (options accepted by {adapter_cls.__name__}.from_pretrained)") from err
         self.module = self._make_trainable(self.adapter.trainable_module())
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer_cls = _import_path(cfg.train.optimizer._component_, "train.optimizer._component_")
@@ -193,7 +198,7 @@ class RLRecipe:
         prompts = [self.train_prompts[i] for i in idx]
         self.module.eval()
         with acc.autocast():
-            cond = self.adapter.encode(prompts)
+            cond = self._encode(prompts)
             tree = rollout(self.adapter, cond, self.spec, prompts=prompts,
                            generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
                            keep_means=False, decode=True)
@@ -282,6 +287,12 @@ class RLRecipe:
         return self.loss_fn(new.log_prob, tree.log_prob_old[mb], edge_adv[mb], clip_range=cfg.algorithm.clip_range,
                             kl=kl, kl_beta=cfg.algorithm.kl_beta)
 
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts, with the negative prompt when classifier-free guidance is on."""
+        s = self.cfg.sampling
+        negatives = [s.negative_prompt] * len(prompts) if s.guidance_scale != 1.0 else None
+        return self.adapter.encode(prompts, negatives)
+
     def _check_on_policy(self, ratio_dev: float) -> None:
         """Invariant 2 of DESIGN.md: before any update the recomputed log-probs equal the rollout's."""
         if ratio_dev > self.cfg.algorithm.ratio_tolerance:
@@ -307,7 +318,7 @@ class RLRecipe:
         local_prompts = prompts[shard]
         self.module.eval()
         with (self.ema.swapped_into(self.module) if self.ema is not None else nullcontext()), acc.autocast():
-            cond = self.adapter.encode(local_prompts)
+            cond = self._encode(local_prompts)
             final = sample_ode(self.adapter, cond, e.num_steps, latents=latents, guidance_scale=cfg.sampling.guidance_scale)
             media = self.adapter.decode(final)
         self.module.train()
@@ -391,11 +402,16 @@ class RLRecipe:
             return summary
         with self.ema.swapped_into(self.module) if self.ema is not None else nullcontext():
             self.adapter.save_pretrained(os.path.join(out, "final"))
+            if self.adapter.has_lora() and hasattr(self.adapter, "save_lora_weights"):
+                # diffusers LoRA format: DiffusionPipeline.load_lora_weights(<output_dir>/lora)
+                self.adapter.save_lora_weights(os.path.join(out, "lora"))
         records = read_metrics(os.path.join(out, "metrics.jsonl"))
         iter_times = [r["time/iteration_s"] for r in records if "time/iteration_s" in r]
         summary["seconds_per_iteration"] = float(np.mean(iter_times)) if iter_times else float("nan")
 
         if before is not None and "media" in before:
+            still = lambda media: media[:, media.shape[1] // 2] if media.ndim == 5 else media  # noqa: E731  video: middle frame
+            before, final = {**before, "media": still(before["media"])}, {**final, "media": still(final["media"])}
             k = min(4, cfg.eval.samples_per_prompt)
             n = before["media"].shape[0] // cfg.eval.samples_per_prompt
             rows = [torch.cat([before["media"][i * cfg.eval.samples_per_prompt:][:k],

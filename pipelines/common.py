@@ -1,0 +1,81 @@
+"""Plumbing shared by the model-family adapters: an on-disk prompt-embedding cache, moving idle
+modules off the accelerator, and choosing diffusers' attention backend."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+
+class PromptEmbeddingCache:
+    """Per-prompt encoder outputs cached on disk, one safetensors file per prompt.
+
+    Args:
+        directory: cache folder; ``None`` disables caching (every call computes).
+        namespace: identifies the encoder (model path, max length, ...): two encoders with
+            different namespaces never share entries.
+    """
+
+    def __init__(self, directory: str | None, namespace: str):
+        self.directory = directory
+        self.namespace = namespace
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+
+    def _file(self, prompt: str) -> str:
+        key = hashlib.sha256(f"{self.namespace}\0{prompt}".encode()).hexdigest()
+        return os.path.join(self.directory, f"{key}.safetensors")
+
+    def get_or_compute(self, prompts: list[str], compute: Callable[[list[str]], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Tensors ``{name: [len(prompts), ...]}`` in the order of ``prompts``; missing prompts are
+        encoded in one ``compute(missing)`` call and written atomically (temp file + rename)."""
+        if self.directory is None:
+            return compute(list(prompts))
+        rows: dict[str, dict[str, Tensor]] = {}
+        for prompt in dict.fromkeys(prompts):
+            if os.path.exists(self._file(prompt)):
+                rows[prompt] = load_file(self._file(prompt))
+        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        if missing:
+            computed = compute(missing)
+            for i, prompt in enumerate(missing):
+                row = {name: t[i].detach().to("cpu").contiguous().clone() for name, t in computed.items()}
+                fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+                os.close(fd)
+                save_file(row, tmp)
+                os.replace(tmp, self._file(prompt))
+                rows[prompt] = row
+        names = rows[prompts[0]].keys()
+        return {name: torch.stack([rows[p][name] for p in prompts]) for name in names}
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device | str, offload: bool) -> Iterator[nn.Module]:
+    """Run a block with ``module`` on ``device``; with ``offload``, park it on the CPU afterwards
+    (keeps VAEs and text encoders off the accelerator while the denoiser trains)."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        if offload:
+            module.to("cpu")
+
+
+def set_attention_backend(module: nn.Module, backend: str | None) -> None:
+    """Select diffusers' attention backend (e.g. ``"flash"``, ``"_native_cudnn"``, ``"xformers"``);
+    ``None`` / ``"default"`` keeps PyTorch SDPA."""
+    if backend in (None, "default"):
+        return
+    if not hasattr(module, "set_attention_backend"):
+        raise ValueError(f"attention_backend={backend!r}: {type(module).__name__} cannot switch attention backends")
+    try:
+        module.set_attention_backend(backend)
+    except (ValueError, RuntimeError, ImportError, KeyError) as err:
+        raise ValueError(f"attention_backend={backend!r} is not available here: {err}") from err
