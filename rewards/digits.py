@@ -116,6 +116,13 @@ class DigitClassifierReward:
         self.device = torch.device(device)
         self.net = DigitClassifierNet.from_pretrained(str(path)).to(self.device).eval().requires_grad_(False)
 
+    @classmethod
+    def tiny(cls, directory: str) -> "DigitClassifierReward":
+        """A random-weight classifier saved to ``directory`` and loaded through ``__init__`` (tests)."""
+        torch.manual_seed(0)
+        DigitClassifierNet().save_pretrained(directory)
+        return cls(directory)
+
     @torch.no_grad()
     def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
                  ) -> RewardOutput:
