@@ -1,4 +1,4 @@
-"""The ``flowalign`` command line: ``train | sample | eval | validate | ls``.
+"""The ``flowalign`` command line: ``train | sample | eval | validate | ls | serve-reward``.
 
 Every command takes a YAML config followed by ``key.sub=value`` overrides, e.g.
 ``flowalign train configs/quickstart.yaml train.iterations=20 sampling.noise_level=0.5``.
@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-prompt", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples.png", help="output PNG")
+
+    r = sub.add_parser("serve-reward", help="serve a reward over HTTP (JSON + base64 PNG, bearer token from $FLOWALIGN_REWARD_TOKEN)")
+    r.add_argument("config", help="YAML reward spec, e.g. {_component_: pickscore, device: cuda}")
+    r.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    r.add_argument("--port", type=int, default=8765)
+    r.add_argument("--max-batch", type=int, default=64)
 
     ls = sub.add_parser("ls", help="list registered components")
     ls.add_argument("what", choices=["rewards", "adapters", "configs", "advantages", "losses", "samplers"])
@@ -95,6 +101,14 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_reward(args: argparse.Namespace) -> int:
+    from flowalign.rewards.remote import serve_from_config
+
+    # The token is read from $FLOWALIGN_REWARD_TOKEN, never a flag: flags show in the process list.
+    serve_from_config(args.config, host=args.host, port=args.port, max_batch=args.max_batch)
+    return 0
+
+
 def _ls(args: argparse.Namespace) -> int:
     from flowalign.training.plots import format_table
 
@@ -126,7 +140,8 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "validate": _validate, "sample": _sample, "ls": _ls}
+_COMMANDS = {"train": _train, "eval": _eval, "validate": _validate, "sample": _sample, "ls": _ls,
+             "serve-reward": _serve_reward}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -51,7 +51,8 @@ class PipelineAdapter(Protocol):
         ...
 
     def sigmas(self, num_steps: int) -> Tensor:
-        """The ``[num_steps + 1]`` fp32 schedule, descending from 1 to 0 with the model's shift."""
+        """The ``[num_steps + 1]`` fp32 schedule, descending within [0, 1] (flow models: 1 -> 0 with the
+        model's shift; DDPM-based adapters such as SD/SDXL: their DDIM schedule's flow sigmas)."""
         ...
 
     def predict(self, x_t: Tensor, sigma: Tensor, cond: Conditioning, guidance_scale: float = 1.0) -> Tensor:
@@ -107,6 +108,16 @@ class AdapterBase:
     denoiser: nn.Module
     _wrapped: nn.Module | None = None
     _reference: nn.Module | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser (and so ``predict``) runs."""
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's weights dtype (the model is called in it; step math stays fp32)."""
+        return self.denoiser.dtype
 
     # -- trainable module -------------------------------------------------------------------
     def trainable_module(self) -> nn.Module:

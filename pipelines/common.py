@@ -1,8 +1,10 @@
 """Plumbing shared by the model-family adapters: an on-disk prompt-embedding cache, moving idle
-modules off the accelerator, and choosing diffusers' attention backend."""
+modules off the accelerator, choosing diffusers' attention backend, checking ``model.options``,
+and saving LoRA-trained denoisers (merged, or as diffusers LoRA files)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import tempfile
@@ -79,3 +81,45 @@ def set_attention_backend(module: nn.Module, backend: str | None) -> None:
         module.set_attention_backend(backend)
     except (ValueError, RuntimeError, ImportError, KeyError) as err:
         raise ValueError(f"attention_backend={backend!r} is not available here: {err}") from err
+
+
+def check_options(options: dict, allowed: tuple[str, ...], family: str) -> None:
+    """Raise a ValueError naming the unknown ``model.options`` keys of an adapter."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"model.options: unknown option(s) {unknown} for the {family} adapter; allowed: {sorted(allowed)}")
+
+
+def merged_lora_copy(module: nn.Module) -> nn.Module:
+    """A copy of a peft-LoRA-wrapped diffusers model with the LoRA deltas merged into the base
+    weights and the LoRA layers removed (what ``save_pretrained`` should write).
+
+    Holds a second copy of the denoiser while saving; ``save_transformer_lora`` does not.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(module)
+    for layer in merged.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+    merged.unload_lora()
+    return merged
+
+
+def save_transformer_lora(pipeline_cls: type, denoiser: nn.Module, directory: str) -> None:
+    """Write a transformer denoiser's peft LoRA in the diffusers LoRA format
+    (``pytorch_lora_weights.safetensors`` plus the adapter metadata, so a ``lora_alpha != r`` scale
+    survives), readable by ``pipeline_cls.load_lora_weights(directory)``."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(denoiser, "peft_config", None):
+        raise RuntimeError("save_lora_weights: the denoiser has no LoRA adapter (train with model.lora_rank > 0)")
+    name = denoiser.active_adapters()[0]
+    metadata = denoiser.peft_config[name].to_dict()
+    if metadata.get("target_modules"):  # a set in peft's config: make the JSON metadata deterministic
+        metadata["target_modules"] = sorted(metadata["target_modules"])
+    pipeline_cls.save_lora_weights(
+        directory,
+        transformer_lora_layers=get_peft_model_state_dict(denoiser, adapter_name=name),
+        transformer_lora_adapter_metadata=metadata,
+    )

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from flowalign.types import Conditioning
 
 from .base import AdapterBase, shift_sigmas
-from .common import set_attention_backend
+from .common import merged_lora_copy, set_attention_backend
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_VOCAB = ["<pad>", "<unk>", "a", "an", "the", "of", "handwritten", "digit", "number", "drawing", "picture",
@@ -126,17 +126,7 @@ class ToyAdapter(AdapterBase):
 
     def save_pretrained(self, directory: str) -> None:
         """Save both components (LoRA merged into a copy of the UNet) and the schedule shift."""
-        unet = self.unet
-        if self.has_lora():
-            import copy
-
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            unet = copy.deepcopy(unet)
-            for module in unet.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.merge()
-            unet.unload_lora()  # drops the (now merged) LoRA layers, keeping the merged base weights
+        unet = merged_lora_copy(self.unet) if self.has_lora() else self.unet
         os.makedirs(directory, exist_ok=True)
         unet.save_pretrained(os.path.join(directory, "unet"))
         self.text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
@@ -144,14 +134,6 @@ class ToyAdapter(AdapterBase):
             json.dump({"adapter": "toy", "shift": self.shift}, f, indent=2)
 
     # -- protocol -----------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
     def to(self, device: str | torch.device) -> "ToyAdapter":
         self.unet.to(device)
         self.text_encoder.to(device)

@@ -16,7 +16,20 @@ from flowalign.rewards.registry import BUILTIN_REWARDS, resolve_reward_class
 
 # Prompts every reward can parse: a digit word (digit rewards) inside quotes (OCR).
 PROMPTS = ['a handwritten "seven"', 'the digit "one"', 'a picture of the number "three"', 'a handwritten "zero"']
-NO_CONTRACT = {"videoalign": "a remote client: covered by tests/test_remote_reward.py on loopback"}
+NO_CONTRACT = {
+    "videoalign": "a remote client: covered by tests/test_remote_reward.py on loopback",
+    "groupwise_rank": "groupwise by design (not batch-split invariant): tests/test_rewards_vlm.py",
+    "pairwise_winrate": "groupwise by design (not batch-split invariant): tests/test_rewards_vlm.py",
+}
+# Rewards that read per-prompt metadata get one record per prompt (GenEval's JSONL format).
+CONTRACT_METADATA = {
+    "geneval": [
+        {"tag": "single_object", "include": [{"class": "dog", "count": 1}]},
+        {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
+        {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
+        {"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]},
+    ]
+}
 
 
 def _build(name: str, tmp_path):
@@ -43,14 +56,16 @@ def test_reward_contract(name, tmp_path):
     info = BUILTIN_REWARDS[name]
     assert reward.modality == info.modality, f"{name}: modality {reward.modality!r} != registry's {info.modality!r}"
     media, prompts = _media(info.modality, len(PROMPTS)), PROMPTS
-    out = reward(media, prompts)
+    meta = CONTRACT_METADATA.get(name)
+    out = reward(media, prompts, meta)
     assert isinstance(out, RewardOutput), f"{name} must return a RewardOutput"
     assert out.scores.shape == (len(PROMPTS),) and out.scores.dtype == torch.float32
     assert out.scores.device == media.device
     assert torch.isfinite(out.scores).all()
-    again = reward(media, prompts)
+    again = reward(media, prompts, meta)
     assert torch.equal(out.scores, again.scores), f"{name} is not deterministic"
-    singles = torch.cat([reward(media[i : i + 1], prompts[i : i + 1]).scores for i in range(len(PROMPTS))])
+    singles = torch.cat([reward(media[i : i + 1], prompts[i : i + 1], None if meta is None else meta[i : i + 1]).scores
+                         for i in range(len(PROMPTS))])
     torch.testing.assert_close(singles, out.scores, rtol=1e-4, atol=1e-5, msg=f"{name} depends on batch composition")
     for comp_name, comp in out.components.items():
         assert comp.shape == out.scores.shape, f"{name}: component {comp_name} has shape {tuple(comp.shape)}"

@@ -109,8 +109,11 @@ class RLRecipe:
         self.wrapped = wrapped
         self.ema = EMA(self.module, decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
-        self.reward_fn = build_rewards(_spec_list(self._reward_override if self._reward_override is not None else cfg.rewards))
-        judge_specs = _spec_list(self._judge_override if self._judge_override is not None else cfg.eval.judges)
+        # plain Python functions score what this adapter decodes: [B,3,H,W] images or [B,F,3,H,W] video
+        modality = "video" if len(self.adapter.latent_shape) == 4 else "image"
+        reward_specs = self._reward_override if self._reward_override is not None else cfg.rewards
+        self.reward_fn = build_rewards(_spec_list(reward_specs, modality))
+        judge_specs = _spec_list(self._judge_override if self._judge_override is not None else cfg.eval.judges, modality)
         self.judges = build_rewards(judge_specs).rewards if judge_specs else {}
         self.train_prompts = read_prompts(cfg.data.train_prompts, "data.train_prompts")
         self.eval_prompts = read_prompts(cfg.eval.prompts, "eval.prompts")
@@ -410,6 +413,14 @@ class RLRecipe:
         summary["seconds_per_iteration"] = float(np.mean(iter_times)) if iter_times else float("nan")
 
         if before is not None and "media" in before:
+            if before["media"].ndim == 5:  # video: the same before | after tiling, animated
+                from flowalign.training.video import save_video_grid
+
+                spp, k = cfg.eval.samples_per_prompt, min(4, cfg.eval.samples_per_prompt)
+                n = before["media"].shape[0] // spp
+                summary["video_grid"] = save_video_grid(
+                    os.path.join(out, "before_after"),
+                    [torch.cat([before["media"][i * spp:][:k], final["media"][i * spp:][:k]]) for i in range(n)], fps=8)
             still = lambda media: media[:, media.shape[1] // 2] if media.ndim == 5 else media  # noqa: E731  video: middle frame
             before, final = {**before, "media": still(before["media"])}, {**final, "media": still(final["media"])}
             k = min(4, cfg.eval.samples_per_prompt)
@@ -451,9 +462,17 @@ def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:
     return None if result is None else {k: v for k, v in result.items() if k != "media"}
 
 
-def _spec_list(specs: Any) -> list | dict:
-    """A single reward object / callable becomes a one-element list; lists and dicts pass through."""
-    return specs if isinstance(specs, (list, tuple, dict)) else [specs]
+def _spec_list(specs: Any, modality: str) -> list | dict:
+    """Reward specs as a list or dict: a single reward becomes a one-element list, and plain
+    functions (no ``modality`` attribute) are wrapped as rewards of the adapter's ``modality``."""
+    from flowalign.rewards.callable import CallableReward
+
+    def wrap(spec: Any) -> Any:
+        return CallableReward(spec, modality=modality) if callable(spec) and not hasattr(spec, "modality") else spec
+
+    if isinstance(specs, dict):
+        return {k: wrap(v) for k, v in specs.items()} if "_component_" not in specs else [specs]
+    return [wrap(spec) for spec in (specs if isinstance(specs, (list, tuple)) else [specs])]
 
 
 def _import_path(path: str, key: str):

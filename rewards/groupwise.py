@@ -1,0 +1,188 @@
+"""Groupwise rewards: rank samples against the other samples of their prompt's group.
+
+GRPO-style training already compares the G samples of one prompt; a groupwise reward makes the
+comparison the reward itself, which removes the pointwise reward's scale (the point of Pref-GRPO,
+Wang et al. 2025, "Pref-GRPO: Pairwise Preference Reward-based GRPO for Stable Text-to-Image
+Reinforcement Learning": a pairwise judge compares every pair in a group and each sample's reward is
+its win rate ``(1 / (G - 1)) Σ_{j≠i} 1[x_i ≻ x_j]``; a tie counts one half).
+
+* :class:`GroupwiseRank` wraps a pointwise reward: ``score_i = rank_i / (G - 1)`` with tied ranks
+  averaged, which is exactly the win rate of ``i`` against its group with ties counted ½.
+* :class:`PairwiseAsPointwise` wraps a pairwise judge (``compare(media_a, media_b, prompts) -> P(a ≻ b)``)
+  into per-sample win rates over all pairs of a group; failed comparisons count ½, as in Pref-GRPO.
+
+Groups come from ``metadata[i][group_key]`` (any hashable id) or, without it, from consecutive
+chunks of ``group_size`` samples (the recipe's layout: prompt-major, G samples per prompt).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import RewardOutput, as_reward_output
+
+__all__ = ["group_ids", "win_rates", "GroupwiseRank", "PairwiseAsPointwise"]
+
+
+def group_ids(batch: int, group_size: int | None, metadata: Sequence[dict[str, Any]] | None,
+              group_key: str = "group") -> Tensor:
+    """Group index per sample ``[B]`` (long, 0..n_groups-1, in order of first appearance).
+
+    ``metadata[i][group_key]`` wins when every sample has it; otherwise consecutive chunks of
+    ``group_size``. Raises ValueError naming the problem when neither defines the groups.
+    """
+    if metadata is not None and len(metadata) != batch:
+        raise ValueError(f"groupwise reward: got {len(metadata)} metadata entries for {batch} samples")
+    has_key = [isinstance(m, dict) and group_key in m for m in metadata] if metadata is not None else [False]
+    if all(has_key):
+        seen: dict[Hashable, int] = {}
+        return torch.tensor([seen.setdefault(m[group_key], len(seen)) for m in metadata], dtype=torch.long)
+    if any(has_key):
+        missing = [i for i, h in enumerate(has_key) if not h]
+        raise ValueError(f"groupwise reward: metadata[i][{group_key!r}] is missing for samples {missing[:8]}")
+    if group_size is None:
+        raise ValueError(f"groupwise reward: give group_size or metadata[i][{group_key!r}] to define the groups")
+    if batch % group_size != 0:
+        raise ValueError(f"groupwise reward: batch of {batch} is not a multiple of group_size={group_size}")
+    return torch.arange(batch) // group_size
+
+
+def win_rates(scores: Tensor, groups: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Win rate of each sample against the valid members of its group, ties counted ½.
+
+    ``w_i = (#{j: s_j < s_i} + ½ #{j ≠ i: s_j = s_i}) / (m - 1)`` over valid ``j`` in ``i``'s group
+    (``m`` valid members) = (average 0-based rank) / (m - 1). Samples alone (m = 1) or invalid get 0.5.
+
+    Args: scores ``[B]``, groups ``[B]`` long, valid ``[B]`` bool or None. Returns ``[B]`` float32.
+    """
+    s = scores.detach().float().cpu()
+    g = groups.cpu()
+    v = torch.ones_like(g, dtype=torch.bool) if valid is None else valid.cpu().bool()
+    same = (g[:, None] == g[None, :]) & v[:, None] & v[None, :]
+    same.fill_diagonal_(False)
+    wins = ((s[None, :] < s[:, None]) & same).sum(1) + 0.5 * ((s[None, :] == s[:, None]) & same).sum(1)
+    others = same.sum(1)
+    out = torch.where(others > 0, wins / others.clamp(min=1), torch.full_like(s, 0.5))
+    return torch.where(v, out, torch.full_like(s, 0.5))
+
+
+def _check_group_size(group_size: int | None) -> None:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"groupwise reward: group_size must be a positive int or None, got {group_size!r}")
+
+
+def _build_judge(spec: Any) -> Any:
+    """A judge object, or one built from a name/path string or ``{"_component_": ..., **kwargs}`` dict."""
+    from .registry import COMPONENT_KEY, _plain, resolve_reward_class
+
+    spec = _plain(spec)
+    if isinstance(spec, str):
+        return resolve_reward_class(spec)()
+    if isinstance(spec, dict):
+        params = dict(spec)
+        if COMPONENT_KEY not in params:
+            raise ValueError(f"PairwiseAsPointwise: judge spec needs {COMPONENT_KEY!r}, got keys {sorted(params)}")
+        return resolve_reward_class(params.pop(COMPONENT_KEY))(**params)
+    return spec
+
+
+class GroupwiseRank:
+    """Rank a pointwise reward within each group: ``score_i = rank_i / (G - 1)`` (ties averaged).
+
+    ``components`` keep the inner reward's scores (``"<inner>"``) and components (``"<inner>/<c>"``);
+    samples the inner reward marks invalid are left out of the ranking (score 0.5, valid False).
+    """
+
+    def __init__(self, reward: Any, group_size: int | None = None, group_key: str = "group") -> None:
+        from .registry import build_reward
+
+        _check_group_size(group_size)
+        self.reward = build_reward(reward)
+        self.group_size, self.group_key = group_size, group_key
+        self.name = f"{self.reward.name}_rank"
+        self.modality = self.reward.modality
+
+    def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
+                 ) -> RewardOutput:
+        """``media`` ``[B, ...]``; returns win rates ``[B]`` in [0, 1]."""
+        groups = group_ids(len(prompts), self.group_size, metadata, self.group_key)
+        inner = as_reward_output(self.reward(media, prompts, metadata))
+        scores = win_rates(inner.scores, groups, inner.valid).to(inner.scores.device)
+        components = {self.reward.name: inner.scores, **{f"{self.reward.name}/{k}": c for k, c in inner.components.items()}}
+        return RewardOutput(scores=scores, components=components, valid=inner.valid)
+
+
+class PairwiseAsPointwise:
+    """Turn a pairwise judge into per-sample win rates over all pairs of each group (Pref-GRPO).
+
+    Args:
+        judge: object with ``name``, ``modality`` and ``compare(media_a, media_b, prompts)`` returning
+            ``P(a ≻ b)`` ``[P]`` (a tensor, or a RewardOutput whose ``valid`` marks failures).
+        group_size / group_key: how groups are formed (see :func:`group_ids`).
+        decision: ``"hard"`` (Pref-GRPO: a win is ``p > ½``, ``p = ½`` a tie) or ``"prob"`` (expected win ``p``).
+        symmetric: also judge ``(b, a)`` and average ``p`` with ``1 − p(b, a)`` (cancels position bias).
+        batch_size: pairs per ``compare`` call (None: all at once).
+    """
+
+    def __init__(self, judge: Any, group_size: int | None = None, group_key: str = "group", decision: str = "hard",
+                 symmetric: bool = False, batch_size: int | None = None) -> None:
+        _check_group_size(group_size)
+        judge = _build_judge(judge)
+        if not callable(getattr(judge, "compare", None)):
+            raise TypeError(f"PairwiseAsPointwise: judge {type(judge).__name__} has no compare(media_a, media_b, prompts)")
+        if decision not in ("hard", "prob"):
+            raise ValueError(f"PairwiseAsPointwise: decision must be 'hard' or 'prob', got {decision!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"PairwiseAsPointwise: batch_size must be a positive int or None, got {batch_size!r}")
+        self.judge, self.group_size, self.group_key = judge, group_size, group_key
+        self.decision, self.symmetric, self.batch_size = decision, symmetric, batch_size
+        self.name = f"{getattr(judge, 'name', type(judge).__name__)}_winrate"
+        self.modality = getattr(judge, "modality", "image")
+
+    def _judge(self, media: Tensor, a: Tensor, b: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(p [P], ok [P])`` for pairs ``(a[k], b[k])``, chunked by ``batch_size``."""
+        step = self.batch_size or max(len(a), 1)
+        ps, oks = [], []
+        for k in range(0, len(a), step):
+            ia, ib = a[k:k + step], b[k:k + step]
+            out = as_reward_output(self.judge.compare(media[ia.to(media.device)], media[ib.to(media.device)],
+                                                      [prompts[i] for i in ia.tolist()]))
+            p = out.scores.detach().float().cpu()
+            if p.shape != ia.shape:
+                raise ValueError(f"judge {self.name}: compare returned shape {tuple(p.shape)} for {len(ia)} pairs")
+            ok = torch.isfinite(p) & (p >= 0) & (p <= 1)
+            if out.valid is not None:
+                ok &= out.valid.cpu().bool()
+            ps.append(torch.where(ok, p, torch.full_like(p, 0.5)))
+            oks.append(ok)
+        return torch.cat(ps), torch.cat(oks)
+
+    def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
+                 ) -> RewardOutput:
+        """Win rate ``[B]`` of each sample against the rest of its group; components ``failed_frac``."""
+        batch = len(prompts)
+        if media.shape[0] != batch:
+            raise ValueError(f"{self.name}: got {batch} prompts for {media.shape[0]} samples")
+        groups = group_ids(batch, self.group_size, metadata, self.group_key)
+        a, b = torch.triu_indices(batch, batch, offset=1)
+        keep = groups[a] == groups[b]
+        a, b = a[keep], b[keep]
+        p, ok = self._judge(media, a, b, prompts)
+        if self.symmetric:
+            p_rev, ok_rev = self._judge(media, b, a, prompts)
+            both = ok & ok_rev
+            p = torch.where(both, (p + 1 - p_rev) / 2, torch.where(ok_rev, 1 - p_rev, p))
+            ok = ok | ok_rev
+        w = p if self.decision == "prob" else (p > 0.5).float() + 0.5 * (p == 0.5).float()
+        w = torch.where(ok, w, torch.full_like(w, 0.5))  # Pref-GRPO: ties / failures count ½
+        wins = torch.zeros(batch).index_add_(0, a, w).index_add_(0, b, 1 - w)
+        count = torch.zeros(batch).index_add_(0, a, torch.ones_like(w)).index_add_(0, b, torch.ones_like(w))
+        failed = torch.zeros(batch).index_add_(0, a, (~ok).float()).index_add_(0, b, (~ok).float())
+        scores = torch.where(count > 0, wins / count.clamp(min=1), torch.full((batch,), 0.5))
+        failed_frac = torch.where(count > 0, failed / count.clamp(min=1), torch.zeros(batch))
+        valid = (count == 0) | (failed < count)  # invalid only if every comparison of the sample failed
+        dev = media.device
+        return RewardOutput(scores=scores.to(dev), components={"failed_frac": failed_frac.to(dev)}, valid=valid.to(dev))

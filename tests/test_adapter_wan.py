@@ -1,0 +1,246 @@
+"""WanAdapter: fidelity to diffusers' WanPipeline (Wan 2.1 and the Wan 2.2 two-expert layout),
+loading through from_pretrained, LoRA interop with WanPipeline.load_lora_weights, and the
+configs/grpo/wan_jpeg.yaml recipe on tiny components (all CPU, offline, random weights)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from flowalign.pipelines.base import shift_sigmas
+from flowalign.rollout import BranchSpec, rollout, sample_ode
+from tests.conftest import REPO
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel  # noqa: E402
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
+
+from flowalign.pipelines.wan import WanAdapter, flow_euler_sigmas, video_latent_shape, zero_padding  # noqa: E402
+
+WORDS = "a an the red blue green cat dog bird car boat runs flies over through field city ocean forest at night sunset".split()
+SIZE = dict(height=16, width=16, num_frames=5, max_sequence_length=12)
+
+
+def tiny_tokenizer() -> T5Tokenizer:
+    """A T5 (unigram) tokenizer from an in-memory vocabulary: whole words plus single letters."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -float(i + 1)) for i, w in enumerate(WORDS)] + [(c, -30.0) for c in "abcdefghijklmnopqrstuvwxyz\u2581"]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
+    assert len(tok) == len(vocab)
+    return tok
+
+
+def tiny_transformer(seed: int) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                 out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def tiny_pipeline(shift: float = 3.0, two_experts: bool = False) -> WanPipeline:
+    """diffusers' own WanPipeline test components (get_dummy_components), text encoder = tiny UMT5."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=8)).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    # random latent statistics so that decode's un-normalisation is exercised
+    vae.register_to_config(latents_mean=torch.randn(16).mul(0.1).tolist(), latents_std=torch.rand(16).add(0.5).tolist())
+    extra = dict(transformer_2=tiny_transformer(1), boundary_ratio=0.6) if two_experts else {}
+    return WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=tiny_transformer(0),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), **extra)
+
+
+def pipeline_latents(pipe: WanPipeline, prompts, latents, steps, guidance, negative=None):
+    return pipe(prompts, negative_prompt=negative, height=SIZE["height"], width=SIZE["width"], num_frames=SIZE["num_frames"],
+                num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(), output_type="latent",
+                max_sequence_length=SIZE["max_sequence_length"]).frames
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-wan"))
+    tiny_pipeline().save_pretrained(path)
+    return path
+
+
+PROMPTS = ["a red cat runs through the field", "a boat at sunset"]
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+def test_flow_euler_sigmas_is_the_shifted_scheduler_schedule():
+    # independent: diffusers' schedule is linspace(1, shift(1/1000), T) shifted again (Eq. 23), then 0
+    T, shift = 7, 5.0
+    base = torch.linspace(1.0, float(shift_sigmas(torch.tensor(1e-3), shift)), T)
+    expected = torch.cat([shift_sigmas(base, shift), torch.zeros(1)])
+    torch.testing.assert_close(flow_euler_sigmas(T, shift), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="num_steps"):
+        flow_euler_sigmas(0, shift)
+
+
+def test_zero_padding_matches_hand_example():
+    embeds = torch.arange(12.0).view(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    expected = torch.tensor([[[0.0, 1], [2, 3], [0, 0]], [[6, 7], [0, 0], [0, 0]]])
+    assert torch.equal(zero_padding(embeds, mask), expected)
+
+
+def test_video_latent_shape_and_errors():
+    assert video_latent_shape(16, 81, 480, 832, 4, 8, (1, 2, 2)) == (16, 21, 60, 104)
+    with pytest.raises(ValueError, match="num_frames=80"):
+        video_latent_shape(16, 80, 480, 832, 4, 8, (1, 2, 2))
+    with pytest.raises(ValueError, match="width=840"):
+        video_latent_shape(16, 81, 480, 840, 4, 8, (1, 2, 2))
+
+
+# -- fidelity --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("two_experts", [False, True], ids=["wan2.1", "wan2.2-two-experts"])
+def test_ode_rollout_reproduces_wan_pipeline(two_experts):
+    pipe = tiny_pipeline(shift=3.0, two_experts=two_experts)
+    adapter = WanAdapter(pipe, **SIZE)
+    assert adapter.shift == 3.0 and adapter.latent_shape == (16, 2, 2, 2)
+    steps, g = 4, 5.0
+    latents = adapter.init_latents(2, torch.Generator().manual_seed(0))
+    cond = adapter.encode(PROMPTS, ["blurry", "blurry"])
+    ours = sample_ode(adapter, cond, steps, latents=latents, guidance_scale=g)
+    ref = pipeline_latents(pipe, PROMPTS, latents, steps, g, negative=["blurry", "blurry"])
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    # rollout with zero noise goes through the same transitions
+    spec = BranchSpec.flat(steps, 1, 0.0, sampler="flow_grpo", guidance_scale=g)
+    tree = rollout(adapter, cond, spec, prompts=PROMPTS, generator=torch.Generator().manual_seed(0), decode=False,
+                   initial_latents=latents)
+    torch.testing.assert_close(tree.leaf_latents, ref, atol=1e-4, rtol=0)
+    if two_experts:  # the high-noise expert alone gives another result: the switch really happens
+        adapter.transformer_2 = None
+        assert (sample_ode(adapter, cond, steps, latents=latents, guidance_scale=g) - ref).abs().max() > 1e-3
+
+
+def test_two_expert_routing_is_per_sample():
+    """A micro-batch mixing steps above and below the boundary routes each row to its own expert."""
+    adapter = WanAdapter(tiny_pipeline(two_experts=True), **SIZE)
+    x = torch.randn(2, *adapter.latent_shape)
+    emb = adapter.encode(PROMPTS).tensors
+    sigma = torch.tensor([0.9, 0.3])
+    mixed = adapter._velocity(x, sigma, emb)
+    hi = adapter._velocity(x[:1], sigma[:1], {k: v[:1] for k, v in emb.items()})
+    lo = adapter._velocity(x[1:], sigma[1:], {k: v[1:] for k, v in emb.items()})
+    torch.testing.assert_close(mixed, torch.cat([hi, lo]), atol=1e-6, rtol=0)
+    direct_lo = adapter.transformer_2(hidden_states=x[1:], timestep=sigma[1:] * 1000, encoder_hidden_states=emb["prompt_embeds"][1:],
+                                      return_dict=False)[0]
+    torch.testing.assert_close(lo, direct_lo, atol=1e-6, rtol=0)
+
+
+def test_decode_matches_pipeline_video_output():
+    pipe = tiny_pipeline()
+    adapter = WanAdapter(pipe, **SIZE)
+    latents = adapter.init_latents(1, torch.Generator().manual_seed(1))
+    cond = adapter.encode(PROMPTS[:1])
+    video = adapter.decode(sample_ode(adapter, cond, 2, latents=latents))
+    assert video.shape == (1, SIZE["num_frames"], 3, SIZE["height"], SIZE["width"])
+    ref = pipe(PROMPTS[0], height=16, width=16, num_frames=5, num_inference_steps=2, guidance_scale=1.0, latents=latents.clone(),
+               output_type="pt", max_sequence_length=SIZE["max_sequence_length"]).frames
+    torch.testing.assert_close(video, ref.float(), atol=1e-4, rtol=0)
+
+
+def test_encode_negative_and_bad_input():
+    adapter = WanAdapter(tiny_pipeline(), **SIZE)
+    cond = adapter.encode(PROMPTS)
+    assert cond.negative is None and cond.tensors["prompt_embeds"].shape == (2, SIZE["max_sequence_length"], 32)
+    assert adapter.encode(PROMPTS, ["", ""]).negative["prompt_embeds"].shape == (2, 12, 32)
+    with pytest.raises(ValueError, match="negative_prompts"):
+        adapter.encode(PROMPTS, [""])
+    with pytest.raises(ValueError, match="trainable_expert='low'"):
+        WanAdapter(tiny_pipeline(), trainable_expert="low", **SIZE)
+    with pytest.raises(ValueError, match="height=20"):
+        WanAdapter(tiny_pipeline(), **{**SIZE, "height": 20})
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def test_from_pretrained_round_trip_and_embedding_cache(saved_dir, tmp_path):
+    pipe = WanPipeline.from_pretrained(saved_dir)
+    cache = str(tmp_path / "cache")
+    adapter = WanAdapter.from_pretrained(saved_dir, embedding_cache_dir=cache, **SIZE)
+    assert adapter.shift == 3.0  # read from the saved scheduler config
+    latents = adapter.init_latents(2, torch.Generator().manual_seed(2))
+    cond = adapter.encode(PROMPTS, ["", ""])
+    ours = sample_ode(adapter, cond, 3, latents=latents, guidance_scale=4.0)
+    torch.testing.assert_close(ours, pipeline_latents(pipe, PROMPTS, latents, 3, 4.0), atol=1e-4, rtol=0)
+    assert len(os.listdir(cache)) == 3  # two prompts + the empty negative
+    again = adapter.encode(PROMPTS, ["", ""])  # now served from disk
+    torch.testing.assert_close(again.tensors["prompt_embeds"], cond.tensors["prompt_embeds"], atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        WanAdapter.from_pretrained(str(tmp_path))
+
+
+# -- LoRA interop ----------------------------------------------------------------------------------
+def _add_random_lora(adapter: WanAdapter) -> None:
+    from peft import LoraConfig
+
+    adapter.trainable_module().add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=adapter.lora_target_modules))
+    torch.manual_seed(3)
+    for name, p in adapter.trainable_module().named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+
+
+def test_lora_saved_in_diffusers_format_reloads_in_wan_pipeline(saved_dir, tmp_path):
+    adapter = WanAdapter.from_pretrained(saved_dir, **SIZE)
+    _add_random_lora(adapter)
+    latents = adapter.init_latents(2, torch.Generator().manual_seed(4))
+    ours = sample_ode(adapter, adapter.encode(PROMPTS, ["", ""]), 3, latents=latents, guidance_scale=4.0)
+    with torch.no_grad(), adapter.disable_adapter():
+        base = sample_ode(adapter, adapter.encode(PROMPTS, ["", ""]), 3, latents=latents, guidance_scale=4.0)
+    assert (ours - base).abs().max() > 1e-3  # the LoRA changes the policy
+    adapter.save_lora_weights(str(tmp_path / "lora"))
+    pipe = WanPipeline.from_pretrained(saved_dir)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(pipeline_latents(pipe, PROMPTS, latents, 3, 4.0), ours, atol=1e-4, rtol=0)
+    # merged save_pretrained reloads the same policy
+    adapter.save_pretrained(str(tmp_path / "merged"))
+    merged = WanAdapter.from_pretrained(str(tmp_path / "merged"))  # video size from flowalign_adapter.json
+    again = sample_ode(merged, merged.encode(PROMPTS, ["", ""]), 3, latents=latents, guidance_scale=4.0)
+    torch.testing.assert_close(again, ours, atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    adapter = WanAdapter(tiny_pipeline(), **SIZE)
+    _add_random_lora(adapter)
+    x = torch.randn(2, *adapter.latent_shape)
+    cond = adapter.encode(PROMPTS)
+    grads = []
+    for checkpointing in (False, True):
+        module = adapter.trainable_module().train()
+        if checkpointing:
+            module.enable_gradient_checkpointing()
+        module.zero_grad()
+        adapter.predict(x, torch.tensor([0.8, 0.4]), cond).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in module.named_parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+# -- recipe ----------------------------------------------------------------------------------------
+def test_wan_jpeg_config_runs_two_iterations(saved_dir, tmp_path, prompt_files):
+    import flowalign
+
+    calls = []
+
+    def mean_frame_brightness(media, prompts, metadata=None):
+        assert media.ndim == 5 and media.shape[1:] == (SIZE["num_frames"], 3, 16, 16)
+        calls.append(len(prompts))
+        return media.mean(dim=(1, 2, 3, 4))
+
+    train, evaluation = prompt_files
+    overrides = {"model.pretrained": saved_dir, "output_dir": str(tmp_path / "run"), "device": "cpu",
+                 "train.iterations": 2, "sampling.group_size": 2, "sampling.num_steps": 2, "data.prompts_per_iter": 1,
+                 "data.train_prompts": train, "eval.prompts": evaluation, "eval.samples_per_prompt": 1, "eval.num_steps": 2,
+                 "train.micro_batch_size": 4, "logging.progress": False, "logging.tensorboard": False,
+                 "model.options": dict(SIZE)}
+    # a plain function: the recipe gives it the adapter's modality (video)
+    summary = flowalign.train(os.path.join(REPO, "configs/grpo/wan_jpeg.yaml"), overrides, rewards=mean_frame_brightness)
+    assert os.path.exists(summary["video_grid"][0])
+    assert summary["iterations"] == 2 and sum(calls) >= 2 * 2
+    assert os.path.exists(os.path.join(tmp_path, "run", "final", "model_index.json"))
