@@ -309,7 +309,7 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
         _require_file(cfg.data.train_prompts, "data.train_prompts")
         _require_file(e.prompts, "eval.prompts")
         for i, spec in enumerate(cfg.rewards):
-            if isinstance(spec.get("path"), str):
+            if isinstance(spec.get("path"), str) and not _looks_like_hub_id(spec["path"]):
                 _require_file(spec["path"], f"rewards[{i}].path")
         n_eval = len(read_prompts(e.prompts, "eval.prompts")) * e.samples_per_prompt
         _require(n_eval % world_size == 0, "eval.samples_per_prompt",
@@ -327,13 +327,38 @@ def _looks_like_hub_id(path: str) -> bool:
     return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/"))
 
 
-def read_prompts(path: str, key: str = "prompts") -> list[str]:
-    """Non-empty, stripped lines of a prompt file; ConfigError naming ``key`` if none."""
+def read_prompt_records(path: str, key: str = "prompts") -> list[dict[str, Any]]:
+    """Prompt records of a prompt file, each ``{"prompt": str, **metadata}``.
+
+    ``.txt``: one prompt per non-empty line (``#`` starts a comment line). ``.jsonl``: one JSON
+    object per line with a ``"prompt"`` string; the other keys are the prompt's metadata, handed to
+    rewards that need it (e.g. GenEval's ``{"tag": ..., "include": [...]}``). Errors name ``key``.
+    """
+    import json
+
     _require_file(path, key)
+    records = []
     with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    _require(len(prompts) > 0, key, f"{path!r} contains no prompts")
-    return prompts
+        for number, line in enumerate(f, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not path.endswith(".jsonl"):
+                records.append({"prompt": line.strip()})
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{key}: {path}:{number} is not valid JSON ({err.msg})") from err
+            _require(isinstance(record, dict) and isinstance(record.get("prompt"), str), key,
+                     f"{path}:{number} needs a \"prompt\" string")
+            records.append(record)
+    _require(len(records) > 0, key, f"{path!r} contains no prompts")
+    return records
+
+
+def read_prompts(path: str, key: str = "prompts") -> list[str]:
+    """The prompt strings of a prompt file (see :func:`read_prompt_records`)."""
+    return [r["prompt"] for r in read_prompt_records(path, key)]
 
 
 def explain(cls: type = RLConfig, prefix: str = "") -> list[tuple[str, str, str]]:

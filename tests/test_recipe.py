@@ -196,3 +196,29 @@ def test_cfg_rollouts_use_the_negative_prompt(tiny_config):
         assert metrics["train/ratio_first_step_dev"] <= 1e-6
     finally:
         recipe.cleanup()
+
+
+def test_jsonl_prompt_metadata_reaches_the_reward(tiny_config, tmp_path):
+    records = [{"prompt": "a handwritten one", "target": 0.25}, {"prompt": "the digit 7", "target": 0.75}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    tiny_config["data"]["train_prompts"] = tiny_config["eval"]["prompts"] = str(path)
+    seen = []
+
+    def target_reward(media, prompts, metadata=None):
+        seen.extend(zip(prompts, metadata))
+        return torch.tensor([m["target"] for m in metadata])
+
+    summary = flowalign.train(tiny_config, rewards=target_reward)
+    by_prompt = {r["prompt"]: {"target": r["target"]} for r in records}
+    assert seen and all(meta == by_prompt[prompt] for prompt, meta in seen)
+    assert summary["after"]["eval/reward"] == pytest.approx(0.5)  # eval: both prompts, equal samples
+
+
+def test_jsonl_prompt_file_errors_name_the_key_and_line(tiny_config, tmp_path):
+    from flowalign.config import ConfigError, load_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    with pytest.raises(ConfigError, match=r"^data.train_prompts: .*bad.jsonl:2"):
+        load_config(tiny_config, {"data.train_prompts": str(bad)})

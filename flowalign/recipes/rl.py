@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from flowalign.advantages import edge_advantages, get_advantage_estimator
-from flowalign.config import ConfigError, RLConfig, num_trained_steps, read_prompts, to_yaml
+from flowalign.config import ConfigError, RLConfig, num_trained_steps, read_prompt_records, to_yaml
 from flowalign.guards import assert_finite
 from flowalign.losses import get_loss, kl_on_means
 from flowalign.pipelines import load_adapter_class
@@ -115,8 +115,10 @@ class RLRecipe:
         self.reward_fn = build_rewards(_spec_list(reward_specs, modality))
         judge_specs = _spec_list(self._judge_override if self._judge_override is not None else cfg.eval.judges, modality)
         self.judges = build_rewards(judge_specs).rewards if judge_specs else {}
-        self.train_prompts = read_prompts(cfg.data.train_prompts, "data.train_prompts")
-        self.eval_prompts = read_prompts(cfg.eval.prompts, "eval.prompts")
+        self.train_records = read_prompt_records(cfg.data.train_prompts, "data.train_prompts")
+        self.eval_records = read_prompt_records(cfg.eval.prompts, "eval.prompts")
+        self.train_prompts = [r["prompt"] for r in self.train_records]
+        self.eval_prompts = [r["prompt"] for r in self.eval_records]
         self.advantage_fn = get_advantage_estimator(cfg.algorithm.advantage)
         self.loss_fn = get_loss(cfg.algorithm.loss)
         self.spec = self._branch_spec()
@@ -199,6 +201,7 @@ class RLRecipe:
         t0 = time.perf_counter()
         idx = prompt_indices(len(self.train_prompts), cfg.data.prompts_per_iter, iteration, cfg.seed)
         prompts = [self.train_prompts[i] for i in idx]
+        records = [self.train_records[i] for i in idx]
         self.module.eval()
         with acc.autocast():
             cond = self._encode(prompts)
@@ -207,8 +210,8 @@ class RLRecipe:
                            keep_means=False, decode=True)
         t1 = time.perf_counter()
 
-        leaf_prompts = [prompts[i] for i in tree.leaf_prompt_idx.tolist()]
-        reward = self.reward_fn(tree.media, leaf_prompts)
+        leaf_idx = tree.leaf_prompt_idx.tolist()
+        reward = self.reward_fn(tree.media, [prompts[i] for i in leaf_idx], _metadata([records[i] for i in leaf_idx]))
         scores = assert_finite(reward.scores.to(acc.device), "rewards")
         valid = reward.valid.to(acc.device) if reward.valid is not None else torch.ones_like(scores, dtype=torch.bool)
         all_scores, all_groups, all_valid = acc.gather((scores, tree.leaf_group.to(acc.device), valid))
@@ -314,11 +317,12 @@ class RLRecipe:
         training rewards and by the judges. Returns metrics plus the grid's media (main rank)."""
         cfg, acc = self.cfg, self.accelerator
         e = cfg.eval
-        prompts = [p for p in self.eval_prompts for _ in range(e.samples_per_prompt)]
+        records = [r for r in self.eval_records for _ in range(e.samples_per_prompt)]
+        prompts = [r["prompt"] for r in records]
         n_local = len(prompts) // self.world
         shard = slice(self.rank * n_local, (self.rank + 1) * n_local)
         latents = self.adapter.init_latents(len(prompts), stream_generator(cfg.seed, "eval"))[shard]
-        local_prompts = prompts[shard]
+        local_prompts, local_metadata = prompts[shard], _metadata(records[shard])
         self.module.eval()
         with (self.ema.swapped_into(self.module) if self.ema is not None else nullcontext()), acc.autocast():
             cond = self._encode(local_prompts)
@@ -328,7 +332,7 @@ class RLRecipe:
         result: dict[str, Any] = {}
         scorers = {"reward": self.reward_fn, **{f"judge/{name}": judge for name, judge in self.judges.items()}}
         for prefix, scorer in scorers.items():
-            out = scorer(media, local_prompts)
+            out = scorer(media, local_prompts, local_metadata)
             result[f"eval/{prefix}"] = acc.gather(out.scores.to(acc.device)).mean().item()
             for comp, values in out.components.items():
                 result[f"eval/{prefix}/{comp}"] = acc.gather(values.float().to(acc.device)).mean().item()
@@ -456,6 +460,12 @@ class RLRecipe:
 
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
+
+
+def _metadata(records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per-sample reward metadata: each prompt record without its "prompt"; None for plain-text prompt files."""
+    metadata = [{k: v for k, v in r.items() if k != "prompt"} for r in records]
+    return metadata if any(metadata) else None
 
 
 def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:

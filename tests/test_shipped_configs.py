@@ -1,0 +1,32 @@
+"""Every shipped config loads, type-checks and passes validation (files, components, batch
+arithmetic) for 1, 2, 4 and 8 processes, as its header's launch commands promise."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from flowalign.config import load_config
+from tests.conftest import REPO
+
+CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_there_are_configs_for_every_family():
+    names = " ".join(CONFIGS)
+    for family in ("quickstart", "sd15", "sdxl", "sd35", "flux", "wan"):
+        assert family in names, f"no config for {family}"
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with open(path) as f:
+        header = f.read().split("\n", 1)[0]
+    assert header.startswith("#"), f"{path} must start with a header comment (launch command, batch arithmetic)"
+    cfg = load_config(path)
+    for world in (2, 4, 8):
+        if cfg.sampling.group_size % world == 0:
+            load_config(path, world_size=world)
