@@ -26,340 +26,36 @@ From the shell: ``flowalign serve-reward reward.yaml`` (:func:`serve_from_config
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import http.client
-import io
 import json
 import math
 import os
-import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-from ._media import check_media, from_pil_images, to_uint8
-from .base import Reward, RewardOutput, as_reward_output
+from ._media import check_media
+from ._remote_protocol import (
+    MEDIA_MODALITIES,
+    PROTOCOL_VERSION,
+    TOKEN_ENV,
+    RemoteRewardError,
+    RemoteRewardTimeout,
+    decode_media,
+    encode_media,
+)
+from .base import RewardOutput
+from .reward_server import RewardServer, serve_from_config, serve_reward
 
 __all__ = [
     "PROTOCOL_VERSION", "TOKEN_ENV", "RemoteRewardError", "RemoteRewardTimeout", "encode_media", "decode_media",
     "RewardServer", "serve_reward", "serve_from_config", "RemoteReward", "VideoAlignReward",
 ]
-
-PROTOCOL_VERSION = 1
-TOKEN_ENV = "FLOWALIGN_REWARD_TOKEN"  # token source when none is passed (client and serve_from_config)
-MEDIA_MODALITIES = ("image", "video")
-_PAYLOAD_KEYS = {"media", "prompts", "metadata"}
-
-
-class RemoteRewardError(RuntimeError):
-    """A remote reward call failed; ``status`` is the HTTP status when the server answered."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class RemoteRewardTimeout(RemoteRewardError):
-    """The reward server did not answer within the timeout, on every attempt."""
-
-
-class PayloadError(ValueError):
-    """A malformed request (answered with HTTP 400 and this message)."""
-
-
-# ------------------------------------------------------------------------------------------ media
-
-
-def _png_b64(array: Any) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def encode_media(media: Tensor, modality: str) -> list:
-    """``[B, 3, H, W]`` -> ``B`` base64 PNGs, or ``[B, F, 3, H, W]`` -> ``B`` lists of ``F`` base64 PNGs."""
-    arrays = to_uint8(check_media(media, modality))  # [B, (F,) H, W, 3] uint8
-    if modality == "image":
-        return [_png_b64(a) for a in arrays]
-    return [[_png_b64(frame) for frame in video] for video in arrays]
-
-
-def _decode_png(item: Any, where: str) -> Image.Image:
-    if not isinstance(item, str):
-        raise PayloadError(f"{where} must be a base64 PNG string, got {type(item).__name__}")
-    try:
-        data = base64.b64decode(item, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise PayloadError(f"{where} is not valid base64: {err}") from err
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format != "PNG":
-            raise PayloadError(f"{where} is a {image.format} image; only PNG is accepted")
-        image.load()
-    except PayloadError:
-        raise
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise PayloadError(f"{where} is not a readable PNG: {err}") from err
-    return image.convert("RGB")
-
-
-def decode_media(items: Any, modality: str) -> Tensor:
-    """Inverse of :func:`encode_media`: ``[B, 3, H, W]`` or ``[B, F, 3, H, W]`` float32 in [0, 1].
-
-    Raises:
-        PayloadError: naming the offending ``media[i]`` / ``media[i][f]`` entry.
-    """
-    if not isinstance(items, list) or not items:
-        raise PayloadError(f"'media' must be a non-empty list, got {type(items).__name__ if not isinstance(items, list) else 'an empty list'}")
-    try:
-        if modality == "image":
-            return from_pil_images([_decode_png(item, f"media[{i}]") for i, item in enumerate(items)])
-        videos = []
-        for i, frames in enumerate(items):
-            if not isinstance(frames, list) or not frames:
-                raise PayloadError(f"media[{i}] must be a non-empty list of per-frame base64 PNGs for a video reward")
-            videos.append(from_pil_images([_decode_png(f, f"media[{i}][{j}]") for j, f in enumerate(frames)]))
-        shapes = {tuple(v.shape) for v in videos}
-        if len(shapes) > 1:
-            raise PayloadError(f"videos in 'media' differ in shape (frames, 3, H, W): {sorted(shapes)}")
-        return torch.stack(videos)
-    except PayloadError:
-        raise
-    except ValueError as err:  # from_pil_images: frames / images of different sizes
-        raise PayloadError(str(err)) from err
-
-
-# ------------------------------------------------------------------------------------------ server
-
-
-def _parse_score_request(body: bytes, modality: str, max_batch: int) -> tuple[Tensor, list[str], list[dict] | None]:
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PayloadError(f"request body is not valid JSON: {err}") from err
-    if not isinstance(payload, dict):
-        raise PayloadError(f"request body must be a JSON object with keys {sorted(_PAYLOAD_KEYS)}, got {type(payload).__name__}")
-    unknown, missing = sorted(set(payload) - _PAYLOAD_KEYS), sorted({"media", "prompts"} - set(payload))
-    if unknown or missing:
-        raise PayloadError(f"request keys: unknown {unknown}, missing {missing}; expected {sorted(_PAYLOAD_KEYS)}")
-    prompts, metadata, media = payload["prompts"], payload.get("metadata"), payload["media"]
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise PayloadError("'prompts' must be a list of strings")
-    if not isinstance(media, list) or len(media) != len(prompts):
-        raise PayloadError(f"'media' must be a list with one entry per prompt ({len(prompts)}), "
-                           f"got {len(media) if isinstance(media, list) else type(media).__name__}")
-    if metadata is not None and (not isinstance(metadata, list) or len(metadata) != len(prompts)
-                                 or not all(isinstance(m, dict) for m in metadata)):
-        raise PayloadError(f"'metadata' must be null or a list of {len(prompts)} objects")
-    if len(prompts) > max_batch:
-        raise OverflowError(f"batch of {len(prompts)} exceeds this server's max_batch={max_batch}; split it")
-    return decode_media(media, modality), prompts, metadata
-
-
-def _json_floats(values: Tensor) -> list[float]:
-    return [float(v) for v in values.detach().float().cpu().tolist()]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: "_HTTPServer"
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
-        if self.server.state.verbose:
-            super().log_message(format, *args)
-
-    def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 401:
-            self.send_header("WWW-Authenticate", 'Bearer realm="flowalign-reward"')
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorized(self) -> bool:
-        token = self.server.state.token
-        if token is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return True
-        self._reply(401, {"error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"})
-        return False
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if not self._authorized():
-            return
-        if self.path.rstrip("/") != "/info":
-            self._reply(404, {"error": f"unknown path {self.path!r}; GET /info or POST /score"})
-            return
-        state = self.server.state
-        self._reply(200, {"name": state.reward.name, "modality": state.reward.modality,
-                          "max_batch": state.max_batch, "protocol": PROTOCOL_VERSION})
-
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._authorized():
-            return
-        if self.path.rstrip("/") != "/score":
-            self._reply(404, {"error": f"unknown path {self.path!r}; POST /score"})
-            return
-        state = self.server.state
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self._reply(411, {"error": "Content-Length header required"})
-            return
-        if not length.isdigit():
-            self._reply(400, {"error": f"bad Content-Length {length!r}"})
-            return
-        if int(length) > state.max_body_bytes:
-            self._reply(413, {"error": f"body of {length} bytes exceeds max_body_bytes={state.max_body_bytes}"})
-            self.close_connection = True
-            return
-        body = self.rfile.read(int(length))
-        try:
-            media, prompts, metadata = _parse_score_request(body, state.reward.modality, state.max_batch)
-        except PayloadError as err:
-            self._reply(400, {"error": f"malformed /score request: {err}"})
-            return
-        except OverflowError as err:
-            self._reply(413, {"error": str(err)})
-            return
-        try:
-            with state.lock:
-                out = as_reward_output(state.reward(media, prompts, metadata))
-        except Exception as err:  # the reward's own failure: report it, keep serving
-            self._reply(500, {"error": f"reward {state.reward.name!r} raised {type(err).__name__}: {err}"})
-            return
-        self._reply(200, {"scores": _json_floats(out.scores),
-                          "components": {k: _json_floats(v) for k, v in out.components.items()},
-                          "valid": None if out.valid is None else [bool(v) for v in out.valid.cpu().tolist()]})
-
-
-class _State:
-    def __init__(self, reward: Reward, token: str | None, max_batch: int, max_body_bytes: int, verbose: bool) -> None:
-        self.reward, self.token, self.max_batch = reward, token, max_batch
-        self.max_body_bytes, self.verbose = max_body_bytes, verbose
-        self.lock = threading.Lock()
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a slow request never blocks shutdown
-    state: _State
-
-
-class RewardServer:
-    """A running reward server (returned by :func:`serve_reward`).
-
-    Attributes:
-        host, port: the bound address (``port`` is the real one when 0 was asked for).
-        url: ``http://host:port``.
-    """
-
-    def __init__(self, httpd: _HTTPServer) -> None:
-        self._httpd = httpd
-        self.host, self.port = httpd.server_address[:2]
-        self.url = f"http://{self.host}:{self.port}"
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"reward-server-{self.port}", daemon=True)
-        self._thread.start()
-        self._closed = False
-
-    def shutdown(self) -> None:
-        """Stop serving and close the socket (idempotent); requests in flight are abandoned."""
-        if self._closed:
-            return
-        self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "RewardServer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
-
-    def __repr__(self) -> str:
-        return f"RewardServer({self.url}, reward={self._httpd.state.reward.name!r})"
-
-
-def serve_reward(reward: Reward, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 max_batch: int = 64, max_body_bytes: int = 1 << 30, verbose: bool = False) -> RewardServer:
-    """Serve ``reward`` over HTTP in a background thread.
-
-    Args:
-        reward: an image or video :class:`Reward` (anything ``build_reward`` accepts is fine).
-        host: interface to bind; ``"127.0.0.1"`` (default) accepts local connections only.
-        port: TCP port; 0 picks a free one (read it from ``server.port``).
-        token: bearer token required on every request (``None``: no auth -- loopback use only).
-        max_batch: largest batch one request may carry (clients split larger batches).
-        max_body_bytes: largest request body accepted (413 beyond).
-        verbose: log every request to stderr.
-
-    Returns:
-        The running :class:`RewardServer`; call ``shutdown()`` to stop it.
-    """
-    from .registry import build_reward
-
-    reward = build_reward(reward)
-    if reward.modality not in MEDIA_MODALITIES:
-        raise ValueError(f"serve_reward: reward {reward.name!r} has modality {reward.modality!r}; "
-                         f"only {list(MEDIA_MODALITIES)} rewards can be served")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"serve_reward: max_batch must be a positive int, got {max_batch!r}")
-    if token is not None and (not isinstance(token, str) or not token):
-        raise ValueError("serve_reward: token must be a non-empty string or None")
-    httpd = _HTTPServer((host, port), _Handler)
-    httpd.state = _State(reward, token, max_batch, int(max_body_bytes), verbose)
-    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"[flowalign] warning: reward server on {host} without a token accepts requests from anyone who can "
-              "reach it; pass token=...", file=sys.stderr)
-    return RewardServer(httpd)
-
-
-def serve_from_config(spec: Any, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                      max_batch: int = 64, stop: threading.Event | None = None) -> None:
-    """Build a reward from a spec and serve it until Ctrl-C (the ``flowalign serve-reward`` command).
-
-    Args:
-        spec: a reward spec for ``build_reward`` (name, ``{"_component_": ..., **kwargs}``, object), or the
-            path of a YAML file holding such a dict.
-        host, port, max_batch: as in :func:`serve_reward`.
-        token: bearer token; ``None`` reads the ``FLOWALIGN_REWARD_TOKEN`` environment variable (so the
-            secret stays out of the process list), and no auth if that is unset too.
-        stop: optional event that ends serving when set (for embedding; Ctrl-C always does).
-    """
-    from .registry import build_reward
-
-    if isinstance(spec, (str, os.PathLike)) and str(spec).endswith((".yaml", ".yml")):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"serve_from_config: reward config file {str(spec)!r} not found")
-        from omegaconf import OmegaConf
-
-        spec = OmegaConf.to_container(OmegaConf.load(spec), resolve=True)
-    token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-    server = serve_reward(build_reward(spec), host=host, port=port, token=token, max_batch=max_batch, verbose=True)
-    reward = server._httpd.state.reward
-    print(f"[flowalign] serving reward {reward.name!r} ({reward.modality}) at {server.url} "
-          f"(auth: {'bearer token' if token else 'none'}, max_batch {max_batch}); Ctrl-C stops", flush=True)
-    stop = stop or threading.Event()
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
 
 
 # ------------------------------------------------------------------------------------------ client

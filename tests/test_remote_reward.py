@@ -316,14 +316,16 @@ def test_serve_from_config_reads_a_yaml_spec_and_an_env_token(tmp_path, monkeypa
         serve_from_config(str(tmp_path / "missing.yaml"))
 
 
-def test_remote_module_never_uses_pickle():
-    import flowalign.rewards.remote as remote
+@pytest.mark.parametrize("module", ["remote", "reward_server", "_remote_protocol"])
+def test_remote_modules_never_use_pickle(module):
+    import importlib
 
-    tree = ast.parse(open(remote.__file__).read())
+    path = importlib.import_module(f"flowalign.rewards.{module}").__file__
+    tree = ast.parse(open(path).read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {"pickle", "cPickle", "dill", "marshal"} & imported
-    assert "torch.load" not in open(remote.__file__).read()
+    assert "torch.load" not in open(path).read()
 
 
 # ------------------------------------------------------------------------------ training state
