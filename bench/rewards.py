@@ -33,6 +33,13 @@ from flowalign.rewards.registry import BUILTIN_REWARDS, build_reward, resolve_re
 from flowalign.training.plots import format_table  # noqa: E402
 
 PROMPT = 'a handwritten seven on a sign that says "hello world"'  # digit word + quoted text: most rewards parse it
+# Per-sample metadata for rewards that read it, and wrappers benchmarked around a cheap inner reward.
+METADATA = {
+    "geneval": {"tag": "single_object", "include": [{"class": "dog", "count": 1}]},
+    "groupwise_rank": {"group": 0},
+}
+WRAPPER_KWARGS = {"groupwise_rank": {"reward": "jpeg_compressibility"}}
+NOT_BENCHED = {"pairwise_winrate": "wraps a pairwise judge (e.g. VLMJudge): bench that judge's compare()"}
 
 
 def build(name: str, path: str | None, device: str, tmp_dir: str) -> tuple[Any, str]:
@@ -46,6 +53,8 @@ def build(name: str, path: str | None, device: str, tmp_dir: str) -> tuple[Any, 
         return build_reward(name, **kwargs), "path"
     if hasattr(cls, "tiny"):
         return cls.tiny(tmp_dir), "tiny"
+    if name in WRAPPER_KWARGS:
+        return build_reward(name, **WRAPPER_KWARGS[name]), f"wraps {WRAPPER_KWARGS[name]['reward']}"
     return build_reward(name), "no weights"
 
 
@@ -54,15 +63,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_calls(reward: Any, media: torch.Tensor, prompts: list[str], warmup: int, repeats: int, device: str) -> float:
-    """Median seconds of one ``reward(media, prompts)`` call."""
+def time_calls(reward: Any, media: torch.Tensor, prompts: list[str], metadata: list[dict] | None, warmup: int,
+               repeats: int, device: str) -> float:
+    """Median seconds of one ``reward(media, prompts, metadata)`` call."""
     for _ in range(warmup):
-        reward(media, prompts)
+        reward(media, prompts, metadata)
     times = []
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
-        reward(media, prompts)
+        reward(media, prompts, metadata)
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -70,6 +80,8 @@ def time_calls(reward: Any, media: torch.Tensor, prompts: list[str], warmup: int
 
 def bench_reward(name: str, args: argparse.Namespace, tmp_dir: str) -> list[list[Any]]:
     info = BUILTIN_REWARDS.get(name)
+    if name in NOT_BENCHED:
+        return [[name, info.modality, "-", "-", "-", "-", f"not timed: {NOT_BENCHED[name]}"]]
     try:
         reward, how = build(name, args.paths.get(name), args.device, os.path.join(tmp_dir, name))
     except Exception as err:  # a missing extra, a reward that needs weights: report, keep going
@@ -93,11 +105,13 @@ def bench_reward(name: str, args: argparse.Namespace, tmp_dir: str) -> list[list
                 per_call = batch
             media = media.to(args.device)
             prompts = [PROMPT] * batch
+            metadata = [METADATA[name]] * batch if name in METADATA else None
             try:
-                seconds = time_calls(reward, media, prompts, args.warmup, args.repeats, args.device)
+                seconds = time_calls(reward, media, prompts, metadata, args.warmup, args.repeats, args.device)
                 remote_rate = "-"
                 if remote is not None:
-                    remote_rate = f"{per_call / time_calls(remote, media, prompts, args.warmup, args.repeats, args.device):.1f}"
+                    remote_seconds = time_calls(remote, media, prompts, metadata, args.warmup, args.repeats, args.device)
+                    remote_rate = f"{per_call / remote_seconds:.1f}"
                 rows.append([name, reward.modality, how, batch, f"{per_call / seconds:.1f}", remote_rate, f"{seconds * 1000:.1f} ms"])
             except Exception as err:
                 rows.append([name, reward.modality, how, batch, "-", "-", f"failed: {type(err).__name__}: {str(err)[:70]}"])
