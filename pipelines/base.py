@@ -165,6 +165,26 @@ class AdapterBase:
                 "before training when a KL term is used with full fine-tuning."
             )
 
+    # -- prompts and noise ---------------------------------------------------------------------
+    def _embed(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Encoder outputs for ``prompts``, each ``[len(prompts), ...]`` on the adapter's device."""
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> Conditioning:
+        """Encode ``B`` prompts; with ``negative_prompts`` also the negative half used by CFG."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings")
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(negative_prompts)} negative_prompts")
+        negative = self._embed(list(negative_prompts)) if negative_prompts is not None else None
+        return Conditioning(self._embed(list(prompts)), negative)
+
+    def init_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Standard-normal ``[n, *latent_shape]`` fp32 noise, drawn on the generator's device (so a CPU
+        generator gives the same noise on every device) and moved to the adapter's."""
+        gen_device = generator.device if generator is not None else "cpu"
+        return torch.randn((n, *self.latent_shape), generator=generator, device=gen_device).to(self.device)
+
     # -- prediction -------------------------------------------------------------------------
     def _velocity(self, x_t: Tensor, sigma: Tensor, tensors: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError

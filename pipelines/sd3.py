@@ -20,7 +20,6 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from torch import Tensor
 
-from flowalign.types import Conditioning
 
 from .base import AdapterBase
 from .common import PromptEmbeddingCache, check_options, merged_lora_copy, on_device, save_transformer_lora, set_attention_backend
@@ -121,20 +120,6 @@ class StableDiffusion3Adapter(AdapterBase):
 
         out = self.cache.get_or_compute(list(prompts), compute)
         return {k: v.to(self.device, self.dtype) for k, v in out.items()}
-
-    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> Conditioning:
-        """Encode ``B`` prompts; with ``negative_prompts`` (e.g. ``[""] * B``) also the CFG negative half."""
-        if isinstance(prompts, str) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings")
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(negative_prompts)} negative_prompts")
-        negative = self._embed(negative_prompts) if negative_prompts is not None else None
-        return Conditioning(self._embed(prompts), negative)
-
-    def init_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Standard-normal ``[n, C, H/8, W/8]`` drawn on the generator's device (fp32)."""
-        gen_device = generator.device if generator is not None else "cpu"
-        return torch.randn((n, *self.latent_shape), generator=generator, device=gen_device).to(self.device)
 
     def sigmas(self, num_steps: int) -> Tensor:
         """The pipeline's schedule: ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)`` with the

@@ -149,11 +149,6 @@ class ToyAdapter(AdapterBase):
         embed = lambda p: self.text_encoder(self.text_encoder.tokenize(p).to(self.device))  # noqa: E731
         return Conditioning({"prompt_embeds": embed(list(prompts))}, {"prompt_embeds": embed(list(negative_prompts))})
 
-    def init_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Standard-normal ``[n, 1, H, W]``, drawn on the generator's device then moved."""
-        gen_device = generator.device if generator is not None else "cpu"
-        return torch.randn((n, *self.latent_shape), generator=generator, device=gen_device).to(self.device)
-
     def sigmas(self, num_steps: int) -> Tensor:
         return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1), self.shift)
 

@@ -24,7 +24,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from torch import Tensor, nn
 
-from flowalign.types import Conditioning
 
 from .base import AdapterBase
 from .common import PromptEmbeddingCache, merged_lora_copy, on_device, save_transformer_lora, set_attention_backend
@@ -159,7 +158,7 @@ class WanAdapter(AdapterBase):
         self.vae.to(idle)
         return self
 
-    def _embed(self, prompts: list[str]) -> dict[str, Tensor]:
+    def _encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
         """UMT5 states ``[n, max_sequence_length, D]``, padding zeroed (as ``WanPipeline``)."""
         tokens = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=self.max_sequence_length,
                                 truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
@@ -168,17 +167,9 @@ class WanAdapter(AdapterBase):
         return {"prompt_embeds": zero_padding(states, tokens.attention_mask)}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> Conditioning:
-        """``prompt_embeds [B, L, D]`` (and the negative prompts' for CFG when given)."""
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(negative_prompts)} negative_prompts")
-        get = lambda ps: {k: v.to(self.device, self.dtype) for k, v in self.cache.get_or_compute(list(ps), self._embed).items()}  # noqa: E731
-        return Conditioning(get(prompts), get(negative_prompts) if negative_prompts is not None else None)
-
-    def init_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Standard-normal ``[n, C, F_lat, H_lat, W_lat]`` fp32 (as ``WanPipeline.prepare_latents``)."""
-        gen_device = generator.device if generator is not None else "cpu"
-        return torch.randn((n, *self.latent_shape), generator=generator, device=gen_device).to(self.device)
+    def _embed(self, prompts: list[str]) -> dict[str, Tensor]:
+        """``{"prompt_embeds": [n, L, D]}`` through the on-disk cache (see :meth:`_encode_text`)."""
+        return {k: v.to(self.device, self.dtype) for k, v in self.cache.get_or_compute(prompts, self._encode_text).items()}
 
     def sigmas(self, num_steps: int) -> Tensor:
         return flow_euler_sigmas(num_steps, self.shift)
