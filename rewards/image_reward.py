@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ._media import check_media, to_pil_images
+from .clip_models import resolve_file
 from .base import RewardOutput
 
 __all__ = ["ImageReward", "original_to_hf_key", "hf_to_original_key", "preprocess_images"]
@@ -154,19 +155,6 @@ def _split_checkpoint(state: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return parts
 
 
-def _resolve_checkpoint(path: str) -> str:
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        file = os.path.join(path, CHECKPOINT_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"ImageReward: directory {path!r} has no {CHECKPOINT_NAME}")
-        return file
-    from huggingface_hub import hf_hub_download  # a hub id such as "THUDM/ImageReward"
-
-    return hf_hub_download(repo_id=path, filename=CHECKPOINT_NAME)
-
-
 class ImageReward:
     """ImageReward score: ``(MLP(BERT_x-attn(prompt, BLIP-ViT(image))[CLS]) - mean) / std``.
 
@@ -192,7 +180,7 @@ class ImageReward:
             raise ValueError(f"ImageReward: batch_size must be a positive int, got {batch_size!r}")
         self.device, self.batch_size = torch.device(device), batch_size
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        file = _resolve_checkpoint(path)
+        file = resolve_file(path, CHECKPOINT_NAME)  # a file, a folder holding it, or a hub id such as THUDM/ImageReward
         self.checkpoint = file
         state = torch.load(file, map_location="cpu", weights_only=True)
         parts = _split_checkpoint(state)

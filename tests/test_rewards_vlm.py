@@ -142,7 +142,7 @@ def test_image_reward_preprocessing_matches_torchvision_arithmetic():
 
 
 def test_image_reward_bad_inputs(image_reward, tmp_path):
-    with pytest.raises(FileNotFoundError, match="has no ImageReward.pt"):
+    with pytest.raises(FileNotFoundError, match="'ImageReward.pt' not found in directory"):
         ImageReward(str(tmp_path))
     from transformers import BertTokenizer
 
