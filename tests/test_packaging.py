@@ -28,6 +28,11 @@ def wheel(tmp_path_factory) -> str:
 
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
+    # every package directory of the source tree ships (pyproject lists packages explicitly)
+    for top, installed in (("flowalign", "flowalign"), ("rewards", "flowalign/rewards"), ("pipelines", "flowalign/pipelines")):
+        for init in glob.glob(os.path.join(REPO, top, "**", "__init__.py"), recursive=True):
+            relative = os.path.relpath(init, os.path.join(REPO, top))
+            assert f"{installed}/{relative}" in names, f"{top}/{relative} is missing from the wheel (add it to pyproject packages)"
     assert "flowalign/rewards/registry.py" in names
     assert "flowalign/pipelines/toy.py" in names
     assert "flowalign/samplers/steps.py" in names
