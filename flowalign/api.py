@@ -19,6 +19,16 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def recipe_class(cfg: RLConfig) -> type:
+    """The recipe class named by ``cfg.recipe`` (flowalign.config.RECIPES)."""
+    import importlib
+
+    from flowalign.config import RECIPES
+
+    module_name, _, attr = RECIPES[cfg.recipe].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def train(config: str | os.PathLike | dict | RLConfig, overrides: Sequence[str] | dict[str, Any] = (), *,
           rewards: Any = None, judges: Any = None) -> dict[str, Any]:
     """Run a training recipe and return its summary (before / after / best held-out metrics).
@@ -30,10 +40,8 @@ def train(config: str | os.PathLike | dict | RLConfig, overrides: Sequence[str] 
             callable ``fn(media [B,3,H,W] in [0,1], prompts, metadata) -> [B] scores``, or a list/dict.
         judges: Python judge(s) used instead of ``config.eval.judges``.
     """
-    from flowalign.recipes.rl import RLRecipe
-
     cfg = load_config(config, overrides, world_size=_world_size())
-    recipe = RLRecipe(cfg, rewards=rewards, judges=judges)
+    recipe = recipe_class(cfg)(cfg, rewards=rewards, judges=judges)
     recipe.setup()
     try:
         return recipe.train()
@@ -44,10 +52,8 @@ def train(config: str | os.PathLike | dict | RLConfig, overrides: Sequence[str] 
 def evaluate(config: str | os.PathLike | dict | RLConfig, overrides: Sequence[str] | dict[str, Any] = (), *,
              rewards: Any = None, judges: Any = None) -> dict[str, float]:
     """Score the configured model (``model.pretrained``) on the held-out prompts, without training."""
-    from flowalign.recipes.rl import RLRecipe
-
     cfg = load_config(config, overrides, world_size=_world_size())
-    recipe = RLRecipe(cfg, rewards=rewards, judges=judges)
+    recipe = recipe_class(cfg)(cfg, rewards=rewards, judges=judges)
     recipe.setup()
     try:
         result = recipe.evaluate(step=0)

@@ -19,6 +19,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+#: recipe name -> class path (imported lazily by flowalign.api.recipe_class).
+RECIPES: dict[str, str] = {"rl": "flowalign.recipes.rl:RLRecipe", "awm": "flowalign.recipes.awm:AWMRecipe"}
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the offending key (or file)."""
 
@@ -119,7 +123,7 @@ class LoggingConfig:
 class RLConfig:
     """A sampled-trajectory policy-gradient run (Flow-GRPO / DanceGRPO and presets built on them)."""
 
-    recipe: str = _f("rl", "Training recipe: rl.")
+    recipe: str = _f("rl", "Training recipe: rl (policy gradient on sampled transitions) | awm (advantage-weighted flow matching on the sampled finals).")
     seed: int = _f(0, "Seed of every random stream (rollout noise, prompt order, initialisation).")
     output_dir: str = _f("runs/quickstart", "Run directory: checkpoints, metrics.jsonl, pictures, final weights.")
     device: str = _f("auto", "auto (accelerate's choice) | cpu.")
@@ -255,7 +259,9 @@ def _require_file(path: str, key: str) -> None:
 def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int = 1) -> None:
     """Semantic checks that types cannot express; each error names its key."""
     s, t, a, e = cfg.sampling, cfg.train, cfg.algorithm, cfg.eval
-    _require(cfg.recipe == "rl", "recipe", f"unknown recipe {cfg.recipe!r}; available: ['rl']")
+    _require(cfg.recipe in RECIPES, "recipe", f"unknown recipe {cfg.recipe!r}; available: {sorted(RECIPES)}")
+    if cfg.recipe == "awm":
+        _require(a.loss == "awm", "algorithm.loss", f"the awm recipe trains the 'awm' loss, got {a.loss!r}")
     _require(cfg.device in ("auto", "cpu"), "device", f"must be 'auto' or 'cpu', got {cfg.device!r}")
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unsupported dtype {cfg.model.dtype!r}")
     _require(cfg.model.lora_rank >= 0, "model.lora_rank", "must be >= 0")
@@ -279,10 +285,12 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
     _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", f"unknown precision {t.mixed_precision!r}")
     _require(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     _require(t.optimizer.lr > 0, "train.optimizer.lr", "must be > 0")
-    trained_per_rank = cfg.data.prompts_per_iter * (s.group_size // world_size) * num_trained_steps(s)
+    # rl trains every trained step's edge; awm trains each sampled final once per iteration
+    per_sample, unit = (1, "samples") if cfg.recipe == "awm" else (num_trained_steps(s), "edges")
+    trained_per_rank = cfg.data.prompts_per_iter * (s.group_size // world_size) * per_sample
     _require(trained_per_rank >= t.steps_per_iter, "train.steps_per_iter",
-             f"{t.steps_per_iter} optimizer steps but only {trained_per_rank} trained edges per rank per iteration "
-             f"(prompts_per_iter x group_size / world_size x trained steps)")
+             f"{t.steps_per_iter} optimizer steps but only {trained_per_rank} trained {unit} per rank per iteration "
+             f"(prompts_per_iter x group_size / world_size" + (" x trained steps)" if unit == "edges" else ")"))
     _require(e.samples_per_prompt >= 1 and e.num_steps >= 1, "eval.samples_per_prompt", "samples_per_prompt and num_steps must be >= 1")
     _require(len(cfg.rewards) >= 1, "rewards", "at least one reward is needed")
     for i, spec in enumerate(cfg.rewards):

@@ -226,10 +226,12 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_registry():
-    assert LOSSES == {"ppo_clip": ppo_clip_loss}
+    from flowalign.losses.awm import awm_loss
+
+    assert LOSSES == {"ppo_clip": ppo_clip_loss, "awm": awm_loss}
     assert get_loss("ppo_clip") is ppo_clip_loss
-    with pytest.raises(ValueError, match=r"unknown loss 'awm'.*'ppo_clip'"):
-        get_loss("awm")
+    with pytest.raises(ValueError, match=r"unknown loss 'dpo'.*'awm'.*'ppo_clip'"):
+        get_loss("dpo")
 
 
 @pytest.mark.gpu

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from flowalign.losses.awm import awm_loss
 from flowalign.losses.ppo import kl_on_means, ppo_clip_loss
 
-__all__ = ["LOSSES", "get_loss", "kl_on_means", "ppo_clip_loss"]
+__all__ = ["LOSSES", "awm_loss", "get_loss", "kl_on_means", "ppo_clip_loss"]
 
 #: Static name -> loss table.
 LOSSES: dict[str, Callable] = {
     "ppo_clip": ppo_clip_loss,
+    "awm": awm_loss,
 }
 
 
