@@ -18,14 +18,10 @@ the pretraining objective, which trains the conditional velocity.
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
 
-import numpy as np
 import torch
 
 from flowalign.config import ConfigError
-from flowalign.guards import assert_finite
 from flowalign.losses.awm import awm_loss, flow_matching_pair
 from flowalign.recipes.rl import RLRecipe, stream_generator
 from flowalign.types import Conditioning, RolloutTree
@@ -84,32 +80,11 @@ class AWMRecipe(RLRecipe):
 
     def _update(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, iteration: int) -> dict[str, float]:
         """``train.steps_per_iter`` optimizer steps of the AWM loss over this rank's leaves."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         leaf_adv = leaf_advantages_from_edges(edge_adv, tree.leaf_edges)
         order, sigma, noise = awm_draws(tree.num_leaves, tuple(tree.leaf_latents.shape[1:]),
                                         stream_generator(cfg.seed, "awm", iteration, self.rank))
-        sums: dict[str, float] = {}
-        grad_norms: list[float] = []
-        n_micro = 0
-        for k, chunk in enumerate(order.tensor_split(cfg.train.steps_per_iter)):
-            micro_batches = chunk.split(cfg.train.micro_batch_size)
-            for j, mb in enumerate(micro_batches):
-                sync = nullcontext() if j == len(micro_batches) - 1 else acc.no_sync(self.wrapped)
-                with sync:
-                    loss, m = self._sample_loss(tree, cond, leaf_adv, sigma, noise, mb)
-                    acc.backward(loss * (len(mb) / len(chunk)))
-                for name, value in m.items():
-                    sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value
-                n_micro += 1
-            grad_norm = acc.clip_grad_norm_(self.params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
-            grad_norms.append(assert_finite(torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1), "gradient norm").item())
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.module, step=iteration * cfg.train.steps_per_iter + k)
-        out = {name: total / n_micro for name, total in sums.items()}
-        out["train/grad_norm"] = float(np.mean(grad_norms))
-        return out
+        return self._optimize(order, lambda mb: self._sample_loss(tree, cond, leaf_adv, sigma, noise, mb), iteration)
 
     def _sample_loss(self, tree: RolloutTree, cond: Conditioning, leaf_adv: torch.Tensor, sigma: torch.Tensor,
                      noise: torch.Tensor, mb: torch.Tensor):

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -243,22 +243,38 @@ class RLRecipe:
 
         The first micro-batch runs before any weight change, so its ratio must be exactly 1
         (DESIGN.md invariant 2): it is checked and logged every iteration."""
-        cfg, acc = self.cfg, self.accelerator
         edges = tree.trainable.nonzero().squeeze(1)
-        edges = edges[torch.randperm(len(edges), generator=stream_generator(cfg.seed, "shuffle", iteration, self.rank))]
+        edges = edges[torch.randperm(len(edges), generator=stream_generator(self.cfg.seed, "shuffle", iteration, self.rank))]
+        first: dict[str, float] = {}
+
+        def check_on_policy(metrics: dict[str, float]) -> None:
+            first.update(metrics)
+            self._check_on_policy(metrics["ratio_max_dev"])
+
+        out = self._optimize(edges, lambda mb: self._edge_loss(tree, cond, edge_adv, mb), iteration, on_first=check_on_policy)
+        out["train/ratio_first_step_dev"] = first["ratio_max_dev"]
+        return out
+
+    def _optimize(self, items: torch.Tensor, micro_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+                  iteration: int, on_first: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        """``train.steps_per_iter`` optimizer steps over ``items [N]`` (shuffled edge or leaf ids), split
+        evenly; each step accumulates gradients over micro-batches of ``train.micro_batch_size``
+        (``micro_loss(ids) -> (loss, metrics)``), clips them, refuses a non-finite norm, steps and
+        updates the EMA. ``on_first`` sees the first micro-batch's metrics before any weight changes.
+        Returns the metrics averaged over micro-batches, and the mean gradient norm."""
+        cfg, acc = self.cfg, self.accelerator
         sums: dict[str, float] = {}
         grad_norms: list[float] = []
         n_micro = 0
-        for k, chunk in enumerate(edges.tensor_split(cfg.train.steps_per_iter)):
+        for k, chunk in enumerate(items.tensor_split(cfg.train.steps_per_iter)):
             micro_batches = chunk.split(cfg.train.micro_batch_size)
             for j, mb in enumerate(micro_batches):
                 sync = nullcontext() if j == len(micro_batches) - 1 else acc.no_sync(self.wrapped)
                 with sync:
-                    loss, m = self._edge_loss(tree, cond, edge_adv, mb)
+                    loss, m = micro_loss(mb)
                     acc.backward(loss * (len(mb) / len(chunk)))
-                if k == 0 and j == 0:
-                    first_dev = m["ratio_max_dev"]
-                    self._check_on_policy(first_dev)
+                if n_micro == 0 and on_first is not None:
+                    on_first(m)
                 for name, value in m.items():
                     sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value
                 n_micro += 1
@@ -270,7 +286,6 @@ class RLRecipe:
                 self.ema.update(self.module, step=iteration * cfg.train.steps_per_iter + k)
         out = {name: total / n_micro for name, total in sums.items()}
         out["train/grad_norm"] = float(np.mean(grad_norms))
-        out["train/ratio_first_step_dev"] = first_dev
         return out
 
     def _edge_loss(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, mb: torch.Tensor):
