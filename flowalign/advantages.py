@@ -26,6 +26,7 @@ __all__ = [
     "edge_advantages",
     "get_advantage_estimator",
     "group_advantages",
+    "joint_ids",
 ]
 
 STD_MODES: tuple[str, ...] = ("group", "global", "none")
@@ -136,6 +137,14 @@ def group_advantages(
     if clip is not None:
         adv = adv.clamp(-float(clip), float(clip))
     return adv.to(torch.float32)
+
+
+def joint_ids(*ids: Tensor) -> Tensor:
+    """One integer id per distinct combination of the given ``[N]`` id vectors, e.g. the
+    (group, timestep) cells that dense and tree estimators normalise within: ``[N]`` long."""
+    if not ids or any(t.shape != ids[0].shape or t.dim() != 1 for t in ids):
+        raise ValueError(f"joint_ids needs 1-D id vectors of one shape, got {[tuple(t.shape) for t in ids]}")
+    return torch.unique(torch.stack([t.long() for t in ids], dim=1), dim=0, return_inverse=True)[1]
 
 
 def edge_advantages(leaf_advantages: Tensor, leaf_edges: Tensor, num_edges: int) -> Tensor:

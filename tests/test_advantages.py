@@ -308,3 +308,17 @@ def test_cuda_matches_cpu():
         edge_advantages(leaf_adv.cuda(), leaf_edges.cuda(), num_edges).cpu(),
         edge_advantages(leaf_adv, leaf_edges, num_edges),
     )
+
+
+def test_joint_ids_one_id_per_combination():
+    from flowalign.advantages import joint_ids
+
+    group = torch.tensor([7, 7, 3, 3, 7])
+    step = torch.tensor([0, 1, 0, 0, 1])
+    ids = joint_ids(group, step)
+    # same id exactly when both group and step agree: pairs (7,0) (7,1) (3,0) (3,0) (7,1)
+    same = ids[:, None] == ids[None, :]
+    expected = (group[:, None] == group[None, :]) & (step[:, None] == step[None, :])
+    assert torch.equal(same, expected) and len(set(ids.tolist())) == 3
+    with pytest.raises(ValueError, match="joint_ids"):
+        joint_ids(group, step[:3])

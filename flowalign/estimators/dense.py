@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor
 
-from flowalign.advantages import group_advantages
+from flowalign.advantages import group_advantages, joint_ids
 from flowalign.guards import assert_finite
 
 __all__ = [
@@ -89,10 +89,9 @@ def _per_step_group_advantages(values: Tensor, group_ids: Tensor, eps: float, cl
     :func:`group_advantages` normalises each timestep within each prompt's group.
     """
     num_traj, num_steps = values.shape
-    _, g = torch.unique(group_ids.to(values.device), return_inverse=True)  # [L] in 0..G-1
-    steps = torch.arange(num_steps, device=values.device)
-    composite = (g[:, None] * num_steps + steps[None, :]).reshape(-1)  # [L*T]
-    adv = group_advantages(values.reshape(-1), composite, std_mode="group", clip=clip, eps=eps)
+    cell_group = group_ids.to(values.device)[:, None].expand(num_traj, num_steps).reshape(-1)  # [L*T]
+    cell_step = torch.arange(num_steps, device=values.device)[None, :].expand(num_traj, num_steps).reshape(-1)
+    adv = group_advantages(values.reshape(-1), joint_ids(cell_group, cell_step), std_mode="group", clip=clip, eps=eps)
     return adv.reshape(num_traj, num_steps)
 
 

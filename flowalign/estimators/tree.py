@@ -33,7 +33,7 @@ from typing import Mapping, Union
 import torch
 from torch import Tensor
 
-from flowalign.advantages import group_advantages
+from flowalign.advantages import group_advantages, joint_ids
 from flowalign.guards import assert_finite
 from flowalign.types import RolloutTree
 
@@ -245,8 +245,7 @@ def depthwise_advantages(
     tree_id = _int_vector(tree_id, "tree_id", E).to(node_values.device)
     if E == 0:
         return torch.zeros(0, dtype=torch.float32, device=node_values.device)
-    _, key = torch.unique(torch.stack([tree_id, step], dim=1), dim=0, return_inverse=True)  # [E]
-    return group_advantages(node_values, key, std_mode="group", clip=clip, eps=eps, valid=valid)
+    return group_advantages(node_values, joint_ids(tree_id, step), std_mode="group", clip=clip, eps=eps, valid=valid)
 
 
 def width_prune(
@@ -416,8 +415,7 @@ def branch_step_advantages(
     group_ids = _int_vector(group_ids, "group_ids", N).to(rewards.device)
     if N == 0:
         return torch.zeros(0, dtype=torch.float32, device=rewards.device)
-    _, key = torch.unique(torch.stack([group_ids, branch_step], dim=1), dim=0, return_inverse=True)
-    return group_advantages(rewards, key, std_mode="group", clip=clip, eps=eps)
+    return group_advantages(rewards, joint_ids(group_ids, branch_step), std_mode="group", clip=clip, eps=eps)
 
 
 def branch_step_edge_advantages(
