@@ -19,7 +19,7 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def recipe_class(cfg: RLConfig) -> type:
+def recipe_class(cfg: Any) -> type:
     """The recipe class named by ``cfg.recipe`` (flowalign.config.RECIPES)."""
     import importlib
 
@@ -34,7 +34,7 @@ def train(config: str | os.PathLike | dict | RLConfig, overrides: Sequence[str] 
     """Run a training recipe and return its summary (before / after / best held-out metrics).
 
     Args:
-        config: YAML path, nested dict or RLConfig.
+        config: YAML path, nested dict or config dataclass (RLConfig; DLLMConfig for ``recipe: dllm``).
         overrides: ``["train.iterations=2"]`` or ``{"train.iterations": 2}``.
         rewards: Python reward(s) used instead of ``config.rewards``: a Reward object, a plain
             callable ``fn(media [B,3,H,W] in [0,1], prompts, metadata) -> [B] scores``, or a list/dict.

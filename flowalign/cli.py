@@ -81,8 +81,9 @@ def _validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, world_size=_world_size())
     if args.explain:
-        width = max(len(key) for key, _, _ in explain())
-        for key, default, doc in explain():
+        rows = explain(type(cfg))
+        width = max(len(key) for key, _, _ in rows)
+        for key, default, doc in rows:
             print(f"{key:<{width}}  {default:<28}  {doc}")
     else:
         print(to_yaml(cfg))

@@ -20,7 +20,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 #: recipe name -> class path (imported lazily by flowalign.api.recipe_class).
-RECIPES: dict[str, str] = {"rl": "flowalign.recipes.rl:RLRecipe", "awm": "flowalign.recipes.awm:AWMRecipe"}
+RECIPES: dict[str, str] = {
+    "rl": "flowalign.recipes.rl:RLRecipe",
+    "awm": "flowalign.recipes.awm:AWMRecipe",
+    "dllm": "flowalign.recipes.dllm_rl:DLLMRecipe",
+}
+
+#: recipe name -> config schema for recipes whose config is not :class:`RLConfig`. A schema is a
+#: dataclass with a ``recipe`` field and a ``validate(*, check_files, world_size)`` method.
+SCHEMAS: dict[str, str] = {"dllm": "flowalign.dllm.config:DLLMConfig"}
 
 
 class ConfigError(ValueError):
@@ -123,7 +131,7 @@ class LoggingConfig:
 class RLConfig:
     """A sampled-trajectory policy-gradient run (Flow-GRPO / DanceGRPO and presets built on them)."""
 
-    recipe: str = _f("rl", "Training recipe: rl (policy gradient on sampled transitions) | awm (advantage-weighted flow matching on the sampled finals).")
+    recipe: str = _f("rl", "Training recipe: rl (policy gradient on sampled transitions) | awm (advantage-weighted flow matching on the sampled finals) | dllm (masked-diffusion LMs; its own schema, flowalign.dllm.config).")
     seed: int = _f(0, "Seed of every random stream (rollout noise, prompt order, initialisation).")
     output_dir: str = _f("runs/quickstart", "Run directory: checkpoints, metrics.jsonl, pictures, final weights.")
     device: str = _f("auto", "auto (accelerate's choice) | cpu.")
@@ -173,25 +181,27 @@ def _yaml_value(text: str) -> Any:
 
 
 def load_config(
-    source: str | os.PathLike | dict | RLConfig,
+    source: str | os.PathLike | dict | Any,
     overrides: Sequence[str] | dict[str, Any] = (),
     *,
     check_files: bool = True,
     world_size: int = 1,
-) -> RLConfig:
-    """Load a YAML file (or dict / RLConfig), apply overrides, type-check and validate.
+) -> Any:
+    """Load a YAML file (or dict / config dataclass), apply overrides, type-check and validate.
+
+    The ``recipe`` key (in the source or an override) picks the schema: :class:`RLConfig` for the
+    image/video recipes, or the class :data:`SCHEMAS` names (``recipe: dllm`` -> ``DLLMConfig``).
 
     Args:
-        source: path to a YAML file, a nested dict, or an RLConfig.
+        source: path to a YAML file, a nested dict, or a config dataclass instance.
         overrides: ``["train.iterations=2", ...]`` or ``{"train.iterations": 2}``.
         check_files: verify that referenced files exist (the ``validate`` command and ``train`` do).
         world_size: number of processes, for the batch arithmetic checks.
     Raises:
         ConfigError: naming the offending key or file.
     """
-    base = OmegaConf.structured(RLConfig)
-    if isinstance(source, RLConfig):
-        loaded, where = OmegaConf.structured(source), "RLConfig"
+    if is_dataclass(source) and not isinstance(source, type):
+        loaded, where = OmegaConf.structured(source), type(source).__name__
     elif isinstance(source, dict):
         loaded, where = OmegaConf.create(source), "dict"
     else:
@@ -202,12 +212,14 @@ def load_config(
             loaded = OmegaConf.load(where)
         except Exception as err:  # yaml syntax errors
             raise ConfigError(f"{where}: cannot parse YAML: {err}") from err
+    items = list(overrides.items()) if isinstance(overrides, dict) else parse_overrides(overrides)
+    recipe = dict(items).get("recipe", loaded.get("recipe", "rl") if OmegaConf.is_dict(loaded) else "rl")
+    schema = config_schema(str(recipe))
     try:
-        merged = OmegaConf.merge(base, loaded)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), loaded)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, where) from err
 
-    items = list(overrides.items()) if isinstance(overrides, dict) else parse_overrides(overrides)
     for key, value in items:
         try:
             if not _key_exists(merged, key):
@@ -216,11 +228,24 @@ def load_config(
         except OmegaConfBaseException as err:
             raise _omegaconf_error(err, f"override {key}={value!r}") from err
     try:
-        cfg: RLConfig = OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, where) from err
-    validate_config(cfg, check_files=check_files, world_size=world_size)
+    if isinstance(cfg, RLConfig):
+        validate_config(cfg, check_files=check_files, world_size=world_size)
+    else:
+        cfg.validate(check_files=check_files, world_size=world_size)
     return cfg
+
+
+def config_schema(recipe: str) -> type:
+    """The config dataclass of a recipe: :class:`RLConfig` unless :data:`SCHEMAS` names another."""
+    if recipe not in SCHEMAS:
+        return RLConfig  # an unknown recipe name is reported by validate_config, naming the key
+    import importlib
+
+    module_name, _, attr = SCHEMAS[recipe].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def _key_exists(conf: Any, key: str) -> bool:
@@ -383,6 +408,6 @@ def explain(cls: type = RLConfig, prefix: str = "") -> list[tuple[str, str, str]
     return rows
 
 
-def to_yaml(cfg: RLConfig) -> str:
+def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML (saved beside every run)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 
+import flowalign.config as config_module
 from flowalign.config import ConfigError, RLConfig, explain, load_config
 from tests.conftest import REPO
 
@@ -86,3 +88,30 @@ def test_cli_ls_lists_components():
         assert name in out.stdout
     samplers = subprocess.run([sys.executable, "-m", "flowalign", "ls", "samplers"], capture_output=True, text=True)
     assert "flow_grpo" in samplers.stdout and "cps" in samplers.stdout
+
+
+@dataclasses.dataclass
+class _OtherSchema:
+    """A second recipe's config schema, to test dispatch on ``recipe``."""
+
+    recipe: str = "other"
+    steps: int = 3
+
+    def validate(self, *, check_files: bool = True, world_size: int = 1) -> None:
+        if self.steps < 1:
+            raise ConfigError("steps: must be >= 1")
+
+
+def test_recipe_key_selects_the_config_schema(monkeypatch, tmp_path):
+    monkeypatch.setitem(config_module.SCHEMAS, "other", f"{__name__}:_OtherSchema")
+    path = tmp_path / "other.yaml"
+    path.write_text("recipe: other\nsteps: 5\n")
+    cfg = load_config(str(path), ["steps=7"])
+    assert isinstance(cfg, _OtherSchema) and cfg.steps == 7
+    with pytest.raises(ConfigError, match=r"^steps: must be >= 1"):
+        load_config(str(path), ["steps=0"])
+    with pytest.raises(ConfigError, match="num_steps"):  # a key of RLConfig is unknown to the other schema
+        load_config(str(path), ["sampling.num_steps=3"])
+    # an override of `recipe` switches the schema too; without one the default schema is RLConfig
+    assert isinstance(load_config({"steps": 2}, ["recipe=other"]), _OtherSchema)
+    assert isinstance(load_config({}, check_files=False), RLConfig)
