@@ -63,6 +63,18 @@ class DataConfig:
 
 
 @dataclass
+class WindowConfig:
+    strategy: str = _f("none", "MixGRPO window schedule: none | progressive | random | decay | exp_decay.")
+    size: int = _f(4, "Window size in steps (MixGRPO's w).")
+    shift_every: int = _f(25, "Iterations per window position (MixGRPO iters_per_group; the maximum for decay schedules).")
+    min_shift_every: int = _f(5, "decay / exp_decay: iterations per position never drop below this.")
+    stride: int = _f(1, "Steps the window moves per shift.")
+    decay_rate: float = _f(0.5, "exp_decay: shift_every * exp(-decay_rate * max(0, start - decay_start)).")
+    decay_start: int = _f(0, "exp_decay: window start after which the interval starts to decay.")
+    roll_back: bool = _f(True, "After the last position, start again from step 0 (MixGRPO roll_back); false stays at the end.")
+
+
+@dataclass
 class SamplingConfig:
     num_steps: int = _f(10, "Denoising steps per rollout (T).")
     sampler: str = _f("flow_grpo", "SDE used for rollouts: flow_grpo | dance | cps.")
@@ -70,19 +82,47 @@ class SamplingConfig:
     group_size: int = _f(8, "Samples per prompt (G); a group may span ranks.")
     guidance_scale: float = _f(1.0, "Classifier-free guidance scale for rollouts and evaluation (1 = off).")
     negative_prompt: str = _f("", "Negative prompt used for classifier-free guidance when guidance_scale > 1.")
-    sde_window: list[int] | None = _f(None, "[start, end) steps that use the SDE (MixGRPO-style); null = all steps.")
+    sde_window: list[int] | None = _f(None, "[start, end) steps that use the SDE, ODE elsewhere (MixGRPO, BranchGRPO-Mix); null = all steps.")
     timestep_fraction: float = _f(1.0, "Fraction of SDE steps trained (the first ones), as Flow-GRPO's timestep_fraction.")
+    window: WindowConfig = _f(factory=WindowConfig, help="MixGRPO sliding SDE window (replaces sde_window when strategy != none).")
+    splits: list[list[int]] = _f(
+        factory=list, help="BranchGRPO shared-prefix splits [[step, k], ...]: after step `step` every node spawns k SDE children. "
+                           "group_size counts leaves: each prompt starts from group_size / prod(k) noises.")
+    split_noise_level: float | None = _f(None, "Noise level at split steps (BranchGRPO's split noise scale); null = noise_level.")
+    branch_steps: list[int] = _f(
+        factory=list, help="TempFlow-GRPO: iteration i branches at branch_steps[i % len] into group_size SDE children from an "
+                           "ODE trunk, finished by ODE (needs algorithm.advantage=tempflow).")
 
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = _f("group", "Advantage estimator by name (flowalign.advantages.ADVANTAGE_ESTIMATORS).")
+    advantage: str = _f("group", "Advantage estimator by name: group (Flow-GRPO / DanceGRPO, groups gathered across ranks) | "
+                                 "branch (BranchGRPO) | tempflow (TempFlow-GRPO) | dense (DenseGRPO) | vgpo (VGPO); see `flowalign ls advantages`.")
     std_mode: str = _f("group", "Advantage normalisation: group | global | none.")
     adv_clip: float = _f(5.0, "Clip advantages to [-adv_clip, adv_clip]; 0 disables.")
     loss: str = _f("ppo_clip", "Policy loss by name (flowalign.losses.LOSSES).")
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon (Flow-GRPO uses 1e-4 for SD3.5).")
     kl_beta: float = _f(0.0, "Weight of the KL on transition means against the reference policy.")
     ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).")
+    reward_normalization: str = _f(
+        "sum", "Several rewards: 'sum' normalises the weighted sum in each group (default); 'decoupled' normalises each "
+               "reward in its group first, then sums with the weights and renormalises (multi-reward decoupled).")
+    fusion: str = _f("mean", "branch: node value from descendant leaves: mean | logprob_softmax (path-probability weighted).")
+    fusion_temperature: float = _f(1.0, "branch, fusion=logprob_softmax: temperature of the softmax.")
+    prune: str = _f("none", "branch: width pruning of trained edges: none | best_worst | fraction.")
+    prune_keep: float = _f(0.5, "branch: prune=fraction keeps this fraction per branch; prune=best_worst keeps this many best/worst paths.")
+    depth_prune_window: int = _f(0, "branch: sliding depth pruning, depths left untrained per iteration; 0 disables.")
+    depth_prune_stride: int = _f(1, "branch: steps the depth-pruning window moves per iteration.")
+    noise_aware: bool = _f(True, "tempflow: weight each step's loss by std_t * sqrt(dt) (noise-aware policy weighting).")
+    lookahead_steps: int = _f(0, "dense / vgpo: ODE steps from a node to its clean image (0 = all remaining steps, DenseGRPO; "
+                                 "1 = one-step projection, VGPO).")
+    calibrate_noise: bool = _f(False, "dense: reward-aware calibration of each step's noise level psi(t) (DenseGRPO Alg. 1), "
+                                      "updated online every iteration and logged (the paper calibrates before training, then fixes it).")
+    calibration_rate: float = _f(0.01, "dense: psi(t) step per iteration (DenseGRPO's epsilon_2).")
+    calibration_margin: float = _f(2.0, "dense: |#gains>0 - #gains<0| below this counts as balanced -> raise psi(t) (epsilon_1).")
+    discount: float = _f(0.9, "vgpo: discount gamma of the action values Q_t (our choice; the paper's value is not public).")
+    value_anchor: float = _f(0.5, "vgpo: k in alpha = k * std, the absolute-value anchor that survives collapsed groups.")
+    anchor_steps: int | None = _f(None, "vgpo: the anchor applies to the first N steps only (VGPO uses 5 of 10); null = all.")
 
 
 @dataclass
@@ -298,6 +338,7 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
     if s.sde_window is not None:
         _require(len(s.sde_window) == 2 and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps,
                  "sampling.sde_window", f"must be [start, end) with 0 <= start < end <= num_steps={s.num_steps}")
+    _validate_tree_sampling(cfg, world_size)
     _require(s.group_size % world_size == 0, "sampling.group_size",
              f"group_size={s.group_size} must be divisible by the number of processes ({world_size}): each rank samples group_size / world_size per prompt")
     _require(cfg.data.prompts_per_iter >= 1, "data.prompts_per_iter", "must be >= 1")
@@ -311,7 +352,7 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
     _require(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     _require(t.optimizer.lr > 0, "train.optimizer.lr", "must be > 0")
     # rl trains every trained step's edge; awm trains each sampled final once per iteration
-    per_sample, unit = (1, "samples") if cfg.recipe == "awm" else (num_trained_steps(s), "edges")
+    per_sample, unit = (1, "samples") if cfg.recipe == "awm" or s.branch_steps else (num_trained_steps(s), "edges")
     trained_per_rank = cfg.data.prompts_per_iter * (s.group_size // world_size) * per_sample
     _require(trained_per_rank >= t.steps_per_iter, "train.steps_per_iter",
              f"{t.steps_per_iter} optimizer steps but only {trained_per_rank} trained {unit} per rank per iteration "
@@ -350,10 +391,70 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
         read_prompts(cfg.data.train_prompts, "data.train_prompts")
 
 
-def num_trained_steps(s: SamplingConfig) -> int:
-    """How many of the SDE steps are trained: the first ceil(fraction * #SDE steps)."""
-    start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
-    return max(1, math.ceil(s.timestep_fraction * (end - start)))
+def _validate_tree_sampling(cfg: RLConfig, world_size: int) -> None:
+    """Checks of the tree / window presets (BranchGRPO, TempFlow-GRPO, MixGRPO, DenseGRPO, VGPO)."""
+    from flowalign.advantages import ADVANTAGE_ESTIMATORS
+    from flowalign.estimators.presets import EDGE_ESTIMATORS
+    from flowalign.rollout.schedules import WINDOW_STRATEGIES
+
+    s, a, w = cfg.sampling, cfg.algorithm, cfg.sampling.window
+    names = sorted(ADVANTAGE_ESTIMATORS) + sorted(EDGE_ESTIMATORS)
+    _require(a.advantage in names, "algorithm.advantage", f"unknown estimator {a.advantage!r}; available: {names}")
+    _require(a.reward_normalization in ("sum", "decoupled"), "algorithm.reward_normalization",
+             f"must be 'sum' or 'decoupled', got {a.reward_normalization!r}")
+    _require(a.fusion in ("mean", "logprob_softmax"), "algorithm.fusion", f"must be mean | logprob_softmax, got {a.fusion!r}")
+    _require(a.prune in ("none", "best_worst", "fraction"), "algorithm.prune", f"must be none | best_worst | fraction, got {a.prune!r}")
+    _require(0 <= a.depth_prune_window < s.num_steps, "algorithm.depth_prune_window", f"must be in [0, num_steps={s.num_steps})")
+    _require(w.strategy in WINDOW_STRATEGIES, "sampling.window.strategy", f"unknown strategy {w.strategy!r}; use one of {list(WINDOW_STRATEGIES)}")
+    if w.strategy != "none":
+        _require(s.sde_window is None, "sampling.window.strategy", "a moving window replaces sampling.sde_window; set one of them")
+        _require(1 <= w.size <= s.num_steps, "sampling.window.size", f"must be in [1, num_steps={s.num_steps}]")
+        _require(w.shift_every >= 1 and w.min_shift_every >= 1 and w.stride >= 1, "sampling.window.shift_every",
+                 "shift_every, min_shift_every and stride must be >= 1")
+    leaves_per_root = 1
+    for i, pair in enumerate(s.splits):
+        _require(len(pair) == 2 and 0 <= pair[0] < s.num_steps and pair[1] >= 1, f"sampling.splits[{i}]",
+                 f"must be [step, k] with 0 <= step < num_steps={s.num_steps} and k >= 1, got {pair}")
+        leaves_per_root *= pair[1]
+        if s.sde_window is not None:
+            _require(s.sde_window[0] <= pair[0] < s.sde_window[1], f"sampling.splits[{i}]",
+                     f"split step {pair[0]} lies outside sampling.sde_window {s.sde_window} (a split needs an SDE step)")
+    _require(len({p[0] for p in s.splits}) == len(s.splits), "sampling.splits", "lists a step more than once")
+    if s.splits:
+        _require(w.strategy == "none", "sampling.splits", "BranchGRPO splits are fixed steps; they cannot follow a moving window")
+        per_rank = s.group_size // world_size
+        _require(per_rank % leaves_per_root == 0, "sampling.group_size",
+                 f"{per_rank} leaves per prompt per rank (group_size / processes) is not a multiple of the {leaves_per_root} "
+                 "leaves each initial noise grows through sampling.splits")
+    if s.branch_steps:
+        _require(a.advantage == "tempflow", "sampling.branch_steps", "TempFlow branching needs algorithm.advantage=tempflow")
+        _require(all(0 <= k < s.num_steps for k in s.branch_steps), "sampling.branch_steps", f"steps must be in [0, num_steps={s.num_steps})")
+        _require(not s.splits and w.strategy == "none" and s.sde_window is None, "sampling.branch_steps",
+                 "TempFlow branching cannot be combined with splits or SDE windows")
+    if a.advantage == "tempflow":
+        _require(bool(s.branch_steps), "algorithm.advantage", "tempflow needs sampling.branch_steps")
+    if a.advantage in ("dense", "vgpo"):
+        _require(not s.splits and not s.branch_steps, "algorithm.advantage", f"{a.advantage} trains flat groups; remove sampling.splits / branch_steps")
+    _require(a.lookahead_steps >= 0, "algorithm.lookahead_steps", "must be >= 0")
+    _require(not a.calibrate_noise or a.advantage == "dense", "algorithm.calibrate_noise", "needs algorithm.advantage=dense")
+    _require(a.calibration_rate > 0 and a.calibration_margin > 0, "algorithm.calibration_rate", "rate and margin must be > 0")
+    _require(0 <= a.discount <= 1, "algorithm.discount", "must be in [0, 1]")
+    if cfg.recipe == "awm":
+        _require(a.advantage == "group", "algorithm.advantage", "the awm recipe weights whole samples: use the 'group' estimator")
+
+
+def num_trained_steps(s: SamplingConfig, window_size: int | None = None) -> int:
+    """How many of the SDE steps are trained: the first ceil(fraction * #SDE steps).
+
+    ``window_size`` is the number of SDE steps (default: ``sde_window``'s, the moving window's
+    ``size``, or every step)."""
+    if window_size is None:
+        if s.window.strategy != "none":
+            window_size = s.window.size
+        else:
+            start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
+            window_size = end - start
+    return max(1, math.ceil(s.timestep_fraction * window_size))
 
 
 def _looks_like_hub_id(path: str) -> bool:

@@ -97,8 +97,9 @@ class RolloutTree:
         media: decoded media in [0, 1]: ``[L, 3, H, W]`` images or ``[L, F, 3, H, W]`` video.
         rewards: name -> ``[L]`` fp32 scores, filled by the reward stage.
 
-    Per node (optional): ``node_values`` maps a name to a tensor indexed by edge id, holding a
-    value for the node each edge leads to (``x_next``), e.g. dense rewards for DenseGRPO.
+    Per node (optional): ``node_values`` maps a name to an ``[E]`` tensor indexed by edge id holding
+    a value of one of the edge's nodes, as its producer documents; ``"lookahead"`` (DenseGRPO /
+    VGPO, filled by the RL recipe) is the reward of the ODE look-ahead from the edge's ``x_t``.
 
     Batch-wide:
         prompts: the prompt strings indexed by ``prompt_idx``.

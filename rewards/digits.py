@@ -171,3 +171,33 @@ class DigitJudge:
         probs = torch.as_tensor(self.svm.predict_proba(features.numpy()), dtype=torch.float32)
         out = _output(probs, targets)
         return RewardOutput(out.scores.to(media.device), {k: v.to(media.device) for k, v in out.components.items()})
+
+
+class DigitPairwiseJudge:
+    """A pairwise judge for the quickstart (Pref-GRPO's preference model, scripted): which of two
+    images shows the prompted digit more clearly, by the reward CNN.
+
+    ``P(a ≻ b) = sigmoid((p_a − p_b) / temperature)`` with ``p`` the CNN's probability of the prompted
+    digit -- a Bradley–Terry preference (Bradley & Terry 1952) on the classifier's confidence, so
+    two equally good images tie at ½. Wrap it in ``pairwise_winrate`` to train on win rates.
+
+    Args:
+        path: the digit classifier directory (as :class:`DigitClassifierReward`).
+        temperature: > 0; smaller is closer to a hard comparison.
+    """
+
+    name = "digit_pairwise"
+    modality = "image"
+
+    def __init__(self, path: str, temperature: float = 0.05, device: str = "cpu"):
+        if not temperature > 0:
+            raise ValueError(f"DigitPairwiseJudge: temperature must be > 0, got {temperature!r}")
+        self.classifier = DigitClassifierReward(path, device=device)
+        self.temperature = float(temperature)
+
+    @torch.no_grad()
+    def compare(self, media_a: Tensor, media_b: Tensor, prompts: Sequence[str]) -> Tensor:
+        """``P(a ≻ b)`` ``[P]`` for image pairs ``media_a, media_b [P, 3, H, W]`` under ``prompts``."""
+        p_a = self.classifier(media_a, prompts).scores.float()
+        p_b = self.classifier(media_b, prompts).scores.float()
+        return torch.sigmoid((p_a - p_b) / self.temperature)

@@ -145,7 +145,7 @@ class PairwiseAsPointwise:
     def _judge(self, media: Tensor, a: Tensor, b: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """``(p [P], ok [P])`` for pairs ``(a[k], b[k])``, chunked by ``batch_size``."""
         step = self.batch_size or max(len(a), 1)
-        ps, oks = [], []
+        ps, oks = [torch.zeros(0)], [torch.zeros(0, dtype=torch.bool)]  # no pairs (groups of one): empty results
         for k in range(0, len(a), step):
             ia, ib = a[k:k + step], b[k:k + step]
             out = as_reward_output(self.judge.compare(media[ia.to(media.device)], media[ib.to(media.device)],

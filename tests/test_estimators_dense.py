@@ -49,22 +49,40 @@ def _loop_dense(step_rewards: list[list[float]], groups: list[int], eps: float) 
     return [[cols[t][i] for t in range(num_steps)] for i in range(len(step_rewards))]
 
 
-def _loop_vgpo(values, final, groups, gamma, alpha, eps):
+def _loop_vgpo(values, final, groups, gamma, alpha, eps, anchor_steps=None):
+    """VGPO Eqs. 9-13 (App. B form) with explicit loops: instant reward = next projected value (the
+    terminal reward for the last step), Q by a backward recursion, ω = Q / mean_t Q per row."""
     n, num_steps = len(values), len(values[0])
-    r = [[(values[i][t + 1] if t + 1 < num_steps else final[i]) - values[i][t] for t in range(num_steps)] for i in range(n)]
-    ret = [[0.0] * num_steps for _ in range(n)]
+    r = [[values[i][t + 1] if t + 1 < num_steps else final[i] for t in range(num_steps)] for i in range(n)]
+    q = [[0.0] * num_steps for _ in range(n)]
     for i in range(n):
         acc = 0.0
         for t in reversed(range(num_steps)):
             acc = r[i][t] + gamma * acc
-            ret[i][t] = acc
-    m = [sum(abs(r[i][t]) for i in range(n)) / n for t in range(num_steps)]
-    w = [num_steps * x / sum(m) for x in m] if sum(m) > 0 else [1.0] * num_steps
+            q[i][t] = acc
+    w = []
+    for i in range(n):
+        m = statistics.fmean(q[i])
+        w.append([x / m for x in q[i]] if m > 0 and min(q[i]) >= 0 else [1.0] * num_steps)
     out = [[0.0] * num_steps for _ in range(n)]
     for t in range(num_steps):
-        rel = _norm_groups([ret[i][t] for i in range(n)], groups, eps)
+        rel = _norm_groups([q[i][t] for i in range(n)], groups, eps)
+        anchor = alpha if anchor_steps is None or t < anchor_steps else 0.0
         for i in range(n):
-            out[i][t] = w[t] * (rel[i] + alpha * ret[i][t])
+            out[i][t] = w[i][t] * (rel[i] + anchor * q[i][t])
+    return out
+
+
+def _loop_calibration(psi: list[float], dense: list[list[float]], eps1: float, eps2: float) -> list[float]:
+    """DenseGRPO Algorithm 1 lines 9-15 verbatim, in the paper's countdown indexing: timestep
+    t = T..1 is this module's step T - t."""
+    num_steps = len(psi)
+    out = list(psi)
+    for t in range(num_steps, 0, -1):
+        k = num_steps - t
+        col = [row[k] for row in dense]
+        pos, neg = sum(x > 0 for x in col), sum(x < 0 for x in col)
+        out[k] = out[k] + eps2 if abs(pos - neg) < eps1 else out[k] - eps2
     return out
 
 
@@ -127,76 +145,108 @@ def test_dense_step_advantages_bad_input() -> None:
         dense_step_advantages(torch.tensor([[0.0, float("nan")]]), torch.zeros(1, dtype=torch.long))
 
 
+def test_densegrpo_paper_indexing_example() -> None:
+    # Paper indexing (Eq. 7): T = 3, latent rewards R_3 (noise), R_2, R_1, R_0 = R(x_0);
+    # ΔR_t = R_{t-1} - R_t.  Trajectory A: R_3..R_0 = 0.1, 0.4, 0.35, 0.9; B: 0.3, 0.2, 0.6, 0.6.
+    # A: ΔR_3 = 0.3, ΔR_2 = -0.05, ΔR_1 = 0.55;  B: ΔR_3 = -0.1, ΔR_2 = 0.4, ΔR_1 = 0.
+    lookahead = torch.tensor([[0.1, 0.4, 0.35, 0.9], [0.3, 0.2, 0.6, 0.6]], dtype=torch.float64)
+    gains = step_reward_gains(lookahead)  # forward step k = T - t
+    torch.testing.assert_close(gains, torch.tensor([[0.3, -0.05, 0.55], [-0.1, 0.4, 0.0]]), atol=1e-7, rtol=0)
+    # Eq. 10 on a group of two: every timestep with different gains -> (+1, -1) or (-1, +1).
+    adv = dense_step_advantages(lookahead, torch.tensor([0, 0]), eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]), atol=1e-6, rtol=0)
+    # A sparse (Flow-GRPO) advantage would give A +1 at every step; the dense one credits step k=1 to B.
+
+
 def test_calibrate_noise_hand_worked() -> None:
-    adv = torch.tensor(
+    # Dense rewards of 6 trajectories at 4 steps (Algorithm 1, ε1 = 2, ε2 = 0.01 as in App. A).
+    dense = torch.tensor(
         [
-            [1.0, 2.0, 0.0],
-            [0.5, -1.0, 0.0],
-            [-1.0, -1.0, 0.0],
-            [-0.5, -1.0, 0.0],
+            [0.3, -0.2, 0.0, -0.1],
+            [0.1, -0.4, 0.0, -0.3],
+            [-0.2, -0.1, 0.0, -0.2],
+            [-0.1, -0.3, 0.0, 0.2],
+            [0.5, 0.2, 0.0, -0.1],
+            [-0.3, -0.2, 0.0, 0.1],
         ]
     )
-    # t=0: 2 up / 2 down -> balanced -> +0.1; t=1: 1 up / 3 down, |1-3| = 2 > 0.25*4 -> -0.1;
-    # t=2: no sample differs -> exploration too small -> +0.1, clamped to hi = 1.0.
-    psi = torch.tensor([0.5, 0.5, 0.95])
-    new = calibrate_noise(psi, adv, rate=0.1, bounds=(0.1, 1.0))
-    torch.testing.assert_close(new, torch.tensor([0.6, 0.4, 1.0]), atol=1e-6, rtol=0)
-    # lower clamp, and a looser tolerance turns t=1 balanced (|1-3| = 2 <= 0.5*4).
-    new = calibrate_noise(torch.tensor([0.15, 0.15, 0.15]), adv, rate=0.1, bounds=(0.1, 1.0), tol=0.5)
-    torch.testing.assert_close(new, torch.tensor([0.25, 0.25, 0.25]), atol=1e-6, rtol=0)
-    new = calibrate_noise(torch.tensor([0.15, 0.15, 0.15]), -adv.abs() - 1, rate=0.1, bounds=(0.1, 1.0))
-    torch.testing.assert_close(new, torch.tensor([0.1, 0.1, 0.1]), atol=1e-6, rtol=0)
+    # k=0: 3 up / 3 down, |0| < 2 -> +0.01; k=1: 1 up / 5 down, |-4| >= 2 -> -0.01;
+    # k=2: no gain non-zero, |0| < 2 -> +0.01; k=3: 2 up / 4 down, |-2| is not < 2 -> -0.01.
+    psi = torch.tensor([0.7, 0.7, 0.7, 0.7])
+    new = calibrate_noise(psi, dense)
+    torch.testing.assert_close(new, torch.tensor([0.71, 0.69, 0.71, 0.69]), atol=1e-6, rtol=0)
+    # A wider margin ε1 = 3 makes k=3 balanced (|-2| < 3); bounds clamp; a larger step.
+    new = calibrate_noise(torch.tensor([0.15, 0.15, 0.95, 0.15]), dense, rate=0.1, margin=3.0, bounds=(0.1, 1.0))
+    torch.testing.assert_close(new, torch.tensor([0.25, 0.1, 1.0, 0.25]), atol=1e-6, rtol=0)
+    # Signs of ΔR, not of group-centred advantages: all negative at every step -> every ψ decreases,
+    # although each group-normalised column would be balanced.
+    worse = -dense.abs() - 0.05
+    torch.testing.assert_close(calibrate_noise(psi, worse), torch.full((4,), 0.69), atol=1e-6, rtol=0)
+    centred = dense_step_advantages(torch.cat([torch.zeros(6, 1), worse.cumsum(1)], 1), torch.zeros(6, dtype=torch.long))
+    assert (calibrate_noise(psi, centred) > psi).sum() >= 2  # why advantages must not be passed
 
 
-def test_calibrate_noise_matches_loop() -> None:
+def test_calibrate_noise_matches_algorithm_1_loop() -> None:
     g = torch.Generator().manual_seed(1)
-    adv = torch.randn(9, 10, generator=g).round()  # many exact zeros and ties
-    psi = torch.rand(10, generator=g)
-    new = calibrate_noise(psi, adv, rate=0.05, bounds=(0.2, 0.8), tol=0.3)
-    ref = []
-    for t in range(10):
-        col = adv[:, t].tolist()
-        pos, neg = sum(x > 0 for x in col), sum(x < 0 for x in col)
-        step = 0.05 if abs(pos - neg) <= 0.3 * (pos + neg) else -0.05
-        ref.append(min(max(float(psi[t]) + step, 0.2), 0.8))
-    torch.testing.assert_close(new, torch.tensor(ref), atol=1e-6, rtol=0)
+    dense = torch.randn(9, 10, generator=g).round()  # many exact zeros and ties
+    psi = torch.rand(10, generator=g, dtype=torch.float64) + 0.5
+    for eps1, eps2 in ((2.0, 0.01), (1.0, 0.05), (4.5, 0.2)):
+        new = calibrate_noise(psi, dense, rate=eps2, margin=eps1)
+        ref = _loop_calibration(psi.tolist(), dense.tolist(), eps1, eps2)
+        torch.testing.assert_close(new, torch.tensor(ref, dtype=torch.float64), atol=1e-12, rtol=0)
+    # Iterating drives an always-losing step down to the lower bound and keeps it there.
+    losing = -torch.rand(8, 3, generator=g) - 0.1
+    p = torch.tensor([0.5, 0.5, 0.5])
+    for _ in range(100):
+        p = calibrate_noise(p, losing, rate=0.01, bounds=(0.05, 2.0))
+    torch.testing.assert_close(p, torch.full((3,), 0.05), atol=1e-6, rtol=0)
 
 
 def test_calibrate_noise_bad_input() -> None:
-    psi, adv = torch.ones(3), torch.zeros(4, 3)
-    with pytest.raises(ValueError, match="step_advantages"):
-        calibrate_noise(psi, torch.zeros(4, 2), rate=0.1, bounds=(0.0, 1.0))
+    psi, dense = torch.ones(3), torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="dense_rewards"):
+        calibrate_noise(psi, torch.zeros(4, 2))
     with pytest.raises(ValueError, match="rate"):
-        calibrate_noise(psi, adv, rate=0.0, bounds=(0.0, 1.0))
+        calibrate_noise(psi, dense, rate=0.0)
+    with pytest.raises(ValueError, match="margin"):
+        calibrate_noise(psi, dense, margin=0.0)
     with pytest.raises(ValueError, match="bounds"):
-        calibrate_noise(psi, adv, rate=0.1, bounds=(1.0, 0.5))
-    with pytest.raises(ValueError, match="tol"):
-        calibrate_noise(psi, adv, rate=0.1, bounds=(0.0, 1.0), tol=2.0)
+        calibrate_noise(psi, dense, bounds=(1.0, 0.5))
+    with pytest.raises(FloatingPointError, match="dense_rewards"):
+        calibrate_noise(psi, torch.tensor([[0.0, float("nan"), 0.0]]))
 
 
 # -- VGPO ------------------------------------------------------------------------------------------
 def test_vgpo_pieces_hand_worked() -> None:
-    values = torch.tensor([[0.2, 0.5], [0.4, 0.6]])
-    final = torch.tensor([1.0, 1.0])
-    r = process_rewards(values, final)
-    torch.testing.assert_close(r, torch.tensor([[0.3, 0.5], [0.2, 0.4]]), atol=1e-6, rtol=0)
-    ret = discounted_returns(r, 0.5)  # G_0 = r_0 + 0.5 r_1, G_1 = r_1
-    torch.testing.assert_close(ret, torch.tensor([[0.55, 0.5], [0.4, 0.4]]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(discounted_returns(r, 1.0), (final[:, None] - values), atol=1e-6, rtol=0)
+    # Projections before each of T = 3 steps (column 0: from the noise, not read) and terminal reward.
+    values = torch.tensor([[0.1, 0.2, 0.5], [0.3, 0.4, 0.6]])
+    final = torch.tensor([1.0, 0.8])
+    r = process_rewards(values, final)  # Eq. 9: value of the latent each step produces
+    torch.testing.assert_close(r, torch.tensor([[0.2, 0.5, 1.0], [0.4, 0.6, 0.8]]), atol=1e-7, rtol=0)
+    q = discounted_returns(r, 0.5)  # Eq. 10: Q_2 = r_2, Q_1 = r_1 + 0.5 Q_2, Q_0 = r_0 + 0.5 Q_1
+    torch.testing.assert_close(q, torch.tensor([[0.7, 1.0, 1.0], [0.9, 1.0, 0.8]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(discounted_returns(r, 1.0), r.flip(1).cumsum(1).flip(1), atol=1e-6, rtol=0)
     torch.testing.assert_close(discounted_returns(r, 0.0), r, atol=0, rtol=0)
-    # m = (0.25, 0.45), w = 2 m / 0.7
-    torch.testing.assert_close(temporal_weights(r), torch.tensor([0.5 / 0.7, 0.9 / 0.7]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(temporal_weights(torch.zeros(3, 4)), torch.ones(4))
+    # Eq. 11: ω = Q / mean_t Q; row means 0.9 and 0.9.
+    torch.testing.assert_close(temporal_weights(q), q / 0.9, atol=1e-6, rtol=0)
+    # Fallback: a row with a negative value, or a zero mean, gets ω = 1.
+    w = temporal_weights(torch.tensor([[1.0, -0.5, 2.0], [0.0, 0.0, 0.0], [3.0, 1.0, 2.0]]))
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.5, 0.5, 1.0]]))
 
 
 def test_vgpo_advantages_hand_worked() -> None:
-    values = torch.tensor([[0.2, 0.5], [0.4, 0.6]])
-    final = torch.tensor([1.0, 1.0])
+    values = torch.tensor([[0.1, 0.2, 0.5], [0.3, 0.4, 0.6]])
+    final = torch.tensor([1.0, 0.8])
     adv = vgpo_advantages(values, final, torch.tensor([0, 0]), gamma=0.5, alpha=0.1, eps=0.0)
-    w0, w1 = 0.5 / 0.7, 0.9 / 0.7
-    # relative per step: t=0 (0.55 vs 0.4) -> (+1, -1); t=1 (0.5 vs 0.4) -> (+1, -1); anchor 0.1 * G.
-    expected = torch.tensor([[w0 * (1 + 0.055), w1 * (1 + 0.05)], [w0 * (-1 + 0.04), w1 * (-1 + 0.04)]])
-    torch.testing.assert_close(adv, expected, atol=1e-6, rtol=0)
+    # Q = [[0.7, 1.0, 1.0], [0.9, 1.0, 0.8]]; relative per step: t=0 (-1, +1), t=1 (0, 0), t=2 (+1, -1);
+    # ω = Q / 0.9; A = ω (rel + 0.1 Q).
+    q = torch.tensor([[0.7, 1.0, 1.0], [0.9, 1.0, 0.8]])
+    rel = torch.tensor([[-1.0, 0.0, 1.0], [1.0, 0.0, -1.0]])
+    torch.testing.assert_close(adv, q / 0.9 * (rel + 0.1 * q), atol=1e-6, rtol=0)
+    # The anchor only on the first step (App. A.2 style) and no weights.
+    adv = vgpo_advantages(values, final, torch.tensor([0, 0]), gamma=0.5, alpha=0.1, eps=0.0,
+                          use_temporal_weights=False, anchor_steps=1)
+    torch.testing.assert_close(adv, rel + 0.1 * q * torch.tensor([1.0, 0.0, 0.0]), atol=1e-6, rtol=0)
 
 
 def test_vgpo_signal_survives_collapsed_group() -> None:
@@ -207,9 +257,9 @@ def test_vgpo_signal_survives_collapsed_group() -> None:
     assert torch.equal(group_advantages(final, groups), torch.zeros(2))  # sparse GRPO: no signal
     adv = vgpo_advantages(values, final, groups, gamma=1.0, alpha=0.5)
     assert (adv.abs() > 1e-3).all()
-    # G_t = R - v_t = (0.8, 0.5, 0.1); r = (0.3, 0.4, 0.1) -> w = 3 r / 0.8.
-    expected = torch.tensor([0.3, 0.4, 0.1]) * 3 / 0.8 * 0.5 * torch.tensor([0.8, 0.5, 0.1])
-    torch.testing.assert_close(adv, expected.expand(2, 3), atol=1e-6, rtol=0)
+    # r = (0.5, 0.9, 1.0); Q = (2.4, 1.9, 1.0), mean 5.3 / 3; A = (3 Q / 5.3) * 0.5 Q.
+    q = torch.tensor([2.4, 1.9, 1.0])
+    torch.testing.assert_close(adv, (3 * q / 5.3 * 0.5 * q).expand(2, 3), atol=1e-6, rtol=0)
     # Without the absolute anchor the signal is gone, exactly.
     assert torch.equal(vgpo_advantages(values, final, groups, alpha=0.0), torch.zeros(2, 3))
 
@@ -219,10 +269,13 @@ def test_vgpo_matches_python_loop() -> None:
     values = torch.rand(8, 5, generator=g)
     final = torch.rand(8, generator=g)
     final[4:] = 0.3  # group 1's terminal rewards collapse
+    values[5, 2] = -2.0  # a negative projected value -> that row falls back to ω = 1
     groups = torch.tensor([5, 5, 5, 5, 9, 9, 9, 9])
-    adv = vgpo_advantages(values, final, groups, gamma=0.9, alpha=0.2, eps=1e-4)
-    ref = _loop_vgpo(values.double().tolist(), final.double().tolist(), groups.tolist(), 0.9, 0.2, 1e-4)
-    torch.testing.assert_close(adv, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    for anchor_steps in (None, 2):
+        adv = vgpo_advantages(values, final, groups, gamma=0.9, alpha=0.2, eps=1e-4, anchor_steps=anchor_steps)
+        ref = _loop_vgpo(values.double().tolist(), final.double().tolist(), groups.tolist(), 0.9, 0.2, 1e-4,
+                         anchor_steps)
+        torch.testing.assert_close(adv, torch.tensor(ref, dtype=torch.float32), atol=1e-5, rtol=1e-5)
 
 
 def test_vgpo_bad_input() -> None:
@@ -235,6 +288,10 @@ def test_vgpo_bad_input() -> None:
         vgpo_advantages(v, f, g, alpha=-1.0)
     with pytest.raises(ValueError, match="group_ids"):
         vgpo_advantages(v, f, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="anchor_steps"):
+        vgpo_advantages(v, f, g, anchor_steps=-1)
+    with pytest.raises(ValueError, match="returns"):
+        temporal_weights(torch.zeros(3))
 
 
 # -- Pref-GRPO -------------------------------------------------------------------------------------

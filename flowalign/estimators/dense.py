@@ -1,32 +1,46 @@
 """Dense (per-step) advantage estimators: DenseGRPO and VGPO (pure tensor functions, no training loop).
 
-DenseGRPO (Deng et al. 2026, "DenseGRPO: From Sparse to Dense Reward for Flow Matching Model
-Alignment", arXiv:2601.20218, §3 "step-wise dense reward" and "reward-aware exploration space
-calibration"):
+DenseGRPO -- Deng et al. 2026, "DenseGRPO: From Sparse to Dense Reward for Flow Matching Model
+Alignment", arXiv:2601.20218v2 (ICLR 2026). Checked against the full paper text (§4.1 Eqs. 7-10,
+§4.2 Algorithm 1 and Eq. 11, App. A). The paper counts timesteps down, ``t = T .. 1``; this module
+indexes denoising steps forward, ``k = 0 .. T-1`` (step ``k`` is the paper's ``t = T - k``).
 
-* :func:`step_reward_gains` -- the dense reward of denoising step ``t`` is the step-wise reward
-  gain ``ΔR_t = R_{t+1} - R_t``, where ``R_t`` is the reward of the clean image ``x̂0`` reached from
-  the latent before step ``t`` by (deterministic) ODE denoising.
-* :func:`dense_step_advantages` -- ``ΔR_t`` normalised within the prompt's group separately at
-  every timestep (GRPO's group normalisation applied per step instead of once per trajectory).
-* :func:`calibrate_noise` -- the reward-aware update of the per-timestep SDE noise level ``ψ(t)``:
-  a timestep whose group of dense rewards has a balanced number of positive and negative gains has
-  room for more exploration (``ψ(t)`` goes up); an unbalanced one (most samples lose reward, as
-  when too much noise is injected) gets less noise (``ψ(t)`` goes down).
+* :func:`step_reward_gains` -- Eq. 7: ``ΔR_t = R_{t-1} - R_t``, the reward gained by the step
+  ``x_t -> x_{t-1}``, where (Eqs. 8-9) ``R_t = R(ODE_n(x_t), c)`` is the reward of the clean image
+  reached from ``x_t`` by ``n`` deterministic ODE steps (the paper uses ``n = t``, i.e. all remaining
+  steps; ``R_0 = R(x_0)`` is the sample's own reward).
+* :func:`dense_step_advantages` -- Eq. 10: ``A_t^i = (ΔR_t^i - mean_G ΔR_t) / std_G ΔR_t``, the GRPO
+  group normalisation (Eq. 2) applied to each timestep's dense reward.
+* :func:`calibrate_noise` -- Algorithm 1: for every timestep, ``ψ(t) += ε2`` if
+  ``|#{ΔR_t > 0} - #{ΔR_t < 0}| < ε1`` (balanced) else ``ψ(t) -= ε2``; the counts pool all sampled
+  trajectories; App. A uses ``ε1 = 2``, ``ε2 = 0.01``. Eq. 11: the SDE noise of Flow-GRPO's sampler
+  (Eq. 6, ``σ_t = a sqrt(t / (1 - t))``) becomes ``σ_t = ψ(t)``. The paper runs the calibration
+  before training and keeps ``ψ`` fixed while training (App. A); running it online is this
+  library's option.
 
-VGPO (Shao et al. 2025, "Anchoring Values in Temporal and Group Dimensions for Flow Matching Model
-Alignment" -- "Value-Anchored Group Policy Optimization", arXiv:2512.12387, §3 "Temporal Cumulative
-Reward Mechanism" and "Adaptive Dual Advantage Estimation"):
+VGPO -- Shao et al. 2025, "Anchoring Values in Temporal and Group Dimensions for Flow Matching Model
+Alignment" (Value-Anchored Group Policy Optimization), arXiv:2512.12387, §3.3 "Temporal Cumulative
+Reward Mechanism" (TCRM, Eqs. 9-11) and "Adaptive Dual Advantage Estimation" (ADAE, Eqs. 12-13,
+App. B Eqs. 15-19). **The paper's own text could not be retrieved here** (only its abstract and the
+four public OpenReview reviews of the ICLR 2026 submission "Value-Anchored Group Policy Optimization
+for Flow Models", which quote its equations' structure). What those sources establish, and what is
+implemented:
 
-* :func:`process_rewards` -- dense process rewards from one-step ODE projections: the change of the
-  projected value between consecutive steps, the last step closing on the terminal reward.
-* :func:`discounted_returns` -- the discounted cumulative (reward-to-go) value of each step,
-  ``G_t = Σ_{k >= t} γ^(k-t) r_k``.
-* :func:`temporal_weights` -- per-step criticality weights (mean absolute process reward of the
-  step over the batch), normalised to mean 1.
-* :func:`vgpo_advantages` -- ``w_t * [(G_t - mean_g(G_t)) / (std_g(G_t) + eps) + α G_t]``: the
-  group-relative term plus an absolute value anchor, so the signal does not vanish when a group's
-  rewards collapse to the same value.
+* :func:`process_rewards` -- Eq. 9: the *instant reward* of step ``t`` is the reward of the one-step
+  ODE projection of the latent the step produces, ``R_t = R(x̂_0)``,
+  ``x̂_0 = x_{t-1} - σ_{t-1} v_θ(x_{t-1}, σ_{t-1})``; for the last step the projection is the sample
+  itself, so its instant reward is the terminal reward. (A reward *value*, not a gain: the reviews
+  discuss Eq. 11's weights for "non-negative" rewards.)
+* :func:`discounted_returns` -- Eq. 10: ``Q_t = Σ_{k >= t} γ^(k-t) R_k`` along the sampled
+  trajectory (the "Monte-Carlo" discounted action value).
+* :func:`temporal_weights` -- Eq. 11: ``ω_t = Q_t / mean_t(Q_t)`` (the reviews: "divides by the mean
+  over t of Q_t"); computed per trajectory here.
+* :func:`vgpo_advantages` -- Eqs. 12-13 with App. B's setting ``α = k·std`` of the group's ``Q_t``:
+  ``A_t^i = ω_t^i [ (Q_t^i - mean_G Q_t) / std_G Q_t + k Q_t^i ]`` -- the relative term plus an
+  absolute value anchor that survives when ``std_G → 0`` (App. B's limit). App. A.2 enables the
+  anchor only for the first 5 sampling steps (``anchor_steps``). The exact typography of Eq. 13 and
+  the paper's ``γ``/``k`` values are not known here; the per-trajectory mean in Eq. 11 and the
+  fallback for non-positive values are this library's reading.
 
 Statistics are accumulated in float64 (via :func:`flowalign.advantages.group_advantages` where a
 group normalisation is needed) and returned in float32. A group/timestep with zero spread gets a
@@ -97,7 +111,12 @@ def _per_step_group_advantages(values: Tensor, group_ids: Tensor, eps: float, cl
 
 # -- DenseGRPO --------------------------------------------------------------------------------------
 def step_reward_gains(step_rewards: Tensor) -> Tensor:
-    """Dense rewards ``ΔR_t = R_{t+1} - R_t`` (DenseGRPO §3, step-wise reward gain).
+    """Dense rewards: the step-wise reward gain (DenseGRPO §4.1, Eq. 7).
+
+    In this module's forward order ``ΔR_k = R[k+1] - R[k]``; in the paper's countdown order that is
+    Eq. 7, ``ΔR_t = R_{t-1} - R_t`` with ``t = T - k``, and ``R[k]`` is Eq. 9's latent reward
+    ``R(ODE_n(x_t), c)`` (the paper uses ``n = t``: the full ODE look-ahead; ``n = 1`` performed worse
+    than Flow-GRPO in its Fig. 6(c)).
 
     Args:
         step_rewards: ``[L, T+1]``; column ``t`` is the reward of the ODE look-ahead ``x̂0`` from the
@@ -126,8 +145,9 @@ def dense_step_advantages(
     """DenseGRPO advantages: step-wise reward gains normalised per timestep within each group.
 
     ``A_{i,t} = (ΔR_{i,t} - mean_{j in g(i)} ΔR_{j,t}) / (std_{j in g(i)} ΔR_{j,t} + eps)``
-    (DenseGRPO §3: the GRPO group normalisation, Shao et al. 2024 Eq. 3 / Flow-GRPO §4.1, applied to
-    the dense reward of every timestep instead of the single terminal reward).
+    (DenseGRPO §4.1, Eq. 10: the GRPO group normalisation of Eq. 2 -- Shao et al. 2024 Eq. 3 /
+    Flow-GRPO §4.1 -- applied to the dense reward of every timestep instead of the terminal reward).
+    ``eps`` and ``clip`` follow Flow-GRPO's implementation (population std + 1e-4; optional clip).
 
     Args:
         step_rewards: ``[L, T+1]`` look-ahead rewards (see :func:`step_reward_gains`).
@@ -145,78 +165,82 @@ def dense_step_advantages(
 
 def calibrate_noise(
     psi: Tensor,
-    step_advantages: Tensor,
+    dense_rewards: Tensor,
     *,
-    rate: float,
-    bounds: tuple[float, float],
-    tol: float = 0.25,
+    rate: float = 0.01,
+    margin: float = 2.0,
+    bounds: tuple[float, float] = (0.0, math.inf),
 ) -> Tensor:
-    """One reward-aware calibration step of the per-timestep SDE noise level ``ψ(t)`` (DenseGRPO §3).
+    """One iteration of DenseGRPO's exploration-space calibration of ``ψ(t)`` (Algorithm 1, lines 9-15).
 
-    For every timestep ``t`` count the trajectories whose dense reward (or its advantage -- only the
-    sign is read) is positive, ``n+_t``, and negative, ``n-_t``. The timestep is *balanced* when
-    ``|n+_t - n-_t| <= tol * (n+_t + n-_t)``; a balanced timestep's noise is raised, an unbalanced one's
-    lowered, and the result is clamped to ``bounds``::
+    For every timestep count the trajectories whose dense reward ``ΔR_t`` is positive, ``n+_t``, and
+    negative, ``n-_t`` (all trajectories of the rollout pooled, whatever their prompt). Then::
 
-        ψ'(t) = clamp(ψ(t) + rate, lo, hi)   if balanced(t)
-        ψ'(t) = clamp(ψ(t) - rate, lo, hi)   otherwise
+        ψ'(t) = ψ(t) + ε2   if |n+_t - n-_t| < ε1     (balanced: room for more exploration)
+        ψ'(t) = ψ(t) - ε2   otherwise                 (imbalanced: too much noise)
 
-    A timestep where every gain is exactly 0 (``n+ = n- = 0``: the samples do not differ at all)
-    counts as balanced -- its exploration space is too small, so its noise goes up.
+    with ``ε1 = margin`` and ``ε2 = rate`` (App. A: ``ε1 = 2``, ``ε2 = 0.01``), and the result is
+    clamped to ``bounds`` -- a safeguard of this library (the paper has no clamp; ``ψ(t)`` is the SDE
+    noise std ``σ_t`` of Eq. 11, so it must stay ``>= 0``). A timestep where no gain is non-zero
+    (``n+ = n- = 0``) is balanced, so its noise goes up.
 
-    The balance test's tolerance ``tol`` and the additive step are this library's parameterisation of
-    the paper's increase-when-balanced / decrease-otherwise rule (the paper's exact thresholds were
-    not available when this was written); ``tol=0`` demands exact balance.
+    The signs must be those of the dense rewards ``ΔR`` themselves (:func:`step_reward_gains`), not of
+    the group-normalised advantages: Fig. 3(a)'s imbalance is "nearly all samples perform worse than
+    the default" (``ΔR < 0``), which centring within groups would hide.
 
     Args:
-        psi: ``[T]`` current noise levels (e.g. the ``a``/``η`` of the SDE step per timestep).
-        step_advantages: ``[L, T]`` dense rewards ``ΔR`` or the advantages of
-            :func:`dense_step_advantages` for the same rollout (all groups pooled).
-        rate: step size ``> 0`` added / subtracted.
-        bounds: ``(lo, hi)`` with ``0 <= lo <= hi``.
-        tol: balance tolerance in ``[0, 1]`` (0: exactly as many gains as losses).
+        psi: ``[T]`` current per-step noise levels, in this module's forward step order.
+        dense_rewards: ``[L, T]`` dense rewards ``ΔR`` of a rollout (:func:`step_reward_gains`).
+        rate: ``ε2 > 0``, the step added / subtracted.
+        margin: ``ε1 > 0``, balance threshold on ``|n+ - n-|`` (strict ``<``, as in Algorithm 1).
+        bounds: ``(lo, hi)`` with ``0 <= lo <= hi`` (``hi`` may be ``inf``).
 
     Returns:
         ``[T]`` new ``ψ`` (dtype of ``psi``; float32 for integer input).
     """
     _check_real(psi, "psi", 1)
-    _check_real(step_advantages, "step_advantages", 2)
-    if step_advantages.shape[1] != psi.shape[0]:
+    _check_real(dense_rewards, "dense_rewards", 2)
+    if dense_rewards.shape[1] != psi.shape[0]:
         raise ValueError(
-            f"step_advantages must have shape [L, T={psi.shape[0]}] (T = len(psi)), got {tuple(step_advantages.shape)}"
+            f"dense_rewards must have shape [L, T={psi.shape[0]}] (T = len(psi)), got {tuple(dense_rewards.shape)}"
         )
     rate = _check_number(rate, "rate", lo=0.0, lo_open=True)
-    tol = _check_number(tol, "tol", lo=0.0, hi=1.0)
+    margin = _check_number(margin, "margin", lo=0.0, lo_open=True)
     if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2):
         raise ValueError(f"bounds must be a (lo, hi) pair, got {bounds!r}")
     lo = _check_number(bounds[0], "bounds[0]", lo=0.0)
-    hi = _check_number(bounds[1], "bounds[1]", lo=lo)
+    if not (isinstance(bounds[1], (int, float)) and not isinstance(bounds[1], bool) and bounds[1] >= lo):
+        raise ValueError(f"bounds[1] must be a number >= bounds[0] = {lo}, got {bounds[1]!r}")
+    hi = float(bounds[1])
     assert_finite(psi, "psi")
-    assert_finite(step_advantages, "step_advantages")
+    assert_finite(dense_rewards, "dense_rewards")
 
-    a = step_advantages.detach()
-    n_pos = (a > 0).sum(dim=0).to(torch.float64)  # [T]
-    n_neg = (a < 0).sum(dim=0).to(torch.float64)  # [T]
-    balanced = (n_pos - n_neg).abs() <= tol * (n_pos + n_neg)  # [T]; all-zero column -> True
+    d = dense_rewards.detach()
+    n_pos = (d > 0).sum(dim=0).to(torch.float64)  # [T]
+    n_neg = (d < 0).sum(dim=0).to(torch.float64)  # [T]
+    balanced = (n_pos - n_neg).abs() < margin  # [T]; Algorithm 1 line 10
     out_dtype = psi.dtype if psi.is_floating_point() else torch.float32
-    delta = torch.where(balanced, rate, -rate).to(device=psi.device)
+    step = torch.tensor(rate, dtype=torch.float64, device=balanced.device)
+    delta = torch.where(balanced, step, -step).to(device=psi.device)  # lines 11 / 13
     return (psi.detach().to(torch.float64) + delta).clamp(lo, hi).to(out_dtype)
 
 
 # -- VGPO -------------------------------------------------------------------------------------------
 def process_rewards(step_values: Tensor, final_rewards: Tensor) -> Tensor:
-    """Dense process rewards from one-step ODE projections (VGPO §3, Temporal Cumulative Reward).
+    """VGPO instant rewards (TCRM, Eq. 9): the projected value of the latent each step produces.
 
-    ``r_t = v_{t+1} - v_t`` for ``t < T-1`` and ``r_{T-1} = R - v_{T-1}``, where ``v_t`` is the reward of
-    the one-step ODE projection ``x̂0 = x_t - σ_t v_θ(x_t)`` of the latent before step ``t`` and ``R``
-    the terminal reward of the finished sample.
+    ``r_t = v_{t+1}`` for ``t < T-1`` and ``r_{T-1} = R``, where ``v_t`` is the reward of the one-step
+    ODE projection ``x̂0 = x_t - σ_t v_θ(x_t, σ_t)`` of the latent *before* step ``t`` and ``R`` the
+    terminal reward (the last step's output is the sample itself, whose projection is exact). Column 0
+    of ``step_values`` (the projection of the initial noise) is the outcome of no action and is not
+    read; it is accepted so that the same ``[L, T]`` look-ahead table serves both estimators.
 
     Args:
-        step_values: ``[L, T]`` projected values ``v_t``.
+        step_values: ``[L, T]`` projected values ``v_t`` (column ``t``: latent before step ``t``).
         final_rewards: ``[L]`` terminal rewards ``R``.
 
     Returns:
-        ``[L, T]`` float32; each row sums to ``R - v_0``.
+        ``[L, T]`` float32 instant rewards.
     """
     _check_real(step_values, "step_values", 2)
     _check_real(final_rewards, "final_rewards", 1)
@@ -231,18 +255,17 @@ def process_rewards(step_values: Tensor, final_rewards: Tensor) -> Tensor:
     big_r = final_rewards.detach().to(device=v.device, dtype=torch.float64)
     assert_finite(v, "step_values")
     assert_finite(big_r, "final_rewards")
-    nxt = torch.cat([v[:, 1:], big_r[:, None]], dim=1)  # [L, T]: value after each step
-    return (nxt - v).to(torch.float32)
+    return torch.cat([v[:, 1:], big_r[:, None]], dim=1).to(torch.float32)  # value after each step
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
-    """Discounted reward-to-go ``G_t = Σ_{k=t}^{T-1} γ^(k-t) r_k`` (VGPO §3; Sutton & Barto Eq. 3.8).
+    """Discounted action values ``Q_t = Σ_{k=t}^{T-1} γ^(k-t) r_k`` (VGPO Eq. 10; Sutton & Barto Eq. 3.8).
 
-    Vectorised as ``G = r @ Dᵀ`` with the upper-triangular discount matrix ``D[t, k] = γ^(k-t)`` for
+    Vectorised as ``Q = r @ Dᵀ`` with the upper-triangular discount matrix ``D[t, k] = γ^(k-t)`` for
     ``k >= t`` (0 below the diagonal).
 
     Args:
-        rewards: ``[L, T]`` per-step rewards.
+        rewards: ``[L, T]`` per-step (instant) rewards.
         gamma: discount in ``[0, 1]``.
 
     Returns:
@@ -262,28 +285,28 @@ def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
     return (r @ disc.T).to(torch.float32)
 
 
-def temporal_weights(process: Tensor) -> Tensor:
-    """Per-step criticality weights ``w_t = T m_t / Σ_k m_k`` with ``m_t = mean_i |r_{i,t}|`` (VGPO §3).
+def temporal_weights(returns: Tensor) -> Tensor:
+    """VGPO timestep weights ``ω_t = Q_t / mean_t(Q_t)`` (Eq. 11), per trajectory.
 
-    Steps where the projected value moves most (structure formation) weigh more than steps that
-    barely change it (late refinement). Mean weight is 1; if no step changes anything
-    (``Σ m = 0``) every weight is 1.
+    A step whose action value is above the trajectory's average over steps weighs more than 1. The
+    ratio is a weight only for non-negative values with a positive mean (the setting the paper's
+    rewards are in); a trajectory with a negative ``Q_t`` or a mean ``<= 0`` gets ``ω = 1`` at every
+    step (this library's fallback, so a weight never flips an advantage's sign).
 
     Args:
-        process: ``[L, T]`` process rewards (:func:`process_rewards`).
+        returns: ``[L, T]`` action values ``Q`` (:func:`discounted_returns`).
 
     Returns:
-        ``[T]`` float32, non-negative, mean 1.
+        ``[L, T]`` float32, non-negative, each row with mean 1.
     """
-    _check_real(process, "process", 2)
-    p = process.detach().to(torch.float64)
-    assert_finite(p, "process")
-    num_steps = p.shape[1]
-    if p.shape[0] == 0:
-        return torch.ones(num_steps, dtype=torch.float32, device=p.device)
-    m = p.abs().mean(dim=0)  # [T]
-    total = m.sum()
-    w = torch.where(total > 0, num_steps * m / total.clamp_min(torch.finfo(torch.float64).tiny), torch.ones_like(m))
+    _check_real(returns, "returns", 2)
+    q = returns.detach().to(torch.float64)
+    assert_finite(q, "returns")
+    if q.shape[1] == 0:
+        return q.to(torch.float32)
+    mean = q.mean(dim=1, keepdim=True)  # [L, 1]
+    ok = (q >= 0).all(dim=1, keepdim=True) & (mean > 0)  # [L, 1]
+    w = torch.where(ok, q / torch.where(ok, mean, torch.ones_like(mean)), torch.ones_like(q))
     return w.to(torch.float32)
 
 
@@ -296,28 +319,33 @@ def vgpo_advantages(
     alpha: float = 0.1,
     eps: float = 1e-4,
     use_temporal_weights: bool = True,
+    anchor_steps: int | None = None,
 ) -> Tensor:
-    """VGPO per-step advantages: value-anchored group normalisation with temporal weights.
+    """VGPO per-step advantages (ADAE, Eqs. 12-13 with App. B's ``α = k·std``).
 
-    With ``r = process_rewards(step_values, final_rewards)``, ``G = discounted_returns(r, gamma)`` and
-    ``w = temporal_weights(r)`` (VGPO §3)::
+    With ``r = process_rewards(step_values, final_rewards)`` (Eq. 9), ``Q = discounted_returns(r, gamma)``
+    (Eq. 10) and ``ω = temporal_weights(Q)`` (Eq. 11)::
 
-        A_{i,t} = w_t * [ (G_{i,t} - mean_{j in g(i)} G_{j,t}) / (std_{j in g(i)} G_{j,t} + eps)
-                          + alpha * G_{i,t} ]
+        A_{i,t} = ω_{i,t} * [ (Q_{i,t} - mean_{j in g(i)} Q_{j,t}) / (std_{j in g(i)} Q_{j,t} + eps)
+                              + k * m_t * Q_{i,t} ]
 
-    The first term is the GRPO group normalisation per timestep (Shao et al. 2024 Eq. 3); the second
-    is VGPO's absolute value anchor ("Adaptive Dual Advantage Estimation"): when every member of a
-    group reaches the same reward the relative term is 0, but the absolute cumulative value still
-    tells the policy whether the step raised or lowered the projected reward.
+    with ``k = alpha`` and ``m_t = 1`` for the first ``anchor_steps`` steps, 0 after (App. A.2 enables
+    the anchor for the first 5 of 10 sampling steps; ``None`` = every step). The relative term is the
+    GRPO group normalisation per timestep (Shao et al. 2024 Eq. 3). Writing the absolute term of
+    Eq. 13 as ``α Q / std`` with ``α = k·std`` (App. B Eq. 15) cancels the std, so it is implemented in
+    that cancelled form: when every member of a group reaches the same value (``std = 0``) the
+    relative term is exactly 0 and the advantage is ``ω k Q`` -- App. B's non-vanishing limit -- where
+    the uncancelled form with ``eps > 0`` would lose the signal.
 
     Args:
-        step_values: ``[L, T]`` one-step ODE projection values ``v_t``.
+        step_values: ``[L, T]`` one-step projection values ``v_t`` (see :func:`process_rewards`).
         final_rewards: ``[L]`` terminal rewards.
         group_ids: ``[L]`` integer group (prompt) ids.
-        gamma: discount in ``[0, 1]`` (1: ``G_t = R - v_t``, the reward still to be gained).
-        alpha: weight ``>= 0`` of the absolute anchor (0: plain per-step group normalisation).
+        gamma: discount in ``[0, 1]``.
+        alpha: anchor coefficient ``k >= 0`` (0: plain per-step group normalisation).
         eps: added to the std (>= 0).
-        use_temporal_weights: if False, ``w_t = 1``.
+        use_temporal_weights: if False, ``ω = 1``.
+        anchor_steps: number of leading steps that get the absolute anchor (``None``: all).
 
     Returns:
         ``[L, T]`` float32.
@@ -326,8 +354,16 @@ def vgpo_advantages(
     _check_group_ids(group_ids, step_values.shape[0])
     alpha = _check_number(alpha, "alpha", lo=0.0)
     eps = _check_number(eps, "eps", lo=0.0)
-    ret = discounted_returns(r, gamma).to(torch.float64)  # [L, T]; validates gamma
-    relative = _per_step_group_advantages(ret, group_ids, eps, None).to(torch.float64)
-    w = temporal_weights(r).to(torch.float64) if use_temporal_weights else torch.ones(r.shape[1], dtype=torch.float64)
-    adv = w.to(ret.device)[None, :] * (relative + alpha * ret)
+    num_steps = r.shape[1]
+    if anchor_steps is not None and (
+        not isinstance(anchor_steps, int) or isinstance(anchor_steps, bool) or anchor_steps < 0
+    ):
+        raise ValueError(f"anchor_steps must be None or an int >= 0, got {anchor_steps!r}")
+    q = discounted_returns(r, gamma).to(torch.float64)  # [L, T]; validates gamma
+    relative = _per_step_group_advantages(q, group_ids, eps, None).to(torch.float64)
+    mask = torch.ones(num_steps, dtype=torch.float64, device=q.device)
+    if anchor_steps is not None:
+        mask[anchor_steps:] = 0.0
+    w = temporal_weights(q).to(torch.float64) if use_temporal_weights else torch.ones_like(q)
+    adv = w * (relative + alpha * mask[None, :] * q)
     return adv.to(torch.float32)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from flowalign.config import ConfigError
+from flowalign.estimators.presets import EdgeTargets
 from flowalign.losses.awm import awm_loss, flow_matching_pair
 from flowalign.recipes.rl import RLRecipe, stream_generator
 from flowalign.types import Conditioning, RolloutTree
@@ -78,10 +79,10 @@ class AWMRecipe(RLRecipe):
             raise ConfigError(f"algorithm.loss: the AWM recipe trains the 'awm' loss, got {self.cfg.algorithm.loss!r}")
         super().setup()
 
-    def _update(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, iteration: int) -> dict[str, float]:
+    def _update(self, tree: RolloutTree, cond: Conditioning, targets: EdgeTargets, iteration: int) -> dict[str, float]:
         """``train.steps_per_iter`` optimizer steps of the AWM loss over this rank's leaves."""
         cfg = self.cfg
-        leaf_adv = leaf_advantages_from_edges(edge_adv, tree.leaf_edges)
+        leaf_adv = leaf_advantages_from_edges(targets.advantages, tree.leaf_edges)
         order, sigma, noise = awm_draws(tree.num_leaves, tuple(tree.leaf_latents.shape[1:]),
                                         stream_generator(cfg.seed, "awm", iteration, self.rank))
         return self._optimize(order, lambda mb: self._sample_loss(tree, cond, leaf_adv, sigma, noise, mb), iteration)

@@ -30,11 +30,16 @@ from tqdm.auto import tqdm
 
 from flowalign.advantages import edge_advantages, get_advantage_estimator
 from flowalign.config import ConfigError, RLConfig, num_trained_steps, read_prompt_records, to_yaml
+from flowalign.estimators.dense import calibrate_noise, step_reward_gains
+from flowalign.estimators.preference import decoupled_normalization
+from flowalign.estimators.presets import EDGE_ESTIMATORS, EdgeTargets, lookahead_table
+from flowalign.estimators.tree import noise_aware_weights
 from flowalign.guards import assert_finite
 from flowalign.losses import get_loss, kl_on_means
 from flowalign.pipelines import load_adapter_class
 from flowalign.rewards.registry import build_rewards
-from flowalign.rollout import BranchSpec, rollout, sample_ode
+from flowalign.rollout import BranchSpec, integrate_ode, lookahead_sigmas, rollout, sample_ode
+from flowalign.rollout.schedules import mix_window
 from flowalign.samplers import sde_step
 from flowalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowalign.training.ema import EMA
@@ -119,10 +124,11 @@ class RLRecipe:
         self.eval_records = read_prompt_records(cfg.eval.prompts, "eval.prompts")
         self.train_prompts = [r["prompt"] for r in self.train_records]
         self.eval_prompts = [r["prompt"] for r in self.eval_records]
-        self.advantage_fn = get_advantage_estimator(cfg.algorithm.advantage)
-        self.loss_fn = get_loss(cfg.algorithm.loss)
-        self.spec = self._branch_spec()
-        self.noise_levels = torch.tensor(self.spec.noise_levels, dtype=torch.float32)
+        a = cfg.algorithm
+        self.edge_estimator = EDGE_ESTIMATORS.get(a.advantage)
+        self.advantage_fn = None if self.edge_estimator else get_advantage_estimator(a.advantage)
+        self.loss_fn = get_loss(a.loss)
+        self.noise_level_schedule = [cfg.sampling.noise_level] * cfg.sampling.num_steps
 
         self.start_iteration, self.before, self.best = 0, None, None
         if self.is_main:
@@ -160,12 +166,37 @@ class RLRecipe:
             module.enable_gradient_checkpointing()
         return module.train()
 
-    def _branch_spec(self) -> BranchSpec:
+    def _branch_spec(self, iteration: int) -> BranchSpec:
+        """What iteration ``iteration`` samples on this rank (a flat group, a BranchGRPO tree, a
+        MixGRPO window or a TempFlow branch; see :mod:`flowalign.rollout.spec`)."""
         s = self.cfg.sampling
-        start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
-        trained = tuple(range(start, start + num_trained_steps(s)))
-        return BranchSpec.flat(s.num_steps, s.group_size // self.world, s.noise_level, sampler=s.sampler,
-                               sde_steps=range(start, end), train_steps=trained, guidance_scale=s.guidance_scale)
+        T, per_rank = s.num_steps, s.group_size // self.world
+        levels = self.noise_level_schedule
+        if s.branch_steps:  # TempFlow-GRPO: ODE trunk, one SDE split per iteration, ODE finish
+            k = s.branch_steps[iteration % len(s.branch_steps)]
+            noise = [levels[t] if t == k else 0.0 for t in range(T)]
+            return BranchSpec(T, noise, samples_per_prompt=1, splits=((k, per_rank),), sampler=s.sampler,
+                              guidance_scale=s.guidance_scale)
+        start, end = self._sde_window(iteration)
+        noise = [levels[t] if start <= t < end else 0.0 for t in range(T)]
+        splits = tuple((step, k) for step, k in s.splits)
+        for step, _ in splits:  # BranchGRPO's split noise scale
+            noise[step] = s.split_noise_level if s.split_noise_level is not None else levels[step]
+        trained = tuple(range(start, start + num_trained_steps(s, end - start)))
+        return BranchSpec(T, noise, samples_per_prompt=per_rank // math.prod(k for _, k in splits), splits=splits,
+                          sampler=s.sampler, train_steps=trained, guidance_scale=s.guidance_scale)
+
+    def _sde_window(self, iteration: int) -> tuple[int, int]:
+        """``[start, end)`` steps sampled with the SDE: MixGRPO's moving window, a fixed
+        ``sampling.sde_window``, or every step."""
+        s = self.cfg.sampling
+        w = s.window
+        if w.strategy != "none":
+            return mix_window(iteration, s.num_steps, strategy=w.strategy, size=w.size, shift_every=w.shift_every,
+                              min_shift_every=w.min_shift_every, stride=w.stride, decay_rate=w.decay_rate,
+                              decay_start=w.decay_start, roll_back=w.roll_back,
+                              generator=stream_generator(self.cfg.seed, "window", iteration))
+        return tuple(s.sde_window) if s.sde_window is not None else (0, s.num_steps)
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -202,48 +233,128 @@ class RLRecipe:
         idx = prompt_indices(len(self.train_prompts), cfg.data.prompts_per_iter, iteration, cfg.seed)
         prompts = [self.train_prompts[i] for i in idx]
         records = [self.train_records[i] for i in idx]
+        spec = self._branch_spec(iteration)
+        self.noise_levels = torch.tensor(spec.noise_levels, dtype=torch.float32)
         self.module.eval()
         with acc.autocast():
             cond = self._encode(prompts)
-            tree = rollout(self.adapter, cond, self.spec, prompts=prompts,
+            tree = rollout(self.adapter, cond, spec, prompts=prompts,
                            generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
                            keep_means=False, decode=True)
         t1 = time.perf_counter()
 
         leaf_idx = tree.leaf_prompt_idx.tolist()
-        reward = self.reward_fn(tree.media, [prompts[i] for i in leaf_idx], _metadata([records[i] for i in leaf_idx]))
+        reward = self.reward_fn(tree.media, [prompts[i] for i in leaf_idx],
+                                _metadata([records[i] for i in leaf_idx], tree.leaf_group.tolist()))
         scores = assert_finite(reward.scores.to(acc.device), "rewards")
         valid = reward.valid.to(acc.device) if reward.valid is not None else torch.ones_like(scores, dtype=torch.bool)
         all_scores, all_groups, all_valid = acc.gather((scores, tree.leaf_group.to(acc.device), valid))
+        lookahead_nfe = 0
+        if cfg.algorithm.advantage in ("dense", "vgpo"):
+            lookahead_nfe = self._score_lookaheads(tree, cond, prompts, records)
         t2 = time.perf_counter()
 
-        a = cfg.algorithm
-        all_adv = self.advantage_fn(all_scores.cpu(), all_groups.cpu(), std_mode=a.std_mode,
-                                    clip=a.adv_clip or None, valid=all_valid.cpu())
-        leaf_adv = all_adv.view(self.world, -1)[self.rank]
-        edge_adv = assert_finite(edge_advantages(leaf_adv, tree.leaf_edges, tree.num_edges), "advantages")
+        targets = self._edge_targets(tree, reward, scores, valid, (all_scores, all_groups, all_valid), iteration)
         self.module.train()
-        train_metrics = self._update(tree, cond, edge_adv, iteration)
+        train_metrics = self._update(tree, cond, targets, iteration)
+        if cfg.algorithm.calibrate_noise:
+            train_metrics.update(self._calibrate_noise(tree, scores.cpu()))
         t3 = time.perf_counter()
 
         metrics = {
             "train/reward_mean": all_scores.mean().item(),
             "train/reward_std": all_scores.std().item(),
-            "train/advantage_abs_mean": all_adv.abs().mean().item(),
-            "rollout/nfe": float(tree.nfe),
-            "rollout/trained_edges": float(tree.trainable.sum().item()),
+            "train/advantage_abs_mean": targets.advantages[targets.trainable].abs().mean().item(),
+            "rollout/nfe": float(tree.nfe + lookahead_nfe),
+            "rollout/trained_edges": float(targets.trainable.sum().item()),
             **{f"train/{k}": acc.gather(v.to(acc.device)).mean().item() for k, v in reward.components.items()},
             **train_metrics,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2,
         }
         return metrics
 
-    def _update(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, iteration: int) -> dict[str, float]:
-        """PPO-clip updates over the tree's trainable edges, ``steps_per_iter`` optimizer steps.
+    def _edge_targets(self, tree: RolloutTree, reward: Any, scores: torch.Tensor, valid: torch.Tensor,
+                      gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor], iteration: int) -> EdgeTargets:
+        """Per-edge advantages of this rank's tree: the flat group estimator over groups gathered
+        from every rank, or a tree preset (``algorithm.advantage`` in EDGE_ESTIMATORS) on the local tree."""
+        a = self.cfg.algorithm
+        if self.edge_estimator is not None:
+            if not bool(valid.all()):
+                raise FloatingPointError(f"algorithm.advantage={a.advantage!r} needs every leaf scored, but the reward "
+                                         f"marked {int((~valid).sum())} samples invalid")
+            targets = self.edge_estimator(tree, scores.cpu(), a, iteration)
+            if a.advantage == "tempflow" and a.noise_aware:
+                targets.loss_scale = self._branch_step_weight(tree)
+        else:
+            all_scores, all_groups, all_valid = (t.cpu() for t in gathered)
+            if a.reward_normalization == "decoupled" and len(self.reward_fn.weights) > 1:
+                if not bool(all_valid.all()):
+                    raise FloatingPointError("algorithm.reward_normalization=decoupled needs every sample scored by every reward")
+                parts = {name: self.accelerator.gather(reward.components[name].to(self.accelerator.device)).cpu()
+                         for name in self.reward_fn.weights}
+                all_adv = decoupled_normalization(parts, self.reward_fn.weights, all_groups, std_mode=a.std_mode, renormalize=True)
+                all_adv = all_adv.clamp(-a.adv_clip, a.adv_clip) if a.adv_clip else all_adv
+            else:
+                all_adv = self.advantage_fn(all_scores, all_groups, std_mode=a.std_mode, clip=a.adv_clip or None, valid=all_valid)
+            leaf_adv = all_adv.view(self.world, -1)[self.rank]
+            targets = EdgeTargets(edge_advantages(leaf_adv, tree.leaf_edges, tree.num_edges), tree.trainable)
+        assert_finite(targets.advantages, "advantages")
+        return targets
+
+    @torch.no_grad()
+    def _score_lookaheads(self, tree: RolloutTree, cond: Conditioning, prompts: list[str], records: list[dict]) -> int:
+        """Score the ODE look-ahead from every node before each step (DenseGRPO Eqs. 8-9; with
+        ``algorithm.lookahead_steps=1`` VGPO's one-step projection) into
+        ``tree.node_values["lookahead"] [E]``; returns the model evaluations spent."""
+        cfg, acc = self.cfg, self.accelerator
+        values = torch.zeros(tree.num_edges, dtype=torch.float32)
+        nfe = 0
+        self.module.eval()
+        for depth in range(len(tree.sigmas) - 1):
+            edges = (tree.step == depth).nonzero().squeeze(1)
+            sigmas = lookahead_sigmas(tree.sigmas, depth, cfg.algorithm.lookahead_steps)
+            with acc.autocast():
+                x0 = integrate_ode(self.adapter, cond[tree.prompt_idx[edges]], tree.x_t[edges], sigmas,
+                                   guidance_scale=cfg.sampling.guidance_scale)
+                media = self.adapter.decode(x0)
+            idx = tree.prompt_idx[edges].tolist()
+            out = self.reward_fn(media, [prompts[i] for i in idx], _metadata([records[i] for i in idx], idx))
+            values[edges.cpu()] = assert_finite(out.scores.float().cpu(), "look-ahead rewards")
+            nfe += len(edges) * (len(sigmas) - 1)
+        self.module.train()
+        tree.node_values["lookahead"] = values
+        return nfe
+
+    def _calibrate_noise(self, tree: RolloutTree, leaf_rewards: torch.Tensor) -> dict[str, float]:
+        """DenseGRPO's reward-aware exploration calibration (Algorithm 1) of the per-step noise level
+        used by the next rollouts. ψ(t) is our per-step noise level ``a_t``: the SDE std is
+        ``a_t·√(σ/(1−σ))`` (Flow-GRPO) instead of Eq. 11's ``σ_t = ψ(t)``, the same per-step degree of freedom."""
+        gains = step_reward_gains(lookahead_table(tree, leaf_rewards))
+        psi = calibrate_noise(torch.tensor(self.noise_level_schedule), gains, rate=self.cfg.algorithm.calibration_rate,
+                              margin=self.cfg.algorithm.calibration_margin, bounds=(1e-3, math.inf))
+        self.noise_level_schedule = [float(a) for a in psi]
+        return {f"rollout/noise_level_{t}": a for t, a in enumerate(self.noise_level_schedule)}
+
+    def _branch_step_weight(self, tree: RolloutTree) -> float:
+        """TempFlow-GRPO noise-aware weight of this iteration's branch step (He et al. 2025,
+        arXiv:2508.04324, §3.2): its transition std ``std_k·√Δ_k`` relative to the mean over all
+        branch steps of ``sampling.branch_steps``, so the schedule's average weight is 1."""
+        s = self.cfg.sampling
+        stds = []
+        for k in s.branch_steps:
+            sigma, sigma_next = tree.sigmas[k].reshape(1), tree.sigmas[k + 1].reshape(1)
+            x = torch.zeros(1, 1, device=sigma.device)
+            stds.append(float(sde_step(x, sigma, sigma_next, x, kind=s.sampler, noise_level=self.noise_level_schedule[k],
+                                       prev_sample=x).std.reshape(-1)[0]))
+        weights = noise_aware_weights(torch.tensor(stds))
+        return float(weights[s.branch_steps.index(int(tree.step[tree.noise_std > 0][0]))])
+
+    def _update(self, tree: RolloutTree, cond: Conditioning, targets: EdgeTargets, iteration: int) -> dict[str, float]:
+        """PPO-clip updates over the trained edges, ``steps_per_iter`` optimizer steps.
 
         The first micro-batch runs before any weight change, so its ratio must be exactly 1
         (DESIGN.md invariant 2): it is checked and logged every iteration."""
-        edges = tree.trainable.nonzero().squeeze(1)
+        edges = targets.trainable.nonzero().squeeze(1)
         edges = edges[torch.randperm(len(edges), generator=stream_generator(self.cfg.seed, "shuffle", iteration, self.rank))]
         first: dict[str, float] = {}
 
@@ -251,7 +362,7 @@ class RLRecipe:
             first.update(metrics)
             self._check_on_policy(metrics["ratio_max_dev"])
 
-        out = self._optimize(edges, lambda mb: self._edge_loss(tree, cond, edge_adv, mb), iteration, on_first=check_on_policy)
+        out = self._optimize(edges, lambda mb: self._edge_loss(tree, cond, targets, mb), iteration, on_first=check_on_policy)
         out["train/ratio_first_step_dev"] = first["ratio_max_dev"]
         return out
 
@@ -288,7 +399,7 @@ class RLRecipe:
         out["train/grad_norm"] = float(np.mean(grad_norms))
         return out
 
-    def _edge_loss(self, tree: RolloutTree, cond: Conditioning, edge_adv: torch.Tensor, mb: torch.Tensor):
+    def _edge_loss(self, tree: RolloutTree, cond: Conditioning, targets: EdgeTargets, mb: torch.Tensor):
         """Loss of a micro-batch of edges: new log-probs of the stored transitions vs the old ones."""
         cfg, acc = self.cfg, self.accelerator
         step = tree.step[mb]
@@ -305,8 +416,10 @@ class RLRecipe:
                 v_ref = self.adapter.predict(x_t, sigma, c, cfg.sampling.guidance_scale)
             ref = sde_step(v_ref.float(), sigma, sigma_next, tree.x_t[mb], **kwargs)
             kl = kl_on_means(new.mean, ref.mean, new.std)
-        return self.loss_fn(new.log_prob, tree.log_prob_old[mb], edge_adv[mb], clip_range=cfg.algorithm.clip_range,
-                            kl=kl, kl_beta=cfg.algorithm.kl_beta)
+        weights = targets.weights[mb] if targets.weights is not None else None
+        loss, metrics = self.loss_fn(new.log_prob, tree.log_prob_old[mb], targets.advantages[mb], clip_range=cfg.algorithm.clip_range,
+                                     weights=weights, kl=kl, kl_beta=cfg.algorithm.kl_beta)
+        return loss * targets.loss_scale, metrics
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         """Encode prompts, with the negative prompt when classifier-free guidance is on."""
@@ -337,7 +450,8 @@ class RLRecipe:
         n_local = len(prompts) // self.world
         shard = slice(self.rank * n_local, (self.rank + 1) * n_local)
         latents = self.adapter.init_latents(len(prompts), stream_generator(cfg.seed, "eval"))[shard]
-        local_prompts, local_metadata = prompts[shard], _metadata(records[shard])
+        groups = [i // e.samples_per_prompt for i in range(len(prompts))]  # one group per held-out prompt
+        local_prompts, local_metadata = prompts[shard], _metadata(records[shard], groups[shard])
         self.module.eval()
         with (self.ema.swapped_into(self.module) if self.ema is not None else nullcontext()), acc.autocast():
             cond = self._encode(local_prompts)
@@ -380,7 +494,8 @@ class RLRecipe:
                 optimizer_state=self.optimizer.state_dict(),
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
                 rng_state=capture_rng_state(),
-                extra={"step": step, "before": _scalars(self.before), "best": self.best},
+                extra={"step": step, "before": _scalars(self.before), "best": self.best,
+                       "noise_level_schedule": self.noise_level_schedule},
                 keep_last=self.cfg.train.keep_checkpoints,
             )
         self.accelerator.wait_for_everyone()
@@ -406,6 +521,7 @@ class RLRecipe:
         self.start_iteration = int(ckpt.extra["step"])
         self.before = ckpt.extra.get("before")
         self.best = ckpt.extra.get("best")
+        self.noise_level_schedule = ckpt.extra.get("noise_level_schedule", self.noise_level_schedule)
         media_file = os.path.join(self.cfg.output_dir, "eval_before_media.pt")
         if self.before is not None and os.path.exists(media_file):
             self.before["media"] = torch.load(media_file)
@@ -477,10 +593,10 @@ class RLRecipe:
         GradientState._reset_state()
 
 
-def _metadata(records: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """Per-sample reward metadata: each prompt record without its "prompt"; None for plain-text prompt files."""
-    metadata = [{k: v for k, v in r.items() if k != "prompt"} for r in records]
-    return metadata if any(metadata) else None
+def _metadata(records: list[dict[str, Any]], groups: list[int]) -> list[dict[str, Any]]:
+    """Per-sample reward metadata: each prompt record without its "prompt", plus ``"group"``: the
+    sample's group (its prompt in the batch), which groupwise rewards (Pref-GRPO win rates) compare within."""
+    return [{**{k: v for k, v in r.items() if k != "prompt"}, "group": int(g)} for r, g in zip(records, groups)]
 
 
 def _scalars(result: dict[str, Any] | None) -> dict[str, float] | None:

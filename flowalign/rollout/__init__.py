@@ -1,10 +1,11 @@
 """Rollout: one engine samples every tree (flat groups, shared-prefix branches, ODE/SDE windows).
 
 ``BranchSpec`` describes the tree; ``rollout`` samples it into a ``RolloutTree``; ``sample_ode``
-is the deterministic Euler sampler used for evaluation.
+is the deterministic Euler sampler used for evaluation; ``integrate_ode`` / ``lookahead_sigmas``
+give the ODE look-ahead of DenseGRPO and VGPO's one-step projections.
 """
 
-from flowalign.rollout.engine import rollout, sample_ode
+from flowalign.rollout.engine import integrate_ode, lookahead_sigmas, rollout, sample_ode
 from flowalign.rollout.spec import BranchSpec
 
-__all__ = ["BranchSpec", "rollout", "sample_ode"]
+__all__ = ["BranchSpec", "integrate_ode", "lookahead_sigmas", "rollout", "sample_ode"]

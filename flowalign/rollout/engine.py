@@ -256,12 +256,34 @@ def sample_ode(
         raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
     n = latents.shape[0] if latents.ndim else 0
     _check_latents("latents", latents, n, tuple(adapter.latent_shape))
+    return integrate_ode(adapter, cond, latents, _schedule(adapter, num_steps), guidance_scale=guidance_scale)
+
+
+def integrate_ode(adapter: PipelineAdapter, cond: Conditioning, latents: Tensor, sigmas: Tensor, *,
+                  guidance_scale: float = 1.0) -> Tensor:
+    """Euler steps of the probability-flow ODE along ``sigmas [K + 1]`` (descending), from ``latents``
+    at ``sigmas[0]``: ``[N, *latent_shape]`` fp32. ``sigmas = [σ_t, 0]`` is the one-step projection
+    ``x̂0 = x_t − σ_t v(x_t, σ_t)``; the rest of a rollout's schedule is DenseGRPO's ODE look-ahead."""
+    n = latents.shape[0]
     _check_cond(cond, n, "latents")
     cond = cond.to(dtype=adapter.dtype)
-    sigmas = _schedule(adapter, num_steps)
     x = latents.to(device=adapter.device, dtype=torch.float32)
-    for t in range(num_steps):
+    sigmas = sigmas.to(device=adapter.device, dtype=torch.float32)
+    for t in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[t].expand(n), sigmas[t + 1].expand(n)
         v = _velocity(adapter, x, sigma, cond, float(guidance_scale))
         x = ode_step(v, sigma, sigma_next, x).float()
     return x
+
+
+def lookahead_sigmas(sigmas: Tensor, depth: int, num_steps: int = 0) -> Tensor:
+    """The look-ahead schedule from depth ``depth`` of a rollout's ``sigmas [T + 1]`` to 0.
+
+    ``num_steps = 0`` keeps every remaining sigma (DenseGRPO Eq. 8: ``ODE_t`` from ``x_t`` with the
+    sampler's own remaining steps); ``num_steps = n`` keeps ``n + 1`` of them, evenly spaced in index
+    and always including both ends (``n = 1``: VGPO's one-step projection)."""
+    remaining = sigmas[depth:]
+    if num_steps <= 0 or num_steps >= len(remaining) - 1:
+        return remaining
+    index = torch.linspace(0, len(remaining) - 1, num_steps + 1).round().long()
+    return remaining[index]

@@ -1,0 +1,253 @@
+"""The tree, dense, value, window, preference and multi-reward presets of the RL recipe:
+pure pieces against hand-worked values, and every shipped algorithm config for 2 iterations on the
+shipped quickstart model (the real adapter, rewards and judge)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from flowalign.config import ConfigError, load_config
+from flowalign.estimators.dense import dense_step_advantages, vgpo_advantages
+from flowalign.estimators.presets import EDGE_ESTIMATORS, dense_targets, lookahead_table, vgpo_targets
+from flowalign.estimators.tree import noise_aware_weights
+from flowalign.rollout import integrate_ode, lookahead_sigmas
+from flowalign.rollout.schedules import mix_window
+from flowalign.training.metrics import read_metrics
+from tests.conftest import REPO
+
+ALGORITHM_CONFIGS = ["branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_grpo", "pref_grpo", "multi_reward"]
+
+
+# ------------------------------------------------------------------------------------------------
+# MixGRPO window schedules
+# ------------------------------------------------------------------------------------------------
+def test_progressive_window_hand_example():
+    # T = 6, w = 3: starts 0..3, 2 iterations each, then roll back
+    starts = [mix_window(i, 6, strategy="progressive", size=3, shift_every=2)[0] for i in range(10)]
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+    assert mix_window(5, 6, strategy="progressive", size=3, shift_every=2) == (2, 5)
+    stay = [mix_window(i, 6, strategy="progressive", size=3, shift_every=2, roll_back=False)[0] for i in range(10)]
+    assert stay == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert [mix_window(i, 6, strategy="progressive", size=2, shift_every=1, stride=2)[0] for i in range(4)] == [0, 2, 4, 0]
+
+
+def test_decay_windows_spend_fewer_iterations_on_later_positions():
+    # linear decay from 4 (start 0) to 1 (last start 3): intervals 4, 3, 2, 1
+    starts = [mix_window(i, 5, strategy="decay", size=2, shift_every=4, min_shift_every=1)[0] for i in range(11)]
+    assert starts == [0] * 4 + [1] * 3 + [2] * 2 + [3] + [0]
+    # exponential: round(8 exp(-1 * max(0, s - 1))) = 8, 8, 3, 1 (floored at min 1)
+    starts = [mix_window(i, 4, strategy="exp_decay", size=1, shift_every=8, min_shift_every=1, decay_rate=1.0,
+                         decay_start=1)[0] for i in range(20)]
+    expected = [round(8 * math.exp(-max(0, s - 1))) for s in range(4)]
+    assert expected == [8, 8, 3, 1] and starts == [0] * 8 + [1] * 8 + [2] * 3 + [3]
+
+
+def test_random_window_is_reproducible_and_in_range():
+    draw = lambda seed: mix_window(0, 10, strategy="random", size=4, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert draw(3) == draw(3)
+    assert {draw(s)[0] for s in range(60)} == set(range(7))
+    with pytest.raises(ValueError, match="window size"):
+        mix_window(0, 3, strategy="progressive", size=4)
+    with pytest.raises(ValueError, match="unknown window strategy"):
+        mix_window(0, 3, strategy="none", size=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# look-ahead schedule and ODE integration
+# ------------------------------------------------------------------------------------------------
+def test_lookahead_sigmas_hand_example():
+    sigmas = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    assert torch.equal(lookahead_sigmas(sigmas, 2), torch.tensor([0.6, 0.4, 0.2, 0.0]))
+    assert torch.equal(lookahead_sigmas(sigmas, 2, 1), torch.tensor([0.6, 0.0]))
+    assert torch.equal(lookahead_sigmas(sigmas, 0, 2), torch.tensor([1.0, 0.6, 0.0]))  # indices 0, 2.5->2 (half to even), 5
+    assert torch.equal(lookahead_sigmas(sigmas, 4, 3), torch.tensor([0.2, 0.0]))
+
+
+def test_one_step_projection_and_full_ode_match_the_adapter(tiny_model_dir):
+    from flowalign.pipelines.toy import ToyAdapter
+    from flowalign.rollout import sample_ode
+
+    adapter = ToyAdapter.from_pretrained(tiny_model_dir)
+    cond = adapter.encode(["a handwritten one", "the digit three"])
+    x = adapter.init_latents(2, torch.Generator().manual_seed(0))
+    sigmas = adapter.sigmas(4)
+    with torch.no_grad():
+        v = adapter.predict(x, sigmas[0].expand(2), cond, 1.0)
+        projected = integrate_ode(adapter, cond, x, lookahead_sigmas(sigmas, 0, 1))
+        assert torch.allclose(projected, x - sigmas[0] * v.float(), atol=1e-6)  # x̂0 = x_t − σ_t v
+        assert torch.equal(integrate_ode(adapter, cond, x, sigmas), sample_ode(adapter, cond, 4, latents=x))
+
+
+# ------------------------------------------------------------------------------------------------
+# presets on a hand-built flat tree (2 leaves, 2 steps, one group)
+# ------------------------------------------------------------------------------------------------
+def _flat_tree():
+    from flowalign.types import RolloutTree
+
+    E, L, T = 4, 2, 2
+    z = torch.zeros(E, 1)
+    return RolloutTree(
+        prompt_idx=torch.zeros(E, dtype=torch.long), parent=torch.tensor([-1, -1, 0, 1]), step=torch.tensor([0, 0, 1, 1]),
+        x_t=z, x_next=z, log_prob_old=torch.zeros(E), noise_std=torch.ones(E), trainable=torch.ones(E, dtype=torch.bool),
+        leaf_prompt_idx=torch.zeros(L, dtype=torch.long), leaf_group=torch.zeros(L, dtype=torch.long),
+        leaf_edges=torch.tensor([[0, 2], [1, 3]]), leaf_latents=torch.zeros(L, 1), prompts=["p"],
+        sigmas=torch.tensor([1.0, 0.5, 0.0]), nfe=4,
+        node_values={"lookahead": torch.tensor([0.2, 0.4, 0.5, 0.3])},  # R(ODE from x_t) of each edge
+    )
+
+
+class _Algo:
+    adv_clip = 5.0
+    discount = 0.5
+    value_anchor = 0.5
+    anchor_steps = None
+
+
+def test_dense_preset_hand_example():
+    tree, rewards = _flat_tree(), torch.tensor([0.9, 0.1])
+    table = lookahead_table(tree, rewards)
+    assert torch.allclose(table, torch.tensor([[0.2, 0.5, 0.9], [0.4, 0.3, 0.1]]))
+    # gains: leaf 0 (+0.3, +0.4), leaf 1 (-0.1, -0.2); per step ± (population std = half the gap)
+    targets = dense_targets(tree, rewards, _Algo, 0)
+    eps = 1e-4
+    a0, a1 = 0.2 / (0.2 + eps), 0.3 / (0.3 + eps)
+    assert torch.allclose(targets.advantages, torch.tensor([a0, -a0, a1, -a1]), atol=1e-6)
+    assert torch.equal(targets.advantages[tree.leaf_edges], dense_step_advantages(table, tree.leaf_group, clip=5.0))
+
+
+def test_vgpo_preset_maps_the_estimator_onto_edges():
+    tree, rewards = _flat_tree(), torch.tensor([0.9, 0.1])
+    targets = vgpo_targets(tree, rewards, _Algo, 0)
+    expected = vgpo_advantages(lookahead_table(tree, rewards)[:, :-1], rewards, tree.leaf_group, gamma=0.5, alpha=0.5)
+    assert torch.allclose(targets.advantages[tree.leaf_edges], expected.clamp(-5, 5))
+    # equal rewards and look-aheads: the group signal collapses, the value anchor does not
+    tree.node_values["lookahead"] = torch.full((4,), 0.6)
+    flat = vgpo_targets(tree, torch.tensor([0.6, 0.6]), _Algo, 0)
+    assert bool((flat.advantages > 0).all())
+    with pytest.raises(ValueError, match="lookahead"):
+        tree.node_values.clear()
+        dense_targets(tree, rewards, _Algo, 0)
+
+
+def test_digit_pairwise_judge_is_bradley_terry_on_the_classifier():
+    from flowalign.rewards.digits import DigitClassifierReward, DigitPairwiseJudge
+
+    path = os.path.join(REPO, "assets", "quickstart", "digit-classifier")
+    judge, classifier = DigitPairwiseJudge(path, temperature=0.1), DigitClassifierReward(path)
+    media = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["the digit one"] * 2
+    p = judge.compare(media[:2], media[2:], prompts)
+    s = classifier(media, prompts * 2).scores
+    assert torch.allclose(p, torch.sigmoid((s[:2] - s[2:]) / 0.1), atol=1e-6)
+    assert torch.allclose(judge.compare(media[:2], media[:2], prompts), torch.full((2,), 0.5))
+
+
+# ------------------------------------------------------------------------------------------------
+# config validation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, key", [
+    (["algorithm.advantage=nope"], "algorithm.advantage"),
+    (["sampling.splits=[[2,3]]"], "sampling.group_size"),
+    (["sampling.splits=[[12,2]]"], "sampling.splits[0]"),
+    (["sampling.branch_steps=[1]"], "sampling.branch_steps"),
+    (["algorithm.advantage=tempflow"], "algorithm.advantage"),
+    (["sampling.window.strategy=progressive", "sampling.sde_window=[0,4]"], "sampling.window.strategy"),
+    (["sampling.window.strategy=sideways"], "sampling.window.strategy"),
+    (["algorithm.reward_normalization=mean"], "algorithm.reward_normalization"),
+    (["algorithm.calibrate_noise=true"], "algorithm.calibrate_noise"),
+    (["algorithm.prune=some"], "algorithm.prune"),
+    (["algorithm.advantage=dense", "sampling.splits=[[2,2]]"], "algorithm.advantage"),
+])
+def test_preset_errors_name_the_key(monkeypatch, overrides, key):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=f"^{key.replace('[', '[[]')}:"):
+        load_config("configs/quickstart.yaml", overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# every shipped algorithm: 2 iterations on the quickstart model
+# ------------------------------------------------------------------------------------------------
+def _train(name: str, tmp_path, extra: dict | None = None):
+    import flowalign
+
+    overrides = {"train.iterations": 2, "data.prompts_per_iter": 2, "output_dir": str(tmp_path / name),
+                 "eval.samples_per_prompt": 1, "eval.every": 0, "logging.progress": False, "logging.tensorboard": False,
+                 "train.checkpoint_every": 0, **(extra or {})}
+    summary = flowalign.train(os.path.join(REPO, "configs", name, "quickstart.yaml"), overrides)
+    return summary, [r for r in read_metrics(os.path.join(summary["output_dir"], "metrics.jsonl")) if "train/loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALGORITHM_CONFIGS)
+def test_every_algorithm_runs_two_iterations_on_policy(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    summary, records = _train(name, tmp_path)
+    assert len(records) == 2 and summary["after"]["eval/reward"] >= 0
+    cfg = load_config(os.path.join(REPO, "configs", name, "quickstart.yaml"))
+    flat_nfe = 2 * cfg.sampling.group_size * cfg.sampling.num_steps
+    for r in records:
+        assert r["train/ratio_first_step_dev"] < 1e-5  # on-policy at the first inner step
+        assert all(math.isfinite(r[k]) for k in ("train/loss", "train/grad_norm", "train/reward_mean"))
+    nfe = [r["rollout/nfe"] for r in records]
+    trained = [r["rollout/trained_edges"] for r in records]
+    if name == "branch_grpo":  # 2 trees x (1+1+1+2+2+4+4+8+8+8); best/worst paths of steps 0-5: 2 x (6 + 6 - 2)
+        assert nfe == [78.0, 78.0] and trained == [20.0, 20.0]
+    elif name == "tempflow_grpo":  # branch at step k = 0, then 1: k + 1 trunk evaluations + 8 children x (9 - k)
+        assert nfe == [2 * (1 + 72), 2 * (2 + 64)] and trained == [16.0, 16.0]
+    elif name == "dense_grpo":  # 16 samples x (10 steps + 55 look-ahead evaluations)
+        assert nfe == [16 * 65] * 2
+        levels = [[r[f"rollout/noise_level_{t}"] for t in range(10)] for r in records]
+        assert all(abs(abs(a - 0.7) - 0.01) < 1e-6 for a in levels[0])  # every psi(t) moved by epsilon_2
+    elif name == "vgpo":  # one-step projections: + 16 x 10
+        assert nfe == [2 * flat_nfe] * 2
+    elif name == "mix_grpo":  # window of 4 steps: 16 samples x 4 trained edges
+        assert nfe == [flat_nfe] * 2 and trained == [64.0, 64.0]
+    else:
+        assert nfe == [flat_nfe] * 2 and trained == [96.0, 96.0]
+
+
+def test_tempflow_noise_aware_weights_scale_the_loss(tmp_path, monkeypatch):
+    """The iteration's loss is scaled by its branch step's std·√Δ relative to the schedule's mean."""
+    from flowalign.recipes.rl import RLRecipe
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/tempflow_grpo/quickstart.yaml", {"output_dir": str(tmp_path / "t"), "logging.progress": False})
+    recipe = RLRecipe(cfg)
+    recipe.setup()
+    try:
+        sigmas = recipe.adapter.sigmas(10)
+        sig, nxt = sigmas[:6], sigmas[1:7]
+        stds = 0.7 * torch.sqrt(sig / (1 - torch.where(sig == 1, sigmas[1], sig))) * torch.sqrt(sig - nxt)  # Flow-GRPO std
+        expected = noise_aware_weights(stds)
+        from flowalign.rollout import rollout
+
+        weights = []
+        for it in range(6):
+            spec = recipe._branch_spec(it)
+            tree = rollout(recipe.adapter, recipe.adapter.encode(["the digit one"]), spec, prompts=["the digit one"],
+                           generator=torch.Generator().manual_seed(it), decode=False)
+            weights.append(recipe._branch_step_weight(tree))
+        assert torch.allclose(torch.tensor(weights), expected, rtol=1e-4)
+        assert weights[0] > weights[-1]  # early, noisy steps weigh more
+    finally:
+        recipe.cleanup()
+
+
+@pytest.mark.slow
+def test_dense_calibration_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    _, straight = _train("dense_grpo", tmp_path / "a", {"sampling.num_steps": 4, "eval.num_steps": 4, "algorithm.calibration_rate": 0.05})
+    _train("dense_grpo", tmp_path / "b", {"sampling.num_steps": 4, "eval.num_steps": 4, "algorithm.calibration_rate": 0.05,
+                                          "train.iterations": 1, "train.checkpoint_every": 1})
+    _, resumed = _train("dense_grpo", tmp_path / "b", {"sampling.num_steps": 4, "eval.num_steps": 4,
+                                                      "algorithm.calibration_rate": 0.05, "train.checkpoint_every": 1})
+    keys = [f"rollout/noise_level_{t}" for t in range(4)] + ["train/reward_mean", "train/loss"]
+    assert [straight[1][k] for k in keys] == pytest.approx([resumed[-1][k] for k in keys], abs=1e-6)
+
+
+def test_edge_estimators_are_listed():
+    assert set(EDGE_ESTIMATORS) == {"branch", "tempflow", "dense", "vgpo"}
