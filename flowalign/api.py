@@ -21,12 +21,9 @@ def _world_size() -> int:
 
 def recipe_class(cfg: Any) -> type:
     """The recipe class named by ``cfg.recipe`` (flowalign.config.RECIPES)."""
-    import importlib
+    from flowalign.config import RECIPES, import_path
 
-    from flowalign.config import RECIPES
-
-    module_name, _, attr = RECIPES[cfg.recipe].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    return import_path(RECIPES[cfg.recipe], "recipe")
 
 
 def train(config: str | os.PathLike | dict | RLConfig, overrides: Sequence[str] | dict[str, Any] = (), *,

@@ -282,10 +282,19 @@ def config_schema(recipe: str) -> type:
     """The config dataclass of a recipe: :class:`RLConfig` unless :data:`SCHEMAS` names another."""
     if recipe not in SCHEMAS:
         return RLConfig  # an unknown recipe name is reported by validate_config, naming the key
+    return import_path(SCHEMAS[recipe], "recipe")
+
+
+def import_path(path: str, key: str) -> Any:
+    """The object a ``package.module.Name`` or ``package.module:Name`` path names; a ValueError
+    starting with ``key`` when it cannot be imported."""
     import importlib
 
-    module_name, _, attr = SCHEMAS[recipe].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    module_name, _, attr = path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{key}: cannot import {path!r}: {err}") from err
 
 
 def _key_exists(conf: Any, key: str) -> bool:

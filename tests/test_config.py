@@ -115,3 +115,16 @@ def test_recipe_key_selects_the_config_schema(monkeypatch, tmp_path):
     # an override of `recipe` switches the schema too; without one the default schema is RLConfig
     assert isinstance(load_config({"steps": 2}, ["recipe=other"]), _OtherSchema)
     assert isinstance(load_config({}, check_files=False), RLConfig)
+
+
+def test_import_path_resolves_both_spellings_and_names_the_key():
+    import torch
+
+    from flowalign.config import import_path
+
+    assert import_path("torch.optim:AdamW", "train.optimizer._component_") is torch.optim.AdamW
+    assert import_path("torch.optim.AdamW", "train.optimizer._component_") is torch.optim.AdamW
+    with pytest.raises(ValueError, match=r"^train.optimizer._component_: cannot import 'torch.optim.Nope'"):
+        import_path("torch.optim.Nope", "train.optimizer._component_")
+    with pytest.raises(ValueError, match=r"^recipe: cannot import 'no_such_module:X'"):
+        import_path("no_such_module:X", "recipe")

@@ -211,7 +211,9 @@ def test_jsonl_prompt_metadata_reaches_the_reward(tiny_config, tmp_path):
 
     summary = flowalign.train(tiny_config, rewards=target_reward)
     by_prompt = {r["prompt"]: {"target": r["target"]} for r in records}
-    assert seen and all(meta == by_prompt[prompt] for prompt, meta in seen)
+    # each record's fields (minus "prompt") plus "group": the sample's prompt slot in the batch
+    assert seen and all({k: v for k, v in meta.items() if k != "group"} == by_prompt[prompt] for prompt, meta in seen)
+    assert all(isinstance(meta["group"], int) for _, meta in seen)
     assert summary["after"]["eval/reward"] == pytest.approx(0.5)  # eval: both prompts, equal samples
 
 

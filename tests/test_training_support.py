@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import sys
@@ -20,7 +21,7 @@ from flowalign.training import checkpoint as ckpt_mod
 from flowalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowalign.training.ema import EMA
 from flowalign.training.metrics import MetricsLogger, read_metrics
-from flowalign.training.plots import format_table, save_image_grid, save_reward_curve
+from flowalign.training.plots import before_after_table, format_table, save_curves, save_image_grid, save_reward_curve
 from flowalign.training.rng import capture_rng_state, restore_rng_state
 
 
@@ -631,6 +632,67 @@ def test_format_table_alignment():
     assert lines[3].startswith("awm ") and lines[2].rstrip().endswith(" 200") and lines[3].endswith("   50")
     with pytest.raises(ValueError, match=r"rows\[0\]"):
         format_table(["a", "b"], [[1]])
+
+
+def test_save_curves_draws_the_reference_line(tmp_path):
+    curves = {"grpo": [(2.0, 0.6), (0.0, 0.5), (4.0, 0.7)], "empty": []}
+    plain = np.asarray(Image.open(save_curves(str(tmp_path / "a.png"), curves, xlabel="s", ylabel="r")).convert("L"))
+    ref = save_curves(str(tmp_path / "b.png"), curves, xlabel="s", ylabel="r", reference=(0.65, "baseline"))
+    with_ref = np.asarray(Image.open(ref).convert("L"))
+    assert plain.shape == with_ref.shape == (480, 768)
+    # the dashed line adds dark pixels along one image row inside the axes
+    gained = (with_ref < 200) & (plain >= 200)
+    assert gained.sum(axis=1).max() > 100
+
+
+def test_before_after_table_rows_and_missing_values():
+    before = {"eval/reward": 0.25, "eval/accuracy": 0.5}
+    after = {"eval/reward": 0.75, "eval/accuracy": 0.9, "eval/judge/x": 0.1, "time/eval_s": 3.0}
+    lines = before_after_table(before, after, {"step": 40, "eval/reward": 0.8}, 1.5).split("\n")
+    assert lines[0].split() == ["held-out", "metric", "before", "after", "best", "(it", "40)"]
+    assert [line.split() for line in lines[2:]] == [
+        ["reward", "0.250", "0.750", "0.800"], ["accuracy", "0.500", "0.900", "-"], ["judge/x", "-", "0.100", "-"],
+        ["seconds", "/", "iteration", "-", "1.500", "-"]]
+    assert before_after_table(None, after, None, 1.0).split("\n")[0].endswith("best (it -)")
+
+
+def test_write_summary_drops_the_table_and_prints_it(tmp_path, capsys):
+    from flowalign.training.metrics import write_summary
+
+    write_summary(str(tmp_path), {"after": {"eval/reward": 0.5}, "table": "THE TABLE"}, "final/")
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"after": {"eval/reward": 0.5}}
+    out = capsys.readouterr().out
+    assert "THE TABLE" in out and f"run directory: {tmp_path}  (final/)" in out
+
+
+def test_resume_training_state_restores_weights_optimizer_ema_and_rng(tmp_path):
+    from flowalign.training.checkpoint import resume_training_state
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ema = EMA(model, decay=0.5)
+    save_checkpoint(str(tmp_path), 7, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                    ema_state=ema.state_dict(), rng_state=capture_rng_state(), extra={"step": 7})
+    expected_draw = torch.rand(3)
+
+    fresh = nn.Linear(3, 2)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    fresh_ema = EMA(fresh, decay=0.5)
+    assert resume_training_state("never", str(tmp_path), fresh, fresh_opt) is None
+    assert resume_training_state("auto", str(tmp_path / "empty"), fresh, fresh_opt) is None
+    torch.rand(5)  # move the global RNG on; resuming must put it back
+    ckpt = resume_training_state("auto", str(tmp_path), fresh, fresh_opt, fresh_ema)
+    assert ckpt.extra["step"] == 7
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert all(torch.equal(fresh_ema.state_dict()[k], v) for k, v in ema.state_dict().items())
+    other = nn.Sequential(nn.Linear(3, 2))  # parameters named "0.weight", "0.bias"
+    with pytest.raises(ValueError, match="does not match the model"):
+        resume_training_state(ckpt.path, str(tmp_path), other, torch.optim.Adam(other.parameters()))
 
 
 @pytest.mark.gpu

@@ -16,7 +16,6 @@ exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -29,7 +28,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from flowalign.advantages import edge_advantages, get_advantage_estimator
-from flowalign.config import ConfigError, RLConfig, num_trained_steps, read_prompt_records, to_yaml
+from flowalign.config import ConfigError, RLConfig, import_path, num_trained_steps, read_prompt_records, to_yaml
 from flowalign.estimators.dense import calibrate_noise, step_reward_gains
 from flowalign.estimators.preference import decoupled_normalization
 from flowalign.estimators.presets import EDGE_ESTIMATORS, EdgeTargets, lookahead_table
@@ -41,11 +40,17 @@ from flowalign.rewards.registry import build_rewards
 from flowalign.rollout import BranchSpec, integrate_ode, lookahead_sigmas, rollout, sample_ode
 from flowalign.rollout.schedules import mix_window
 from flowalign.samplers import sde_step
-from flowalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowalign.training.checkpoint import resume_training_state, save_training_state
 from flowalign.training.ema import EMA
-from flowalign.training.metrics import MetricsLogger, read_metrics
-from flowalign.training.plots import format_table, save_image_grid, save_reward_curve
-from flowalign.training.rng import capture_rng_state, restore_rng_state
+from flowalign.training.metrics import (
+    MetricsLogger,
+    discard_stale_metrics,
+    read_metrics,
+    write_run_config,
+    write_summary,
+)
+from flowalign.training.accel import end_accelerator
+from flowalign.training.plots import before_after_table, save_image_grid, save_reward_curve
 from flowalign.types import Conditioning, RolloutTree
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,7 +111,7 @@ class RLRecipe:
             raise ConfigError(f"model.options: {err} (options accepted by {adapter_cls.__name__}.from_pretrained)") from err
         self.module = self._make_trainable(self.adapter.trainable_module())
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        optimizer_cls = _import_path(cfg.train.optimizer._component_, "train.optimizer._component_")
+        optimizer_cls = import_path(cfg.train.optimizer._component_, "train.optimizer._component_")
         o = cfg.train.optimizer
         optimizer = optimizer_cls(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
         wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
@@ -132,13 +137,10 @@ class RLRecipe:
 
         self.start_iteration, self.before, self.best = 0, None, None
         if self.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
+            write_run_config(cfg.output_dir, to_yaml(cfg))
         self._maybe_resume()
-        metrics_file = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if self.is_main and self.start_iteration == 0 and os.path.exists(metrics_file):
-            os.remove(metrics_file)  # a fresh run: records of an earlier attempt that never checkpointed are stale
+        if self.is_main and self.start_iteration == 0:
+            discard_stale_metrics(cfg.output_dir)
         if self.is_main:
             s = cfg.sampling
             print(f"[flowalign] {cfg.model._component_} ({cfg.model.pretrained}) on {self.accelerator.device}, "
@@ -488,36 +490,16 @@ class RLRecipe:
         """Atomic checkpoint: trainable weights, optimizer, EMA, RNG, step, before/best evaluations."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            save_checkpoint(
-                self.cfg.output_dir, step,
-                model_state={n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad},
-                optimizer_state=self.optimizer.state_dict(),
-                ema_state=self.ema.state_dict() if self.ema is not None else None,
-                rng_state=capture_rng_state(),
-                extra={"step": step, "before": _scalars(self.before), "best": self.best,
-                       "noise_level_schedule": self.noise_level_schedule},
-                keep_last=self.cfg.train.keep_checkpoints,
-            )
+            save_training_state(self.cfg.output_dir, step, self.module, self.optimizer, ema=self.ema,
+                                extra={"step": step, "before": _scalars(self.before), "best": self.best,
+                                       "noise_level_schedule": self.noise_level_schedule},
+                                keep_last=self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
     def _maybe_resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume == "never":
+        ckpt = resume_training_state(self.cfg.train.resume, self.cfg.output_dir, self.module, self.optimizer, self.ema)
+        if ckpt is None:
             return
-        path = latest_checkpoint(self.cfg.output_dir) if resume == "auto" else resume
-        if path is None:
-            return
-        ckpt = load_checkpoint(path)
-        missing = [n for n, p in self.module.named_parameters() if p.requires_grad and n not in ckpt.model_state]
-        if missing:
-            raise ValueError(f"checkpoint {path!r} does not match the model (missing {missing[:3]}...); "
-                             "set train.resume=never or use another output_dir")
-        self.module.load_state_dict(ckpt.model_state, strict=False)
-        self.optimizer.load_state_dict(ckpt.optimizer_state)
-        if self.ema is not None and ckpt.ema_state is not None:
-            self.ema.load_state_dict(ckpt.ema_state)
-        if ckpt.rng_state is not None:
-            restore_rng_state(ckpt.rng_state)
         self.start_iteration = int(ckpt.extra["step"])
         self.before = ckpt.extra.get("before")
         self.best = ckpt.extra.get("best")
@@ -526,7 +508,7 @@ class RLRecipe:
         if self.before is not None and os.path.exists(media_file):
             self.before["media"] = torch.load(media_file)
         if self.is_main:
-            print(f"[flowalign] resumed from {path} at iteration {self.start_iteration}")
+            print(f"[flowalign] resumed from {ckpt.path} at iteration {self.start_iteration}")
 
     # ------------------------------------------------------------------------------------------
     # outputs
@@ -569,28 +551,13 @@ class RLRecipe:
         series.update({k: k.removeprefix("eval/") for k in final if k.startswith("eval/judge/") and k.endswith("accuracy")})
         summary["curve"] = save_reward_curve(os.path.join(out, "reward_curve.png"), records, series=series,
                                              title=f"{cfg.model._component_}: {self.reward_fn.name}")
-        rows = []
-        for key in [k for k in final if k.startswith("eval/")]:
-            rows.append([key.removeprefix("eval/"), before.get(key, float("nan")) if before else float("nan"), final[key],
-                         self.best.get(key, float("nan")) if self.best else float("nan")])
-        rows.append(["seconds / iteration", "", summary["seconds_per_iteration"], ""])
-        summary["table"] = format_table(["held-out metric", "before", "after", f"best (it {self.best['step'] if self.best else '-'})"], rows)
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "table"}, f, indent=2)
-        print("\n" + summary["table"])
-        print(f"\nrun directory: {out}  (before_after.png, reward_curve.png, metrics.jsonl, final/, best/)")
+        summary["table"] = before_after_table(_scalars(before), _scalars(final), self.best, summary["seconds_per_iteration"])
+        write_summary(out, summary, "before_after.png, reward_curve.png, metrics.jsonl, final/, best/")
         return summary
 
     def cleanup(self) -> None:
         self.logger.close()
-        self.accelerator.end_training()
-        # accelerate keeps mixed-precision settings in process-global state; release them so that a
-        # second run in the same process (a notebook, a sweep) may choose another precision. The
-        # process group (PartialState) is kept.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=False)
-        GradientState._reset_state()
+        end_accelerator(self.accelerator)
 
 
 def _metadata(records: list[dict[str, Any]], groups: list[int]) -> list[dict[str, Any]]:
@@ -615,12 +582,3 @@ def _spec_list(specs: Any, modality: str) -> list | dict:
         return {k: wrap(v) for k, v in specs.items()} if "_component_" not in specs else [specs]
     return [wrap(spec) for spec in (specs if isinstance(specs, (list, tuple)) else [specs])]
 
-
-def _import_path(path: str, key: str):
-    import importlib
-
-    module_name, _, attr = path.replace(":", ".").rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{key}: cannot import {path!r}: {err}") from err

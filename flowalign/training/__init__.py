@@ -1,4 +1,5 @@
-"""Training support: atomic checkpoints, RNG capture, EMA, metrics logging and run pictures.
+"""Training support: atomic checkpoints, RNG capture, EMA, metrics logging, run pictures and
+the end-of-run summary.
 
 Names are loaded on first use so ``import flowalign.training`` stays light (matplotlib and
 TensorBoard are only imported by the functions that need them).
@@ -13,6 +14,8 @@ _EXPORTS = {
     "save_checkpoint": "checkpoint",
     "latest_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
+    "resume_training_state": "checkpoint",
+    "save_training_state": "checkpoint",
     "capture_rng_state": "rng",
     "restore_rng_state": "rng",
     "EMA": "ema",
@@ -21,6 +24,11 @@ _EXPORTS = {
     "save_image_grid": "plots",
     "save_reward_curve": "plots",
     "format_table": "plots",
+    "before_after_table": "plots",
+    "write_summary": "metrics",
+    "write_run_config": "metrics",
+    "discard_stale_metrics": "metrics",
+    "end_accelerator": "accel",
 }
 
 __all__ = sorted(_EXPORTS)

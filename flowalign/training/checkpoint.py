@@ -34,7 +34,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "load_checkpoint"]
+from flowalign.training.rng import capture_rng_state, restore_rng_state
+
+__all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "save_training_state",
+           "resume_training_state"]
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -358,3 +361,54 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
         rng_state=_load_torch(path, RNG_FILE, "cpu") if RNG_FILE in files else None,
         extra=state["extra"],
     )
+
+
+def save_training_state(run_dir: str, step: int, module: torch.nn.Module, optimizer: Any, *, ema: Any = None,
+                        extra: dict | None = None, keep_last: int | None = 2) -> str:
+    """Atomically checkpoint a run at ``step``, for any recipe: the trainable weights of ``module``
+    (frozen ones come back from the pretrained model), the optimizer, the EMA shadow (if any), the
+    global RNG state and the recipe's ``extra`` (JSON). :func:`resume_training_state` reads it back.
+
+    Returns:
+        the checkpoint folder.
+    """
+    return save_checkpoint(
+        run_dir, step,
+        model_state={n: p.detach() for n, p in module.named_parameters() if p.requires_grad},
+        optimizer_state=optimizer.state_dict(),
+        ema_state=ema.state_dict() if ema is not None else None,
+        rng_state=capture_rng_state(),
+        extra=extra,
+        keep_last=keep_last,
+    )
+
+
+def resume_training_state(resume: str, run_dir: str, module: torch.nn.Module, optimizer: Any,
+                          ema: Any = None) -> Checkpoint | None:
+    """Restore a run from the checkpoint that ``train.resume`` names, for any recipe.
+
+    ``resume`` is ``"never"``, ``"auto"`` (the newest complete checkpoint in ``run_dir``, if any) or
+    a checkpoint folder. Loads the trainable weights into ``module`` (non-strict: frozen weights
+    come from the pretrained model), the optimizer state, the EMA shadow (when both exist) and the
+    global RNG state. Returns the checkpoint, whose ``extra`` the recipe reads, or None.
+
+    Raises:
+        ValueError: the checkpoint lacks a trainable parameter of ``module`` (another model).
+    """
+    if resume == "never":
+        return None
+    path = latest_checkpoint(run_dir) if resume == "auto" else resume
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in ckpt.model_state]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} does not match the model (missing {missing[:3]}...); "
+                         "set train.resume=never or use another output_dir")
+    module.load_state_dict(ckpt.model_state, strict=False)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    if ema is not None and ckpt.ema_state is not None:
+        ema.load_state_dict(ckpt.ema_state)
+    if ckpt.rng_state is not None:
+        restore_rng_state(ckpt.rng_state)
+    return ckpt

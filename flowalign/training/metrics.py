@@ -188,3 +188,27 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_summary(output_dir: str, summary: dict[str, Any], outputs: str) -> None:
+    """End of a run: ``summary.json`` (every entry but the printed ``"table"``), then the table and
+    where the run's files are (``outputs`` lists them for the reader)."""
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "table"}, f, indent=2)
+    print("\n" + summary["table"])
+    print(f"\nrun directory: {output_dir}  ({outputs})")
+
+
+def write_run_config(output_dir: str, config_yaml: str) -> None:
+    """Create the run directory and record the resolved config in it as ``config.yaml``."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+        f.write(config_yaml)
+
+
+def discard_stale_metrics(output_dir: str) -> None:
+    """For a run that starts from scratch (nothing resumed): remove ``metrics.jsonl`` left by an
+    earlier attempt in the same directory that never checkpointed, whose records are stale."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        os.remove(path)

@@ -213,35 +213,60 @@ def save_reward_curve(
     Returns:
         ``path``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not isinstance(series, dict) or not series:
         raise ValueError("series must be a non-empty dict of metric key -> legend label")
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "step" not in rec:
             raise ValueError(f"records[{i}] has no 'step' key")
-    fig = Figure(figsize=(6.4, 4.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    empty = []
+    curves: dict[str, list[tuple[float, float]]] = {}
     for key, label in series.items():
-        pts = [
+        curves[label] = [
             (rec["step"], float(rec[key]))
             for rec in records
             if isinstance(rec.get(key), numbers.Real) and not isinstance(rec.get(key), bool)
         ]
+    return save_curves(path, curves, xlabel="step", ylabel=ylabel, title=title)
+
+
+def save_curves(
+    path: str,
+    curves: dict[str, list[tuple[float, float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    reference: tuple[float, str] | None = None,
+) -> str:
+    """Plot labelled ``(x, y)`` curves (e.g. held-out reward against seconds of training) as a PNG.
+
+    Args:
+        curves: legend label -> points (sorted by x here); a label with no points is listed as
+            "no data" instead of drawn.
+        reference: optional ``(y, label)`` drawn as a dashed horizontal line (e.g. a baseline's final value).
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    empty = []
+    for label, pts in curves.items():
         if not pts:
-            empty.append(key)
+            empty.append(label)
             continue
-        pts.sort(key=lambda p: p[0])
-        xs, ys = zip(*pts)
+        xs, ys = zip(*sorted(pts, key=lambda p: p[0]))
         ax.plot(xs, ys, label=label, marker="o" if len(pts) <= 40 else None, markersize=3, linewidth=1.5)
+    if reference is not None:
+        ax.axhline(reference[0], color="gray", linestyle="--", linewidth=1, label=reference[1])
     if empty:
         ax.text(0.01, 0.01, "no data: " + ", ".join(empty), transform=ax.transAxes, fontsize=7, color="gray")
-    if len(empty) < len(series):
+    if len(empty) < len(curves) or reference is not None:
         ax.legend(loc="best", fontsize=8)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
@@ -291,3 +316,15 @@ def format_table(header: list[str], rows: list[list]) -> str:
     out = [line(head), "  ".join("-" * w for w in widths)]
     out += [line([t for t, _ in r]) for r in cells]
     return "\n".join(out)
+
+
+def before_after_table(before: dict[str, Any] | None, after: dict[str, Any], best: dict[str, Any] | None,
+                       seconds_per_iteration: float) -> str:
+    """The table a run prints at its end: every held-out ``eval/*`` scalar of ``after`` with its
+    value before training, after it, and at the best evaluation (``best["step"]``), then the
+    mean seconds per iteration. Missing values print as ``-``."""
+    before, best = before or {}, best or {}
+    rows: list[list] = [[key.removeprefix("eval/"), before.get(key), after[key], best.get(key)]
+                        for key in after if key.startswith("eval/")]
+    rows.append(["seconds / iteration", None, seconds_per_iteration, None])
+    return format_table(["held-out metric", "before", "after", f"best (it {best.get('step', '-')})"], rows)
