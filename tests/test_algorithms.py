@@ -88,7 +88,7 @@ def test_one_step_projection_and_full_ode_match_the_adapter(tiny_model_dir):
 def _flat_tree():
     from flowalign.types import RolloutTree
 
-    E, L, T = 4, 2, 2
+    E, L = 4, 2
     z = torch.zeros(E, 1)
     return RolloutTree(
         prompt_idx=torch.zeros(E, dtype=torch.long), parent=torch.tensor([-1, -1, 0, 1]), step=torch.tensor([0, 0, 1, 1]),
