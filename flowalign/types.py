@@ -87,6 +87,8 @@ class RolloutTree:
         trainable: ``[E]`` bool, whether the edge receives a policy-gradient update (an SDE edge
             not pruned by the spec). Pruning never changes what was sampled.
         mean_old: ``[E, *latent_shape]`` transition means, kept when a KL term needs them.
+        velocity: ``[E, *latent_shape]`` the (guided) model velocity at the edge's ``x_t``, kept when
+            look-ahead estimators reuse it as the first step of an ODE look-ahead from ``x_t``.
 
     Per leaf ``l`` (one finished sample):
         leaf_prompt_idx: ``[L]`` long, index into ``prompts``.
@@ -124,6 +126,7 @@ class RolloutTree:
     sigmas: Tensor
     nfe: int
     mean_old: Tensor | None = None
+    velocity: Tensor | None = None
     media: Tensor | None = None
     rewards: dict[str, Tensor] = field(default_factory=dict)
     node_values: dict[str, Tensor] = field(default_factory=dict)

@@ -53,6 +53,9 @@ from flowalign.training.accel import end_accelerator
 from flowalign.training.plots import before_after_table, save_image_grid, save_reward_curve
 from flowalign.types import Conditioning, RolloutTree
 
+#: edge estimators that score an ODE look-ahead from every node (RLRecipe._score_lookaheads).
+LOOKAHEAD_ESTIMATORS = ("dense", "vgpo")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TIME_KEYS = ("time/rollout_s", "time/reward_s", "time/train_s", "time/other_s", "time/iteration_s")
 
@@ -242,7 +245,7 @@ class RLRecipe:
             cond = self._encode(prompts)
             tree = rollout(self.adapter, cond, spec, prompts=prompts,
                            generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
-                           keep_means=False, decode=True)
+                           keep_means=False, keep_velocities=cfg.algorithm.advantage in LOOKAHEAD_ESTIMATORS, decode=True)
         t1 = time.perf_counter()
 
         leaf_idx = tree.leaf_prompt_idx.tolist()
@@ -252,7 +255,7 @@ class RLRecipe:
         valid = reward.valid.to(acc.device) if reward.valid is not None else torch.ones_like(scores, dtype=torch.bool)
         all_scores, all_groups, all_valid = acc.gather((scores, tree.leaf_group.to(acc.device), valid))
         lookahead_nfe = 0
-        if cfg.algorithm.advantage in ("dense", "vgpo"):
+        if cfg.algorithm.advantage in LOOKAHEAD_ESTIMATORS:
             lookahead_nfe = self._score_lookaheads(tree, cond, prompts, records)
         t2 = time.perf_counter()
 
@@ -307,7 +310,9 @@ class RLRecipe:
     def _score_lookaheads(self, tree: RolloutTree, cond: Conditioning, prompts: list[str], records: list[dict]) -> int:
         """Score the ODE look-ahead from every node before each step (DenseGRPO Eqs. 8-9; with
         ``algorithm.lookahead_steps=1`` VGPO's one-step projection) into
-        ``tree.node_values["lookahead"] [E]``; returns the model evaluations spent."""
+        ``tree.node_values["lookahead"] [E]``; returns the model evaluations spent. The first step
+        of each look-ahead reuses the velocity the rollout computed at that ``x_t`` (same weights,
+        same point), so a one-step projection costs no model evaluation."""
         cfg, acc = self.cfg, self.accelerator
         values = torch.zeros(tree.num_edges, dtype=torch.float32)
         nfe = 0
@@ -317,12 +322,13 @@ class RLRecipe:
             sigmas = lookahead_sigmas(tree.sigmas, depth, cfg.algorithm.lookahead_steps)
             with acc.autocast():
                 x0 = integrate_ode(self.adapter, cond[tree.prompt_idx[edges]], tree.x_t[edges], sigmas,
-                                   guidance_scale=cfg.sampling.guidance_scale)
+                                   guidance_scale=cfg.sampling.guidance_scale,
+                                   first_velocity=tree.velocity[edges] if tree.velocity is not None else None)
                 media = self.adapter.decode(x0)
             idx = tree.prompt_idx[edges].tolist()
             out = self.reward_fn(media, [prompts[i] for i in idx], _metadata([records[i] for i in idx], idx))
             values[edges.cpu()] = assert_finite(out.scores.float().cpu(), "look-ahead rewards")
-            nfe += len(edges) * (len(sigmas) - 1)
+            nfe += len(edges) * (len(sigmas) - 1 - (tree.velocity is not None))
         self.module.train()
         tree.node_values["lookahead"] = values
         return nfe

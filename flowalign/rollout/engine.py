@@ -89,6 +89,7 @@ def rollout(
     group_ids: Tensor | None = None,
     initial_latents: Tensor | None = None,
     keep_means: bool = False,
+    keep_velocities: bool = False,
     decode: bool = True,
     progress: bool = False,
 ) -> RolloutTree:
@@ -105,6 +106,8 @@ def rollout(
         initial_latents: ``[P*G, *latent_shape]`` initial noises, prompt-major (rows
             ``p*G .. p*G+G-1`` belong to prompt ``p``); default ``adapter.init_latents(P*G, generator)``.
         keep_means: also store ``mean_old [E, *latent_shape]`` (for a KL term on means).
+        keep_velocities: also store ``velocity [E, *latent_shape]``, the model velocity each edge's
+            transition used (so an ODE look-ahead from ``x_t`` need not recompute its first step).
         decode: fill ``media = adapter.decode(leaf_latents)``.
         progress: show a tqdm bar over the steps.
 
@@ -147,7 +150,7 @@ def rollout(
     node_edge = torch.full((P * G,), -1, dtype=torch.long, device=device)  # edge that produced each node
 
     parts: dict[str, list[Tensor]] = {k: [] for k in ("prompt_idx", "parent", "step", "x_t", "x_next",
-                                                      "log_prob", "std", "trainable", "mean")}
+                                                      "log_prob", "std", "trainable", "mean", "velocity")}
     num_edges, nfe = 0, 0
 
     for t in tqdm(range(T), desc="rollout", disable=not progress, leave=False):
@@ -196,6 +199,8 @@ def rollout(
         parts["trainable"].append(trainable)
         if keep_means:
             parts["mean"].append(mean)
+        if keep_velocities:
+            parts["velocity"].append(v.float())
 
         x, node_edge, num_edges = x_next, ids, num_edges + m
 
@@ -226,6 +231,7 @@ def rollout(
         sigmas=sigmas,
         nfe=nfe,
         mean_old=cat["mean"] if keep_means else None,
+        velocity=cat["velocity"] if keep_velocities else None,
         media=adapter.decode(x) if decode else None,
     )
 
@@ -260,18 +266,26 @@ def sample_ode(
 
 
 def integrate_ode(adapter: PipelineAdapter, cond: Conditioning, latents: Tensor, sigmas: Tensor, *,
-                  guidance_scale: float = 1.0) -> Tensor:
+                  guidance_scale: float = 1.0, first_velocity: Tensor | None = None) -> Tensor:
     """Euler steps of the probability-flow ODE along ``sigmas [K + 1]`` (descending), from ``latents``
     at ``sigmas[0]``: ``[N, *latent_shape]`` fp32. ``sigmas = [σ_t, 0]`` is the one-step projection
-    ``x̂0 = x_t − σ_t v(x_t, σ_t)``; the rest of a rollout's schedule is DenseGRPO's ODE look-ahead."""
+    ``x̂0 = x_t − σ_t v(x_t, σ_t)``; the rest of a rollout's schedule is DenseGRPO's ODE look-ahead.
+
+    ``first_velocity [N, *latent_shape]``, when given, is ``v(latents, sigmas[0])`` already computed
+    (e.g. ``RolloutTree.velocity``) and replaces the first model evaluation: ``K - 1`` evaluations."""
     n = latents.shape[0]
     _check_cond(cond, n, "latents")
+    if first_velocity is not None and first_velocity.shape != latents.shape:
+        raise ValueError(f"first_velocity has shape {tuple(first_velocity.shape)}, latents {tuple(latents.shape)}")
     cond = cond.to(dtype=adapter.dtype)
     x = latents.to(device=adapter.device, dtype=torch.float32)
     sigmas = sigmas.to(device=adapter.device, dtype=torch.float32)
     for t in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[t].expand(n), sigmas[t + 1].expand(n)
-        v = _velocity(adapter, x, sigma, cond, float(guidance_scale))
+        if t == 0 and first_velocity is not None:
+            v = first_velocity.to(device=adapter.device, dtype=torch.float32)
+        else:
+            v = _velocity(adapter, x, sigma, cond, float(guidance_scale))
         x = ode_step(v, sigma, sigma_next, x).float()
     return x
 
