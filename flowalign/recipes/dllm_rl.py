@@ -52,6 +52,7 @@ from flowalign.dllm.algorithms import (
 from flowalign.dllm.config import DLLMConfig
 from flowalign.guards import assert_finite
 from flowalign.recipes.rl import prompt_indices, stream_generator
+from flowalign.training.accel import end_accelerator
 from flowalign.training.checkpoint import resume_training_state, save_training_state
 from flowalign.training.metrics import (
     MetricsLogger,
@@ -60,7 +61,6 @@ from flowalign.training.metrics import (
     write_run_config,
     write_summary,
 )
-from flowalign.training.accel import end_accelerator
 from flowalign.training.plots import before_after_table, save_reward_curve
 
 RewardFn = Callable[[str, Any], float]

@@ -40,6 +40,7 @@ from flowalign.rewards.registry import build_rewards
 from flowalign.rollout import BranchSpec, integrate_ode, lookahead_sigmas, rollout, sample_ode
 from flowalign.rollout.schedules import mix_window
 from flowalign.samplers import sde_step
+from flowalign.training.accel import end_accelerator
 from flowalign.training.checkpoint import resume_training_state, save_training_state
 from flowalign.training.ema import EMA
 from flowalign.training.metrics import (
@@ -49,7 +50,6 @@ from flowalign.training.metrics import (
     write_run_config,
     write_summary,
 )
-from flowalign.training.accel import end_accelerator
 from flowalign.training.plots import before_after_table, save_image_grid, save_reward_curve
 from flowalign.types import Conditioning, RolloutTree
 
