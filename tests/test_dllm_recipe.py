@@ -183,3 +183,28 @@ def test_on_policy_check_refuses_a_ratio_away_from_one(tmp_path, monkeypatch):
     recipe._check_on_policy(0.0)
     with pytest.raises(RuntimeError, match="ratio_tolerance"):
         recipe._check_on_policy(1e-3)
+
+
+def test_two_process_run_keeps_ranks_in_lockstep_when_one_has_no_rows(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU), one prompt per rank: in some
+    iterations rank 0's group has no reward spread (no rows to train) while rank 1's has; both ranks
+    must still take the same optimizer step (gradients summed by hand, not by DDP's per-forward
+    reducer), so the run finishes, on-policy at every first inner step."""
+    import subprocess
+    import sys
+
+    out_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flowalign", "train",
+           os.path.join(REPO, "configs", "dllm", "quickstart.yaml"), f"output_dir={out_dir}", "train.iterations=4",
+           "sampling.prompts_per_iter=2", "eval.max_examples=20", "eval.every=0", "logging.progress=false",
+           "logging.tensorboard=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "num_processes=2" in out.stdout + out.stderr, "the run did not see two processes"
+    assert json.load(open(out_dir / "summary.json"))["iterations"] == 4
+    steps = [r for r in records(str(out_dir)) if "train/ratio_first_step_dev" in r]
+    assert steps and all(r["train/ratio_first_step_dev"] <= 1e-6 for r in steps)
+    # the case this guards: rank 0 trained nothing while the update was not skipped (rank 1 had rows)
+    assert any(r["train/trained_rows"] == 0 for r in steps), [r["train/trained_rows"] for r in steps]

@@ -24,7 +24,6 @@ import copy
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -117,7 +116,10 @@ class DLLMRecipe:
         o = cfg.train.optimizer
         optimizer = import_path(o._component_, "train.optimizer._component_")(
             self.params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
-        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        # The model is not wrapped in DDP: ranks run different numbers of forwards per update (rows with
+        # signal differ, estimators take several forwards per row), which DDP's per-forward reducer cannot
+        # match; gradients are summed over ranks by hand once per optimizer step (_all_reduce_gradients).
+        self.optimizer = self.accelerator.prepare(optimizer)
 
         self.task = get_task(cfg.task.name, **cfg.task.kwargs)
         self.reward_fn: RewardFn = self._reward_override or self.task.reward
@@ -154,7 +156,7 @@ class DLLMRecipe:
         """The trained policy's logits ``[B, L, V]`` (a LogitsFn), counting forward passes."""
         self.forward_calls += 1
         self.forward_rows += input_ids.shape[0]
-        return self.wrapped(input_ids, attention_mask)
+        return self.model(input_ids, attention_mask)
 
     def reference_logits_fn(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The reference policy's logits (LoRA disabled, or the frozen copy), no grad."""
@@ -262,7 +264,7 @@ class DLLMRecipe:
         its old log-probs (all computed before the first update) and its new ones."""
         cfg, a, acc = self.cfg, self.cfg.algorithm, self.accelerator
         n = len(batch)
-        # every rank must step together (DDP all-reduces gradients): the rank with the most rows decides
+        # every rank steps together (gradients are summed over ranks): the rank with the most rows decides
         n_max = int(acc.gather(torch.tensor([n], device=acc.device)).max()) if self.world > 1 else n
         if n_max == 0:
             return {"train/skipped_update": 1.0}
@@ -279,29 +281,30 @@ class DLLMRecipe:
         unit_shape = old[0].shape if n else (0, 1)
         weights = unit_weights(self.estimator.unit, batch.trained, batch.trajectory) if n else torch.zeros(0, 1)
         unit_adv = unit_advantages(advantages, tuple(unit_shape)) if n else torch.zeros(0, 1)
+        # the loss is the token (unit) weighted mean over every rank's rows: divide by the global weight
         total_weight = float(weights.sum())
+        if self.world > 1:
+            total_weight = float(acc.reduce(torch.tensor([total_weight], device=acc.device), reduction="sum")[0])
         sums: dict[str, float] = {}
         grad_norms, first_dev, n_micro = [], 0.0, 0
         for k in range(a.inner_steps):
             d = k % k_draws
-            for j, c in enumerate(chunks):
+            for c in chunks:
                 if not bool((weights[c] > 0).any()):
                     continue
-                sync = nullcontext() if j == len(chunks) - 1 else acc.no_sync(self.wrapped)
-                with sync:
-                    new = self.estimator(self.logits_fn, batch.select(c), select_draws(draws[d], c))
-                    loss, m, w = policy_loss(new, old[d][c], unit_adv[c], weights[c], clip_range=a.clip_range,
-                                             ref_log_prob=ref[d][c] if ref is not None else None, kl_beta=a.kl_beta)
-                    acc.backward(loss * (w / total_weight))
+                new = self.estimator(self.logits_fn, batch.select(c), select_draws(draws[d], c))
+                loss, m, w = policy_loss(new, old[d][c], unit_adv[c], weights[c], clip_range=a.clip_range,
+                                         ref_log_prob=ref[d][c] if ref is not None else None, kl_beta=a.kl_beta)
+                acc.backward(loss * (w / total_weight))
                 if k == 0:
                     first_dev = max(first_dev, m["ratio_max_dev"])
                 for name, value in m.items():
                     sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value
                 n_micro += 1
-            if n == 0:  # this rank has no row with signal: a zero-gradient step keeps DDP in lockstep
-                zero = sum(p.sum() for p in self.params) * 0.0
-                acc.backward(zero)
+            self._all_reduce_gradients()
             if k == 0:
+                if self.world > 1:  # every rank refuses together
+                    first_dev = float(acc.gather(torch.tensor([first_dev], device=acc.device)).max())
                 self._check_on_policy(first_dev)
             grad_norm = acc.clip_grad_norm_(self.params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
             grad_norms.append(assert_finite(torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1), "gradient norm").item())
@@ -312,6 +315,20 @@ class DLLMRecipe:
         out["train/grad_norm"] = float(np.mean(grad_norms))
         out["train/trained_rows"] = float(n)
         return out
+
+    def _all_reduce_gradients(self) -> None:
+        """Sum every trainable parameter's gradient over the ranks (a rank without rows contributes
+        zeros), so each rank takes the same optimizer step on the globally weighted loss. One flat
+        all-reduce of the trainable parameters' size (LoRA: the adapter)."""
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
 
     def _check_on_policy(self, ratio_dev: float) -> None:
         """DESIGN.md invariant 2: before any update the recomputed log-probs equal the old ones."""
