@@ -1,8 +1,8 @@
-"""Finite-value guards (DESIGN.md invariant 3: a NaN reward or loss never reaches the optimizer
-silently).
+"""Guards of the training invariants of DESIGN.md: finite values (invariant 3: a NaN reward or loss
+never reaches the optimizer silently) and on-policy first steps (invariant 2).
 
-The guard is a pure check: it returns its input unchanged (same object, autograd graph intact)
-or raises :class:`FloatingPointError` naming what was checked and where it went wrong.
+:func:`assert_finite` is a pure check: it returns its input unchanged (same object, autograd graph
+intact) or raises :class:`FloatingPointError` naming what was checked and where it went wrong.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["assert_finite"]
+__all__ = ["assert_finite", "assert_on_policy"]
 
 # How many offending entries an error message lists before summarizing the rest.
 _MAX_REPORTED = 5
@@ -59,3 +59,16 @@ def assert_finite(tensor: Tensor, what: str) -> Tensor:
         f"{what} contains NaN/Inf at indices {indices}: values {values}{more}; "
         f"{count} of {tensor.numel()} entries non-finite, shape {tuple(tensor.shape)}"
     )
+
+
+def assert_on_policy(ratio_dev: float, tolerance: float, likely_causes: str) -> None:
+    """DESIGN.md invariant 2: at the first inner step, before any weight changes, the recomputed
+    log-probs equal the old ones, so ``max |ratio - 1|`` (``ratio_dev``) is at most ``tolerance``
+    (``algorithm.ratio_tolerance``).
+
+    Raises:
+        RuntimeError: naming the deviation, the key and ``likely_causes`` (the recipe's own hint).
+    """
+    if ratio_dev > tolerance:
+        raise RuntimeError(f"on-policy check failed: max |ratio - 1| = {ratio_dev:.3g} > algorithm.ratio_tolerance="
+                           f"{tolerance} at the first inner step; {likely_causes}")

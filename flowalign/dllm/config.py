@@ -14,11 +14,21 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flowalign.config import ConfigError, LoggingConfig, OptimizerConfig, _f, _looks_like_hub_id
+from flowalign.config import (
+    ConfigError,
+    LoggingConfig,
+    OptimizerConfig,
+    _f,
+    _looks_like_hub_id,
+    _require,
+    _require_file,
+)
+
+if TYPE_CHECKING:
+    from flowalign.dllm.sampling import SamplingSpec
 
 __all__ = [
     "DLLMAlgorithmConfig",
@@ -31,9 +41,6 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
-ORDERS = ("diffusion", "ar")
-REMASKING = ("low_confidence", "random")
-STEP_SCHEDULES = ("uniform", "ascending")
 
 
 @dataclass
@@ -143,6 +150,19 @@ class DLLMConfig:
         preset.apply(cfg)
         return cfg
 
+    def sampling_spec(self) -> SamplingSpec:
+        """The rollouts' :class:`~flowalign.dllm.sampling.SamplingSpec` (preset applied).
+
+        Raises:
+            SamplingSpecError: the sampling fields do not make a valid decode (``err.field`` names it).
+        """
+        from flowalign.dllm.sampling import SamplingSpec
+
+        s = self.resolved().sampling
+        return SamplingSpec(gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
+                            temperature=s.temperature, remasking=s.remasking, order=s.order,
+                            step_schedule=s.step_schedule, eos_early_rejection=s.eos_early_rejection)
+
     def validate(self, *, check_files: bool = True, world_size: int = 1) -> None:
         """Semantic checks types cannot express, on the preset-resolved config.
 
@@ -150,6 +170,7 @@ class DLLMConfig:
             ConfigError: the message starts with the offending key.
         """
         from flowalign.dllm.algorithms import ESTIMATOR_UNITS
+        from flowalign.dllm.sampling import SamplingSpecError
 
         _require(self.recipe == "dllm", "recipe", f"DLLMConfig runs the 'dllm' recipe, got {self.recipe!r}")
         cfg = self.resolved()
@@ -169,31 +190,11 @@ class DLLMConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"task.kwargs: {err}") from None
 
-        _require(s.gen_length >= 1, "sampling.gen_length", "must be >= 1")
-        _require(s.steps is not None and 1 <= s.steps <= s.gen_length, "sampling.steps",
-                 f"must be in [1, gen_length={s.gen_length}], got {s.steps}")
-        block = s.block_length if s.block_length is not None else s.gen_length
-        _require(1 <= block <= s.gen_length and s.gen_length % block == 0, "sampling.block_length",
-                 f"block_length={block} must divide gen_length={s.gen_length}")
-        n_blocks = s.gen_length // block
-        if s.order != "ar":
-            _require(s.steps % n_blocks == 0 and s.steps // n_blocks <= block, "sampling.steps",
-                     f"steps={s.steps} must be a multiple of the number of blocks (gen_length / block_length = {n_blocks}) "
-                     f"with at most block_length={block} steps per block")
+        try:  # the decoder's own checks (flowalign.dllm.sampling.SamplingSpec), reported by key
+            cfg.sampling_spec()
+        except SamplingSpecError as err:
+            raise ConfigError(f"sampling.{err.field}: {err}") from None
         _require(s.temperature > 0, "sampling.temperature", "must be > 0: rollouts must explore (greedy rollouts give identical groups)")
-        _require(s.remasking in REMASKING, "sampling.remasking", f"unknown remasking {s.remasking!r}; use one of {list(REMASKING)}")
-        _require(s.order in ORDERS, "sampling.order", f"unknown order {s.order!r}; use one of {list(ORDERS)}")
-        if s.order == "ar":
-            _require(s.steps == s.gen_length, "sampling.steps",
-                     f"order 'ar' commits one token per step, so steps must equal gen_length={s.gen_length}, got {s.steps}")
-            _require(s.eos_early_rejection == 0, "sampling.eos_early_rejection", "has no effect with order 'ar'; set it to 0")
-        if s.remasking == "random":
-            _require(s.eos_early_rejection == 0, "sampling.eos_early_rejection",
-                     "needs remasking 'low_confidence' (it rescales confidences); set it to 0")
-        _require(s.step_schedule in STEP_SCHEDULES, "sampling.step_schedule",
-                 f"unknown step_schedule {s.step_schedule!r}; use one of {list(STEP_SCHEDULES)}")
-        _require(s.eos_early_rejection is not None and 0 <= s.eos_early_rejection < 1, "sampling.eos_early_rejection",
-                 f"must be in [0, 1) (0 = off), got {s.eos_early_rejection}")
         _require(s.group_size >= 2, "sampling.group_size", "must be >= 2 (group-relative advantages need several rollouts)")
         _require(s.prompts_per_iter >= 1, "sampling.prompts_per_iter", "must be >= 1")
         _require(s.prompts_per_iter % world_size == 0, "sampling.prompts_per_iter",
@@ -250,13 +251,3 @@ class DLLMConfig:
         rollouts = s.prompts_per_iter * s.group_size
         return {"rollouts": rollouts, "optimizer_steps": a.inner_steps,
                 "micro_batches_per_step": math.ceil(rollouts / cfg.train.micro_batch_size)}
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _require_file(path: str, key: str) -> None:
-    _require(os.path.exists(path), key,
-             f"file or folder not found: {path!r} (relative paths resolve against {os.getcwd()!r})")

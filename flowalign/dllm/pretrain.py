@@ -265,14 +265,14 @@ def pretrain_steps(
             batch = [examples[i] for i in idx]
         seq, att, P = examples_to_sequences(model, batch, gen_length=gen_length)
         loss = masked_diffusion_loss(model, seq, att, P, model.mask_token_id, generator)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the update: a NaN never reaches the optimizer
+            raise FloatingPointError(f"masked diffusion loss became {value} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip and grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"masked diffusion loss became {value} at step {step}")
         losses.append(value)
         if callback is not None:
             callback(step, value)

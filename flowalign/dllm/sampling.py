@@ -51,6 +51,7 @@ __all__ = [
     "STEP_SCHEDULES",
     "LogitsFn",
     "SamplingSpec",
+    "SamplingSpecError",
     "Trajectory",
     "ascending_schedule",
     "eos_confidence_factor",
@@ -68,6 +69,15 @@ the distribution of token ``i`` (any logit shift already undone)."""
 REMASKING: tuple[str, ...] = ("low_confidence", "random")
 ORDERS: tuple[str, ...] = ("diffusion", "ar")
 STEP_SCHEDULES: tuple[str, ...] = ("uniform", "ascending")
+
+
+class SamplingSpecError(ValueError):
+    """An invalid :class:`SamplingSpec`; ``field`` names the offending argument (so a config can
+    report it as ``sampling.<field>``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,48 +115,52 @@ class SamplingSpec:
     def __post_init__(self) -> None:
         self.suppress_tokens = tuple(int(t) for t in self.suppress_tokens)
         if not isinstance(self.gen_length, int) or self.gen_length < 1:
-            raise ValueError(f"gen_length must be a positive int, got {self.gen_length!r}")
+            raise SamplingSpecError("gen_length", f"gen_length must be a positive int, got {self.gen_length!r}")
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+            raise SamplingSpecError("steps", f"steps must be a positive int, got {self.steps!r}")
         if self.block_length is None:
             self.block_length = self.gen_length
         if not isinstance(self.block_length, int) or self.block_length < 1:
-            raise ValueError(f"block_length must be a positive int, got {self.block_length!r}")
+            raise SamplingSpecError("block_length", f"block_length must be a positive int, got {self.block_length!r}")
         if self.remasking not in REMASKING:
-            raise ValueError(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+            raise SamplingSpecError("remasking", f"remasking must be one of {REMASKING}, got {self.remasking!r}")
         if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+            raise SamplingSpecError("order", f"order must be one of {ORDERS}, got {self.order!r}")
         if self.step_schedule not in STEP_SCHEDULES:
-            raise ValueError(f"step_schedule must be one of {STEP_SCHEDULES}, got {self.step_schedule!r}")
+            raise SamplingSpecError("step_schedule", f"step_schedule must be one of {STEP_SCHEDULES}, got {self.step_schedule!r}")
         if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise SamplingSpecError("temperature", f"temperature must be >= 0, got {self.temperature!r}")
         if not (0.0 <= self.eos_early_rejection < 1.0):
-            raise ValueError(f"eos_early_rejection must lie in [0, 1), got {self.eos_early_rejection!r}")
+            raise SamplingSpecError("eos_early_rejection", f"eos_early_rejection must lie in [0, 1), got {self.eos_early_rejection!r}")
         if self.gen_length % self.block_length:
-            raise ValueError(
+            raise SamplingSpecError(
+                "block_length",
                 f"block_length={self.block_length} must divide gen_length={self.gen_length}"
             )
         if self.order == "ar":
             if self.steps != self.gen_length:
-                raise ValueError(
+                raise SamplingSpecError(
+                    "steps",
                     f"order='ar' commits one token per step: steps={self.steps} must equal "
                     f"gen_length={self.gen_length}"
                 )
             if self.eos_early_rejection > 0:
-                raise ValueError("eos_early_rejection has no effect with order='ar'; set it to 0")
+                raise SamplingSpecError("eos_early_rejection", "eos_early_rejection has no effect with order='ar'; set it to 0")
             return
         if self.steps % self.num_blocks:
-            raise ValueError(
+            raise SamplingSpecError(
+                "steps",
                 f"steps={self.steps} must be a multiple of the number of blocks "
                 f"gen_length/block_length={self.num_blocks}"
             )
         if self.steps_per_block > self.block_length:
-            raise ValueError(
+            raise SamplingSpecError(
+                "steps",
                 f"steps={self.steps} gives {self.steps_per_block} steps per block, more than "
                 f"block_length={self.block_length} tokens: some steps would commit nothing"
             )
         if self.remasking == "random" and self.eos_early_rejection > 0:
-            raise ValueError("eos_early_rejection needs remasking='low_confidence' (it rescales confidences)")
+            raise SamplingSpecError("eos_early_rejection", "eos_early_rejection needs remasking='low_confidence' (it rescales confidences)")
 
     @property
     def num_blocks(self) -> int:

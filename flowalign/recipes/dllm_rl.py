@@ -49,7 +49,10 @@ from flowalign.dllm.algorithms import (
     unit_weights,
 )
 from flowalign.dllm.config import DLLMConfig
-from flowalign.guards import assert_finite
+from flowalign.dllm.model import MaskedDiffusionLM
+from flowalign.dllm.sampling import generate
+from flowalign.dllm.tasks import get_task
+from flowalign.guards import assert_finite, assert_on_policy
 from flowalign.recipes.rl import prompt_indices, stream_generator
 from flowalign.training.accel import end_accelerator
 from flowalign.training.checkpoint import resume_training_state, save_training_state
@@ -89,10 +92,6 @@ class DLLMRecipe:
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from flowalign.dllm.model import MaskedDiffusionLM
-        from flowalign.dllm.sampling import SamplingSpec
-        from flowalign.dllm.tasks import get_task
-
         cfg = self.cfg
         m, s, a = cfg.model, cfg.sampling, cfg.algorithm
         if cfg.num_threads:
@@ -126,9 +125,7 @@ class DLLMRecipe:
         self.train_examples = self.task.load(cfg.task.train)
         eval_examples = self.task.load(cfg.task.eval)
         self.eval_examples = eval_examples[: cfg.eval.max_examples] if cfg.eval.max_examples else eval_examples
-        self.spec = SamplingSpec(gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
-                                 temperature=s.temperature, remasking=s.remasking, order=s.order,
-                                 step_schedule=s.step_schedule, eos_early_rejection=s.eos_early_rejection)
+        self.spec = cfg.sampling_spec()
         self.eval_spec = replace(self.spec, temperature=cfg.eval.temperature)
         self.estimator = LogProbEstimator(a.estimator, mask_id=self.mask_id, p_mask_prompt=a.p_mask_prompt,
                                           num_mc=a.num_mc, masks_per_t=a.masks_per_t,
@@ -215,8 +212,6 @@ class DLLMRecipe:
         prompt_mask = prompt_mask.to(self.accelerator.device).repeat_interleave(s.group_size, dim=0)
         rollout_examples = [ex for ex in examples for _ in range(s.group_size)]
         group_ids = torch.arange(per_rank).repeat_interleave(s.group_size)
-        from flowalign.dllm.sampling import generate
-
         traj = generate(self.logits_fn, prompt_ids, prompt_mask, self.spec, mask_id=self.mask_id, eos_id=self.eos_id,
                         generator=stream_generator(cfg.seed, "rollout", iteration, self.rank), record_predictions=False)
         sequences, attention_mask, P = traj.sequences, traj.attention_mask, traj.prompt_length
@@ -332,15 +327,15 @@ class DLLMRecipe:
 
     def _check_on_policy(self, ratio_dev: float) -> None:
         """DESIGN.md invariant 2: before any update the recomputed log-probs equal the old ones."""
-        if ratio_dev > self.cfg.algorithm.ratio_tolerance:
-            raise RuntimeError(
-                f"on-policy check failed: max |ratio - 1| = {ratio_dev:.3g} > algorithm.ratio_tolerance="
-                f"{self.cfg.algorithm.ratio_tolerance} at the first inner step; old and new log-probs were computed "
-                "differently (different estimator draws? dropout? non-deterministic kernels?)")
+        assert_on_policy(ratio_dev, self.cfg.algorithm.ratio_tolerance, "old and new log-probs were computed "
+                         "differently (different estimator draws? dropout? non-deterministic kernels?)")
 
     def _score(self, completions: torch.Tensor, examples: list) -> torch.Tensor:
         """Task rewards ``[N]`` float32 of completion tokens ``[N, Lg]`` (decoded up to the first EOS)."""
-        texts = self.model.decode(completions)
+        return self._score_texts(self.model.decode(completions), examples)
+
+    def _score_texts(self, texts: list[str], examples: list) -> torch.Tensor:
+        """Task rewards ``[N]`` float32 of decoded completions, each checked to be a float in [0, 1]."""
         values = []
         for text, ex in zip(texts, examples):
             r = float(self.reward_fn(text, ex))
@@ -377,8 +372,6 @@ class DLLMRecipe:
         Returns:
             ``(sequences, rewards, fixed [N, Lg] bool = hint tokens, metrics)``.
         """
-        from flowalign.dllm.sampling import generate
-
         cfg, s, a = self.cfg, self.cfg.sampling, self.cfg.algorithm
         P, Lg, G = prompt_ids.shape[1], s.gen_length, s.group_size
         sequences, rewards = sequences.clone(), rewards.clone()
@@ -416,8 +409,6 @@ class DLLMRecipe:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
         """Held-out accuracy and mean reward of ``eval.temperature`` (greedy) decoding, sharded over ranks."""
-        from flowalign.dllm.sampling import generate
-
         cfg = self.cfg
         t0 = time.perf_counter()
         examples = self.eval_examples[self.rank::self.world]
@@ -428,10 +419,9 @@ class DLLMRecipe:
             traj = generate(self.model, ids.to(self.accelerator.device), am.to(self.accelerator.device), self.eval_spec,
                             mask_id=self.mask_id, eos_id=self.eos_id, generator=stream_generator(cfg.seed, "eval", start),
                             record_predictions=False)
-            completions = traj.sequences[:, traj.prompt_length:]
-            rewards.append(self._score(completions, chunk))
+            texts = self.model.decode(traj.sequences[:, traj.prompt_length:])
+            rewards.append(self._score_texts(texts, chunk))
             if self.judges:
-                texts = self.model.decode(completions)
                 for name, judge in self.judges.items():
                     judged[name].extend(float(judge(t, ex)) for t, ex in zip(texts, chunk))
         r = torch.cat(rewards) if rewards else torch.zeros(0)

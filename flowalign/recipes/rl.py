@@ -33,7 +33,7 @@ from flowalign.estimators.dense import calibrate_noise, step_reward_gains
 from flowalign.estimators.preference import decoupled_normalization
 from flowalign.estimators.presets import EDGE_ESTIMATORS, EdgeTargets, lookahead_table
 from flowalign.estimators.tree import noise_aware_weights
-from flowalign.guards import assert_finite
+from flowalign.guards import assert_finite, assert_on_policy
 from flowalign.losses import get_loss, kl_on_means
 from flowalign.pipelines import load_adapter_class
 from flowalign.rewards.registry import build_rewards
@@ -437,12 +437,8 @@ class RLRecipe:
 
     def _check_on_policy(self, ratio_dev: float) -> None:
         """Invariant 2 of DESIGN.md: before any update the recomputed log-probs equal the rollout's."""
-        if ratio_dev > self.cfg.algorithm.ratio_tolerance:
-            raise RuntimeError(
-                f"on-policy check failed: max |ratio - 1| = {ratio_dev:.3g} > algorithm.ratio_tolerance="
-                f"{self.cfg.algorithm.ratio_tolerance} at the first inner step; the rollout and the update compute "
-                "log-probs differently (dropout on? different precision? non-deterministic kernels?)"
-            )
+        assert_on_policy(ratio_dev, self.cfg.algorithm.ratio_tolerance, "the rollout and the update compute "
+                         "log-probs differently (dropout on? different precision? non-deterministic kernels?)")
 
     # ------------------------------------------------------------------------------------------
     # evaluation
