@@ -68,6 +68,7 @@ from flowalign.dllm.pretrain import (
     flawed_addition_pairs,
     masked_diffusion_loss,
 )
+from flowalign.dllm.sampling import SamplingSpec, generate
 from flowalign.dllm.tasks import TaskExample, addition_answer, addition_prompt
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EOS]"]
@@ -126,28 +127,11 @@ def encode(tok, texts: list[str]) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-@torch.no_grad()
-def greedy_decode(logits_fn, prompt_ids: torch.Tensor, gen_length: int, mask_id: int,
-                  forbidden: list[int]) -> torch.Tensor:
-    """Low-confidence remasking, greedy, one token per step (steps = gen_length): returns [B, Lg]."""
-    B, P = prompt_ids.shape
-    x = torch.cat([prompt_ids, torch.full((B, gen_length), mask_id, dtype=torch.long)], dim=1)
-    att = torch.ones_like(x)
-    rows = torch.arange(B)
-    for _ in range(gen_length):
-        logits = logits_fn(x, att)[:, P:].float()
-        logits[..., forbidden] = -math.inf
-        conf, tok = logits.softmax(-1).max(-1)
-        still = x[:, P:] == mask_id
-        conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
-        pos = conf.argmax(-1)
-        x[rows, P + pos] = tok[rows, pos]
-    return x[:, P:]
-
-
 def evaluate(model, tok, examples: list[TaskExample], batch: int = 256) -> dict:
     mask_id, eos_id = tok.mask_token_id, tok.eos_token_id
-    forbidden = [tok.convert_tokens_to_ids(t) for t in SPECIALS if t != "[EOS]"]
+    # greedy, low-confidence remasking, one token per step; specials other than [EOS] never generated
+    spec = SamplingSpec(gen_length=GEN_LENGTH, steps=GEN_LENGTH,
+                        suppress_tokens=tuple(tok.convert_tokens_to_ids(t) for t in SPECIALS if t not in ("[EOS]", "[MASK]")))
     fn = lambda ids, att: model(input_ids=ids, attention_mask=att).logits
     model.eval()
     by_carry: dict[int, list[int]] = {}
@@ -156,7 +140,7 @@ def evaluate(model, tok, examples: list[TaskExample], batch: int = 256) -> dict:
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
         ids = torch.tensor(encode(tok, [e.prompt for e in chunk]), dtype=torch.long)
-        out = greedy_decode(fn, ids, GEN_LENGTH, mask_id, forbidden)
+        out = generate(fn, ids, None, spec, mask_id=mask_id, record_predictions=False).sequences[:, ids.shape[1]:]
         for ex, row in zip(chunk, out.tolist()):
             text = "".join(tok.convert_ids_to_tokens(row[: row.index(eos_id)] if eos_id in row else row))
             a, b = ex.metadata["a"], ex.metadata["b"]
