@@ -312,11 +312,10 @@ class RLRecipe:
         ``algorithm.lookahead_steps=1`` VGPO's one-step projection) into
         ``tree.node_values["lookahead"] [E]``; returns the model evaluations spent. The first step
         of each look-ahead reuses the velocity the rollout computed at that ``x_t`` (same weights,
-        same point), so a one-step projection costs no model evaluation."""
+        same point), so a one-step projection costs no model evaluation. Runs in the rollout's eval mode."""
         cfg, acc = self.cfg, self.accelerator
         values = torch.zeros(tree.num_edges, dtype=torch.float32)
         nfe = 0
-        self.module.eval()
         for depth in range(len(tree.sigmas) - 1):
             edges = (tree.step == depth).nonzero().squeeze(1)
             sigmas = lookahead_sigmas(tree.sigmas, depth, cfg.algorithm.lookahead_steps)
@@ -329,7 +328,6 @@ class RLRecipe:
             out = self.reward_fn(media, [prompts[i] for i in idx], _metadata([records[i] for i in idx], idx))
             values[edges.cpu()] = assert_finite(out.scores.float().cpu(), "look-ahead rewards")
             nfe += len(edges) * (len(sigmas) - 1 - (tree.velocity is not None))
-        self.module.train()
         tree.node_values["lookahead"] = values
         return nfe
 
