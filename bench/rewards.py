@@ -92,7 +92,7 @@ def bench_reward(name: str, args: argparse.Namespace, tmp_dir: str) -> list[list
         from flowalign.rewards.remote import RemoteReward, serve_reward
 
         server = serve_reward(reward, max_batch=max(args.batch_sizes))
-        remote = RemoteReward(server.url)
+        remote = RemoteReward(server.url, token=server.token)
     rows = []
     try:
         for batch in args.batch_sizes:

@@ -3,25 +3,37 @@
 Standard library only (``http.server`` + ``urllib``), JSON bodies, media as base64 PNG -- never
 pickle, so a client cannot make the server run code and vice versa.
 
-Protocol (version 1); every request carries ``Authorization: Bearer <token>`` when the server has one:
+Protocol (version 1); every request carries ``Authorization: Bearer <token>`` (a server runs
+without a token only when told to, on loopback):
 
-* ``GET /info`` -> ``{"name", "modality", "max_batch", "protocol": 1}``.
+* ``GET /info`` -> ``{"name", "modality", "max_batch", "protocol": 1}`` plus the server's size limits
+  ``max_body_bytes``, ``max_image_pixels`` and ``max_request_pixels`` (the client sizes its
+  requests to fit them).
 * ``POST /score`` with ``{"media": [...], "prompts": [str], "metadata": [dict] | null}``; ``media`` is
   one base64 PNG per image (``"image"``) or a list of base64 PNGs, one per frame, per video
   (``"video"``). Answer: ``{"scores": [float], "components": {name: [float]}, "valid": [bool] | null}``.
-* Errors: ``{"error": message}`` with 400 (malformed payload), 401 (missing / wrong token),
-  404, 411, 413 (body or batch too large), 500 (the reward raised).
+* Errors: ``{"error": message, ...}`` with 400 (malformed payload, JSON nested too deeply, not a
+  PNG), 401 (missing / wrong token), 404, 411 (no Content-Length), 413 (body, batch or pixel budget
+  too large; the answer also names the ``limit`` and, for pixels, the entry ``where`` with its
+  ``width`` / ``height``), 500 (the reward raised), 503 (busy: no free slot within the server's
+  queue timeout). The client retries 502 / 503 / 504 and connection failures, never other 4xx / 500.
+
+The server's defenses against hostile clients (auth, socket timeouts, connection and admission
+caps, body and pixel budgets checked from the PNG headers before decoding, JSON depth) and what
+they do not cover are listed in :mod:`flowalign.rewards.reward_server`.
 
 Media travel at uint8 precision (``round(255 * x)``, :func:`flowalign.rewards._media.to_uint8`), the
 precision at which PIL-based rewards see them anyway. The server scores one request at a time (a
 lock around the reward) and binds ``127.0.0.1`` unless told otherwise; behind another host, use a
-token and a TLS-terminating proxy (the client speaks ``https://`` too).
+TLS-terminating proxy (the client speaks ``https://`` too).
 
     server = serve_reward(build_reward("pickscore", path=...), port=8765, token="s3cret")   # process A
     reward = RemoteReward("http://127.0.0.1:8765", token="s3cret")                         # process B
     out = reward(images, prompts)
 
-From the shell: ``flowalign serve-reward reward.yaml`` (:func:`serve_from_config`).
+``serve_reward`` without a token makes a random one: ``RemoteReward(server.url, token=server.token)``.
+From the shell: ``FLOWALIGN_REWARD_TOKEN=... flowalign serve-reward reward.yaml`` (:func:`serve_from_config`);
+without the variable it refuses to start unless ``--no-auth`` is given (loopback hosts only).
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -74,14 +86,17 @@ class RemoteReward:
 
     ``name`` and ``modality`` come from the server's ``GET /info`` (fetched on first use, so
     building the object never touches the network), unless given here; a given ``modality`` is
-    checked against the server's. Batches larger than the server's ``max_batch`` are split.
+    checked against the server's. Batches are split to fit the server's ``max_batch``, its
+    ``max_request_pixels`` and its ``max_body_bytes``; a single image over ``max_image_pixels`` (or
+    a sample over the other budgets) fails before anything is sent.
 
     Args:
         url: ``http(s)://host:port`` of the server.
-        token: bearer token; ``None`` reads ``FLOWALIGN_REWARD_TOKEN`` (no auth if unset).
+        token: bearer token (``server.token`` of :func:`serve_reward`); ``None`` reads
+            ``FLOWALIGN_REWARD_TOKEN`` (no ``Authorization`` header if unset).
         timeout: seconds to wait on each connect / read.
         retries: extra attempts after a failed one (connection refused/reset, timeout, HTTP 502/503/504);
-            400 / 401 / 413 / 500 answers are not retried. Worst case time is about
+            other 4xx and 500 answers are not retried. Worst case time is about
             ``(retries + 1) * timeout + backoff * (2 ** retries - 1)``.
         backoff: seconds before the first retry, doubled after each.
         name: local name (default: the server's).
@@ -149,8 +164,8 @@ class RemoteReward:
             self._info = info
         return self._info
 
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
-        data = None if payload is None else json.dumps(payload).encode()
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None, data: bytes | None = None) -> Any:
+        data = data if payload is None else json.dumps(payload).encode()
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -197,18 +212,7 @@ class RemoteReward:
         components: dict[str, list[float]] = {}
         valid: list[bool] = []
         any_valid = False
-        step = int(info["max_batch"])
-        for start in range(0, batch, step):
-            stop = min(start + step, batch)
-            payload = {"media": encode_media(media[start:stop], info["modality"]),
-                       "prompts": [str(p) for p in prompts[start:stop]],
-                       "metadata": None if metadata is None else [dict(m or {}) for m in metadata[start:stop]]}
-            try:
-                json.dumps(payload["metadata"])
-            except (TypeError, ValueError) as err:
-                raise TypeError(f"RemoteReward {self.name!r}: metadata must be JSON-serializable: {err}") from err
-            answer = self._request("POST", "/score", payload)
-            n = stop - start
+        for n, answer in self._score_chunks(media, prompts, metadata, info):
             if not isinstance(answer, dict) or not isinstance(answer.get("scores"), list) or len(answer["scores"]) != n:
                 raise RemoteRewardError(f"reward server {self.url} answered {str(answer)[:200]!r} for a batch of {n}")
             scores += answer["scores"]
@@ -230,6 +234,45 @@ class RemoteReward:
         comps = {k: as_tensor(v) for k, v in components.items()}
         return RewardOutput(scores=as_tensor(scores), components=comps,
                             valid=torch.tensor(valid, dtype=torch.bool, device=device) if any_valid else None)
+
+    def _score_chunks(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None,
+                      info: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+        """POST the batch in chunks that fit the server's limits; yields ``(chunk size, answer)``."""
+        limit = lambda key: info[key] if isinstance(info.get(key), int) and info[key] > 0 else None  # noqa: E731
+        modality, (height, width) = info["modality"], media.shape[-2:]
+        frame_pixels = height * width
+        sample_pixels = frame_pixels * (media.shape[1] if modality == "video" else 1)
+        max_image, max_request = limit("max_image_pixels"), limit("max_request_pixels")
+        if max_image is not None and frame_pixels > max_image:
+            raise RemoteRewardError(f"RemoteReward {self.name!r}: {width}x{height} {'frames' if modality == 'video' else 'images'} "
+                                    f"({frame_pixels:,} pixels) are over the server's max_image_pixels={max_image:,}", status=413)
+        if max_request is not None and sample_pixels > max_request:
+            raise RemoteRewardError(f"RemoteReward {self.name!r}: one sample has {sample_pixels:,} pixels, over the server's "
+                                    f"max_request_pixels={max_request:,}", status=413)
+        step = max(1, min(int(info["max_batch"]), max_request // sample_pixels if max_request else media.shape[0]))
+        for start in range(0, media.shape[0], step):
+            yield from self._post_chunk(media, prompts, metadata, start, min(start + step, media.shape[0]), limit("max_body_bytes"))
+
+    def _post_chunk(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None,
+                    start: int, stop: int, max_body: int | None) -> Iterator[tuple[int, Any]]:
+        payload = {"media": encode_media(media[start:stop], self.info()["modality"]),
+                   "prompts": [str(p) for p in prompts[start:stop]],
+                   "metadata": None if metadata is None else [dict(m or {}) for m in metadata[start:stop]]}
+        try:
+            data = json.dumps(payload).encode()
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"RemoteReward {self.name!r}: metadata must be JSON-serializable: {err}") from err
+        del payload
+        if max_body is not None and len(data) > max_body:
+            if stop - start == 1:
+                raise RemoteRewardError(f"RemoteReward {self.name!r}: sample {start} encodes to {len(data):,} bytes, over "
+                                        f"the server's max_body_bytes={max_body:,}", status=413)
+            del data
+            middle = (start + stop) // 2
+            yield from self._post_chunk(media, prompts, metadata, start, middle, max_body)
+            yield from self._post_chunk(media, prompts, metadata, middle, stop, max_body)
+            return
+        yield stop - start, self._request("POST", "/score", data=data)
 
     def __repr__(self) -> str:
         return f"RemoteReward({self.url!r}, timeout={self.timeout:g}, retries={self.retries})"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import textwrap
 import time
 from fractions import Fraction
 
@@ -243,3 +245,111 @@ def test_code_infinite_loop_hits_time_limit_quickly():
     assert t.reward("def f():\n    while True:\n        pass", e) == 0.0
     assert t.reward("while True:\n    pass", e) == 0.0
     assert time.time() - t0 < 6.0
+
+
+def test_code_tests_are_split_so_expected_values_stay_out_of_the_solution_process():
+    from flowalign.dllm.tasks import _plan_test, _solution_names
+
+    names = _solution_names(__import__("ast").parse("import math\nfrom collections import Counter\n"
+                                                     "def add(a, b):\n    return a + b\nlimit = 3"))
+    plan = _plan_test("assert add(1, 2) == 3", names)
+    assert plan.leaves == ["add(1, 2)"] and plan.fast and plan.imports == []
+    plan = _plan_test("assert Counter(add('a', 'b')) == Counter('ab') and math.pi > limit", names)
+    # Counter and math come from the standard library: the checker imports them itself
+    assert plan.leaves == ["add('a', 'b')", "limit"] and not plan.fast
+    assert plan.checker_imports == ["from collections import Counter", "import math"]
+    plan = _plan_test("assert list(map(add, [1], [2])) == [3]", names)  # a solution function as an argument
+    assert plan.leaves == ["map(add, [1], [2])"]
+    plan = _plan_test("assert all(x > 0 for x in add([1], [2]))", names)  # leaf in the outer iterable: fine
+    assert plan.leaves == ["add([1], [2])"]
+    from flowalign.dllm.tasks import _Unverifiable
+
+    for bad in ["for i in range(3):\n    assert add(i, 0) == i", "x = add(1, 2)\nassert x == 3",
+                "assert all(add(i, 0) == i for i in range(3))", "assert (y := add(1, 2)) == 3"]:
+        with pytest.raises(_Unverifiable):
+            _plan_test(bad, names)
+
+
+def test_code_reward_for_honest_solutions_across_assert_forms():
+    tests = [
+        "assert f(2) == 4",
+        "assert f(2) == 4.0 and f(-1) != 0",  # int/float equality as in Python
+        "assert f(0) in (0, 1) and not f(0)",
+        "assert g(3) == [0, 1, 2] and g(0) == []",
+        "assert g(2) != (0, 1)",  # a list is not a tuple
+        "assert h() == {'a': {1, 2}, 'b': None}",
+        "assert big(5000) == 10 ** 5000",  # beyond int-to-str digit limits
+        "import math\nassert math.isclose(f(0.1), 0.01)",
+        "assert sorted(g(3), reverse=True) == [2, 1, 0]",
+        "assert list(gen(3)) == [0, 1, 2] and sum(gen(4)) == 6",
+        "assert Counter(word('aab')) == Counter({'a': 2, 'b': 1})",
+        "assert list(map(f, [1, 2])) == [1, 4]",
+        "assert f(3) == 9, 'the message is never evaluated'",
+        "f(1)",  # must not raise
+    ]
+    solution = textwrap.dedent("""
+        from collections import Counter
+        def f(x):
+            return x * x
+        def g(n):
+            return list(range(n))
+        def h():
+            return {"a": {1, 2}, "b": None}
+        def big(n):
+            return 10 ** n
+        def gen(n):
+            yield from range(n)
+        def word(s):
+            return Counter(s)
+    """)
+    e = ex("q", "", tests=tests)
+    assert get_task("code", timeout_s=30).reward(solution, e) == 1.0
+    wrong = solution.replace("return x * x", "return x + x").replace("yield from range(n)", "yield from range(n + 1)")
+    # 2 * x: isclose, map and f(3) == 9 fail (f(2) == 4 and f(0) == 0 still hold); gen(3) has 4 items
+    assert get_task("code", timeout_s=30).reward(wrong, e) == pytest.approx(10 / len(tests))
+
+
+def test_code_raising_values_and_non_plain_results_fail():
+    tests = ["assert f(1) == 1", "assert f(0) == 0", "assert obj() == obj()", "assert obj() is not None",
+             "boom()"]
+    solution = ("def f(x):\n    return 1 / x\nclass A:\n    def __eq__(self, o):\n        return True\n"
+                "def obj():\n    return A()\ndef boom():\n    raise ValueError('no')\n")
+    # f(0) raises; an opaque A() equals only itself (not another call's A()); boom() raises
+    assert get_task("code").reward(solution, ex("q", "", tests=tests)) == pytest.approx(2 / 5)
+
+
+def test_code_builtin_names_defined_by_the_solution_are_the_solutions():
+    e = ex("q", "", tests=["assert max(3) == 3"])
+    assert get_task("code").reward("def max(x):\n    return x\n", e) == 1.0
+    assert get_task("code").reward("def other(x):\n    return x\n", e) == 0.0  # builtin max(3) raises
+
+
+def test_code_unverifiable_tests_modes(tmp_path):
+    loop_test = "for i in range(3):\n    assert sq(i) == i * i"
+    e = ex("q", "", tests=["assert sq(2) == 4", loop_test])
+    good = "def sq(x):\n    return x * x\n"
+    with pytest.raises(ValueError, match="cannot be verified outside the solution's process"):
+        get_task("code").reward(good, e)
+    assert get_task("code", unverified_tests="fail").reward(good, e) == 0.5
+    assert get_task("code", unverified_tests="run").reward(good, e) == 1.0
+    assert get_task("code", unverified_tests="run").reward("def sq(x):\n    return 0\n", e) == 0.0
+    with pytest.raises(ValueError, match="unverified_tests"):
+        get_task("code", unverified_tests="trust")
+    p = tmp_path / "code.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "answer": "", "tests": [loop_test]}) + "\n")
+    with pytest.raises(ValueError, match="example 1: code test"):
+        get_task("code").load(str(p))
+    assert len(get_task("code", unverified_tests="fail").load(str(p))) == 1
+    p.write_text(json.dumps({"prompt": "q", "answer": "", "tests": ["assert f(1) =="]}) + "\n")
+    with pytest.raises(ValueError, match="is not valid Python"):
+        get_task("code", unverified_tests="run").load(str(p))
+
+
+def test_sandbox_output_cap_and_privilege_report():
+    r = run_python("import sys\nprint('a' * 5000, flush=True)\nsys.stderr.write('b' * 5000)", max_output_bytes=100,
+                   timeout_s=10)
+    assert r.truncated and r.returncode is None and r.stdout == "a" * 100 and len(r.stderr) <= 100
+    r = run_python("import os\nprint(os.getuid())", timeout_s=10)
+    assert r.privileges_dropped == (os.geteuid() == 0 and r.stdout.strip() == "65534")
+    if not r.privileges_dropped:
+        assert r.stdout.strip() == str(os.getuid())
