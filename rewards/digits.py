@@ -124,6 +124,13 @@ class DigitClassifierReward:
         return cls(directory)
 
     @torch.no_grad()
+    def embed(self, media: Tensor) -> Tensor:
+        """``media [B, 3, H, W]`` in [0, 1] -> ``[B, hidden]`` penultimate-layer features (after the
+        hidden ReLU, dropout off): the space in which evaluations measure sample diversity."""
+        grey = media_to_grey(media, self.net.config.image_size).to(self.device)
+        return self.net.head[:-2](self.net.features(grey * 2.0 - 1.0)).float()
+
+    @torch.no_grad()
     def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
                  ) -> RewardOutput:
         """``media [B, 3, H, W]`` in [0, 1] -> scores ``[B]`` in [0, 1] (on ``media``'s device)."""

@@ -8,6 +8,8 @@ its win rate ``(1 / (G - 1)) Σ_{j≠i} 1[x_i ≻ x_j]``; a tie counts one half)
 
 * :class:`GroupwiseRank` wraps a pointwise reward: ``score_i = rank_i / (G - 1)`` with tied ranks
   averaged, which is exactly the win rate of ``i`` against its group with ties counted ½.
+* :class:`GroupDiversity` scores each sample by its mean distance to the rest of its group (a
+  diversity bonus to add to a task reward).
 * :class:`PairwiseAsPointwise` wraps a pairwise judge (``compare(media_a, media_b, prompts) -> P(a ≻ b)``)
   into per-sample win rates over all pairs of a group; failed comparisons count ½, as in Pref-GRPO.
 
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from .base import RewardOutput, as_reward_output
 
-__all__ = ["group_ids", "win_rates", "GroupwiseRank", "PairwiseAsPointwise"]
+__all__ = ["group_ids", "win_rates", "GroupwiseRank", "PairwiseAsPointwise", "GroupDiversity"]
 
 
 def group_ids(batch: int, group_size: int | None, metadata: Sequence[dict[str, Any]] | None,
@@ -186,3 +188,37 @@ class PairwiseAsPointwise:
         valid = (count == 0) | (failed < count)  # invalid only if every comparison of the sample failed
         dev = media.device
         return RewardOutput(scores=scores.to(dev), components={"failed_frac": failed_frac.to(dev)}, valid=valid.to(dev))
+
+
+class GroupDiversity:
+    """Reward a sample for standing apart from the other samples of its group: ``score_i`` = its mean
+    cosine distance to them (:func:`flowalign.diversity.distance_to_group`, in [0, 2]; 0 when all
+    samples of the group are alike). Added with a small weight to a task reward it makes the
+    group-relative advantage prefer, among equally good samples, the ones unlike their siblings:
+    the diversity knob of ``configs/quickstart_diverse.yaml`` (our choice of bonus; DiverseGRPO-style
+    group-level diversity terms are related).
+
+    Args:
+        features: where distances are measured: ``None`` (default) the pixels; or a reward (object,
+            name or ``{_component_: ..., **kwargs}``) with ``embed(media) -> [B, D]``.
+        group_size / group_key: how groups are found (see :func:`group_ids`).
+    """
+
+    name = "group_diversity"
+    modality = "image"
+
+    def __init__(self, features: Any = None, group_size: int | None = None, group_key: str = "group") -> None:
+        _check_group_size(group_size)
+        self.embedder = _build_judge(features) if features is not None else None
+        if self.embedder is not None and not callable(getattr(self.embedder, "embed", None)):
+            raise ValueError(f"GroupDiversity: features={type(self.embedder).__name__} has no embed(media) method")
+        self.group_size, self.group_key = group_size, group_key
+
+    def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
+                 ) -> RewardOutput:
+        """``media`` ``[B, ...]`` in [0, 1]; returns ``[B]`` mean distances to the rest of each group."""
+        from flowalign.diversity import distance_to_group
+
+        groups = group_ids(len(prompts), self.group_size, metadata, self.group_key)
+        features = self.embedder.embed(media) if self.embedder is not None else media.flatten(1)
+        return RewardOutput(scores=distance_to_group(features.float(), groups.to(features.device)).to(media.device))

@@ -68,6 +68,11 @@ class PickScore:
         self.path = path
 
     @torch.no_grad()
+    def embed(self, media: Tensor) -> Tensor:
+        """``media [B, 3, H, W]`` in [0, 1] -> ``[B, D]`` unit-norm CLIP image embeddings (sample diversity)."""
+        return self.features.images(check_media(media, "image"))
+
+    @torch.no_grad()
     def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
                  ) -> RewardOutput:
         """``media [B, 3, H, W]`` in [0, 1] + ``B`` prompts -> scores ``[B]`` on ``media``'s device."""

@@ -20,6 +20,7 @@ NO_CONTRACT = {
     "videoalign": "a remote client: covered by tests/test_remote_reward.py on loopback",
     "groupwise_rank": "groupwise by design (not batch-split invariant): tests/test_rewards_vlm.py",
     "pairwise_winrate": "groupwise by design (not batch-split invariant): tests/test_rewards_vlm.py",
+    "group_diversity": "groupwise by design (not batch-split invariant): tests/test_diversity.py",
 }
 # Rewards that read per-prompt metadata get one record per prompt (GenEval's JSONL format).
 CONTRACT_METADATA = {
