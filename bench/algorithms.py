@@ -80,6 +80,7 @@ def run_method(name: str, budget: float, eval_every: int, eval_samples: int, see
     """Train one method for ``budget`` seconds of training time; returns its curve and rates."""
     cfg = load_config(os.path.join(ROOT, "configs", METHODS[name]), {
         "seed": seed, "output_dir": os.path.join(out, name), "train.resume": "never", "train.iterations": 100_000,
+        "num_threads": torch.get_num_threads(),  # --threads, not the config's
         "eval.samples_per_prompt": eval_samples, "logging.progress": False, "logging.tensorboard": False, **overrides})
     recipe = recipe_class(cfg)(cfg)
     recipe.setup()

@@ -283,7 +283,7 @@ def _continued_pretraining(args: argparse.Namespace, out_dir: str) -> dict:
 
 
 def _bench_overrides(args: argparse.Namespace, out_dir: str) -> dict:
-    return {"output_dir": out_dir, "seed": args.seed, "train.resume": "never", "train.iterations": 100000,
+    return {"output_dir": out_dir, "seed": args.seed, "num_threads": args.threads, "train.resume": "never", "train.iterations": 100000,
             "train.time_budget_s": args.budget, "eval.every": args.eval_every, "logging.progress": False,
             "logging.tensorboard": False, "model.pretrained": args.model,
             "task.eval": args.prompts}

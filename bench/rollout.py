@@ -61,6 +61,7 @@ def direct_model_time(recipe: RLRecipe, repeats: int) -> float:
 def bench(config: str, group_size: int, iterations: int, warmup: int) -> list:
     out_dir = tempfile.mkdtemp(prefix="flowalign-bench-")
     cfg = load_config(config, {"sampling.group_size": group_size, "output_dir": out_dir, "train.resume": "never",
+                               "num_threads": torch.get_num_threads(),
                                "logging.tensorboard": False, "logging.progress": False})
     recipe = RLRecipe(cfg)
     recipe.setup()

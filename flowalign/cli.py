@@ -2,7 +2,9 @@
 
 Every command takes a YAML config followed by ``key.sub=value`` overrides, e.g.
 ``flowalign train configs/quickstart.yaml train.iterations=20 sampling.noise_level=0.5``.
-Configuration errors print one line naming the key and exit with status 2.
+Known errors (a bad config, a missing model, a run directory holding another run, a broken
+checkpoint) print one short line naming the key or file and exit with status 2; ``--debug`` shows
+the traceback. A stopped run (Ctrl-C, SIGTERM) saves a checkpoint and exits with 130 / 143.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import json
 import os
 import sys
 
-from flowalign.config import ConfigError
+from flowalign.errors import FlowalignError, TrainingInterrupted
 
 
 def _parser() -> argparse.ArgumentParser:
+    from flowalign import __version__
+
     p = argparse.ArgumentParser(prog="flowalign", description="Align diffusion / flow-matching generators with rewards.")
+    p.add_argument("--version", action="version", version=f"flowalign {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of known errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
@@ -27,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("train", "train a policy (e.g. Flow-GRPO) from a config")
-    with_config("eval", "score model.pretrained on the held-out prompts")
+    e = with_config("eval", "score model.pretrained on the held-out prompts (reads and writes no run directory)")
+    e.add_argument("--out", default=None, help="also write the scores to this JSON file (default: stdout only)")
     v = with_config("validate", "load and check a config without loading any model")
     v.add_argument("--explain", action="store_true", help="list every key with its default and documentation")
 
@@ -41,50 +48,84 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples.png", help="output PNG")
 
-    r = sub.add_parser("serve-reward", help="serve a reward over HTTP (JSON + base64 PNG, bearer token from $FLOWALIGN_REWARD_TOKEN)")
+    r = sub.add_parser("serve-reward",
+                       help="serve a reward over HTTP (JSON + base64 PNG, bearer token from $FLOWALIGN_REWARD_TOKEN)",
+                       description="Serve a reward over HTTP. The bearer token comes from $FLOWALIGN_REWARD_TOKEN (never a "
+                                   "flag: flags show in the process list); without it the server refuses to start unless "
+                                   "--no-auth is given, which is allowed on a loopback host only.")
     r.add_argument("config", help="YAML reward spec, e.g. {_component_: pickscore, device: cuda}")
     r.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     r.add_argument("--port", type=int, default=8765)
     r.add_argument("--max-batch", type=int, default=64)
+    r.add_argument("--no-auth", action="store_true",
+                   help="serve without a token (loopback hosts only: 127.0.0.0/8, ::1, localhost)")
+    r.add_argument("--max-body-mb", type=float, default=None, help="largest request body in MiB (default 64)")
+    r.add_argument("--max-image-pixels", type=int, default=None,
+                   help="most pixels of one image / frame (default 16777216 = 4096x4096)")
+    r.add_argument("--max-request-pixels", type=int, default=None,
+                   help="most pixels of one request, all images / frames together (default 67108864)")
+    r.add_argument("--max-connections", type=int, default=None,
+                   help="most connections handled at once, one thread each (default 64)")
+    r.add_argument("--max-concurrent", type=int, default=None, help="most requests decoding / scoring at once (default 2)")
+    r.add_argument("--timeout", type=float, default=None,
+                   help="seconds for a request's headers, and the longest stall in its body (default 15)")
+    r.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a request waits for a free slot before a 503 (default 30)")
 
     ls = sub.add_parser("ls", help="list registered components")
-    ls.add_argument("what", choices=["rewards", "adapters", "configs", "advantages", "losses", "samplers"])
+    ls.add_argument("what", choices=["rewards", "adapters", "configs", "algorithms", "advantages", "losses", "samplers"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, also after the subcommand
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return _COMMANDS[args.command](args)
-    except ConfigError as err:
-        print(f"flowalign: config error: {err}", file=sys.stderr)
+    except TrainingInterrupted as err:
+        print(f"flowalign: {err.kind}: {err}", file=sys.stderr)
+        return err.exit_code
+    except FlowalignError as err:
+        if args.debug:
+            raise
+        print(f"flowalign: {err.kind}: {err}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("flowalign: interrupted", file=sys.stderr)
+        return 130
 
 
 def _train(args: argparse.Namespace) -> int:
-    from flowalign.api import train
+    from flowalign.api import _world_size, run_training
+    from flowalign.config import load_config
 
-    train(args.config, args.overrides)
+    # the CLI trains in the config's output_dir, continuing the run there (flowalign.training.rundir)
+    run_training(load_config(args.config, args.overrides, world_size=_world_size()))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from flowalign.api import evaluate
 
-    print(json.dumps(evaluate(args.config, args.overrides), indent=2))
+    text = json.dumps(evaluate(args.config, args.overrides), indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
     from flowalign.api import _world_size
-    from flowalign.config import explain, load_config, to_yaml
+    from flowalign.config import explain, format_explain, load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides, world_size=_world_size())
-    if args.explain:
-        rows = explain(type(cfg))
-        width = max(len(key) for key, _, _ in rows)
-        for key, default, doc in rows:
-            print(f"{key:<{width}}  {default:<28}  {doc}")
+    if args.explain:  # the effective value of every key beside its default; * marks the changed ones
+        print(format_explain(explain(cfg)))
     else:
         print(to_yaml(cfg))
         print(f"# {args.config}: OK")
@@ -102,11 +143,21 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_reward(args: argparse.Namespace) -> int:
+def _serve_reward(args: argparse.Namespace, stop=None) -> int:
+    from flowalign.errors import ConfigError
     from flowalign.rewards.remote import serve_from_config
 
     # The token is read from $FLOWALIGN_REWARD_TOKEN, never a flag: flags show in the process list.
-    serve_from_config(args.config, host=args.host, port=args.port, max_batch=args.max_batch)
+    # Limits left unset keep serve_from_config's defaults; `stop` (a threading.Event) is for tests.
+    limits = {key: getattr(args, key) for key in ("max_image_pixels", "max_request_pixels", "max_connections",
+                                                  "max_concurrent", "timeout", "queue_timeout")
+              if getattr(args, key) is not None}
+    if args.max_body_mb is not None:
+        if not 0 < args.max_body_mb < float("inf"):
+            raise ConfigError(f"serve-reward: --max-body-mb must be a positive number, got {args.max_body_mb:g}")
+        limits["max_body_bytes"] = max(1, int(args.max_body_mb * 2**20))
+    serve_from_config(args.config, host=args.host, port=args.port, max_batch=args.max_batch, stop=stop,
+                      allow_no_auth=args.no_auth, **limits)
     return 0
 
 
@@ -123,22 +174,64 @@ def _ls(args: argparse.Namespace) -> int:
 
         print(format_table(["name", "class"], [[k, v] for k, v in ADAPTERS.items()]))
     elif args.what == "configs":
-        root = "configs"
+        root = _configs_root()
         files = sorted(glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True))
-        print("\n".join(files) if files else f"no configs under {os.path.abspath(root)}")
+        if not files:
+            print(f"flowalign: no configs under {os.path.abspath(root)}", file=sys.stderr)
+            return 1
+        print("\n".join(os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f for f in files))
+    elif args.what == "algorithms":
+        print(format_table(["algorithm", "recipe", "advantage / estimator", "loss", "config"], _algorithm_rows()))
     elif args.what == "advantages":
         from flowalign.advantages import ADVANTAGE_ESTIMATORS
+        from flowalign.estimators.presets import EDGE_ESTIMATORS
 
-        print("\n".join(sorted(ADVANTAGE_ESTIMATORS)))
+        rows = [[name, "flat groups (flowalign.advantages)"] for name in sorted(ADVANTAGE_ESTIMATORS)]
+        rows += [[name, "per edge of a rollout tree (flowalign.estimators)"] for name in sorted(EDGE_ESTIMATORS)]
+        print(format_table(["algorithm.advantage", "works on"], rows))
     elif args.what == "losses":
         from flowalign.losses import LOSSES
 
-        print("\n".join(sorted(LOSSES)))
+        print(format_table(["algorithm.loss", "function"], [[k, f"{v.__module__}.{v.__name__}"] for k, v in sorted(LOSSES.items())]))
     elif args.what == "samplers":
         from flowalign.samplers import SDE_KINDS
 
-        print("\n".join(["ode", *SDE_KINDS, "ddim"]))
+        rows = [["ode", "deterministic Euler step (evaluation, look-aheads, steps outside the SDE window)"]]
+        rows += [[k, "SDE with exact per-step log-probs (sampling.sampler)"] for k in SDE_KINDS]
+        rows += [["ddim", "DDIM with eta for epsilon-prediction UNets (DDPO form)"]]
+        print(format_table(["sampler", "what"], rows))
     return 0
+
+
+def _configs_root() -> str:
+    """``configs/`` of the current directory, else the one beside the flowalign package."""
+    if os.path.isdir("configs"):
+        return "configs"
+    from flowalign.config import project_root
+
+    root = project_root()
+    return os.path.join(root, "configs") if root else "configs"
+
+
+def _algorithm_rows() -> list[list[str]]:
+    """One row per shipped method config (``configs/<method>/quickstart.yaml``) and dLLM preset."""
+    from omegaconf import OmegaConf
+
+    from flowalign.dllm.algorithms import PRESETS
+
+    root = _configs_root()
+    rows = []
+    for path in [os.path.join(root, "quickstart.yaml")] + sorted(glob.glob(os.path.join(root, "*", "quickstart.yaml"))):
+        cfg = OmegaConf.load(path)
+        if cfg.get("recipe") == "dllm":
+            continue
+        name = "grpo" if os.path.dirname(path) == root else os.path.basename(os.path.dirname(path))
+        algo = cfg.get("algorithm", {})
+        rows.append([name, cfg.get("recipe", "rl"), algo.get("advantage", "group"), algo.get("loss", "ppo_clip"),
+                     os.path.relpath(path)])
+    dllm_config = os.path.relpath(os.path.join(root, "dllm", "quickstart.yaml"))
+    rows += [[name, "dllm", p.estimator, "ppo_clip", f"{dllm_config} algorithm.name={name}"] for name, p in PRESETS.items()]
+    return rows
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "validate": _validate, "sample": _sample, "ls": _ls,

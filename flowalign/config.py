@@ -1,191 +1,133 @@
 """Typed run configuration: YAML (OmegaConf) -> dataclasses, with ``key.sub=value`` overrides.
 
 Every field carries its documentation in ``metadata["help"]`` (``flowalign validate --explain``
-prints them). Loading fails *before any model loads* on unknown keys, wrong types, missing files
-and impossible batch arithmetic, and the error names the offending key.
+prints them) and, for numbers and enumerations, its admissible range or values
+(``metadata["ge" | "gt" | "le" | "lt" | "choices"]``). Loading fails *before any model loads* on
+unknown keys (with a "did you mean"), wrong types, values out of range or not finite, unknown
+enumeration values, missing / unreadable / non-UTF-8 files, an ``output_dir`` that cannot be
+created, components that cannot be imported, constructor keywords a component does not take, and
+impossible batch arithmetic; every error names the offending key (or file).
 
 Swappable leaves are named with ``_component_``: the pipeline adapter (``model._component_``),
-each reward (``rewards[i]._component_``) and the optimizer (``train.optimizer._component_``).
+each reward (``rewards[i]._component_``) and the optimizer (``train.optimizer._component_``, a
+``torch.optim.Optimizer`` subclass built by :func:`build_optimizer`).
+
+Relative paths (prompt files, model folders, reward ``path`` arguments, the config file itself) are
+looked up in the current directory first, then in the flowalign project root (:func:`resolve_path`).
+
+This module loads a config (:func:`load_config`: YAML file, dict or dataclass, plus overrides)
+and re-exports the config API; each part has its own module:
+
+- :mod:`flowalign.config_schema`: the dataclasses, the field helper ``_f``, :data:`RECIPES` and :data:`SCHEMAS`;
+- :mod:`flowalign.config_checks`: "did you mean", structure, range and choice checks;
+- :mod:`flowalign.config_files`: path resolution, text and prompt files, ``output_dir`` and ``train.resume``;
+- :mod:`flowalign.config_components`: the optimizer, reward / judge specs and the adapter;
+- :mod:`flowalign.config_validation`: the semantic checks (:func:`validate_config`, :func:`validate_common`);
+- :mod:`flowalign.config_explain`: the ``flowalign validate --explain`` table.
 """
 
 from __future__ import annotations
 
-import math
+import importlib
+import io
 import os
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowalign.config_checks import (
+    _did_you_mean,
+    _first_line,
+    _kind,
+    _strip_optional,
+    _type_hints,
+    _unknown_key,
+    check_fields,
+    check_numbers,
+    check_structure,
+    range_text,
+    schema_keys,
+    suggest,
+)
+from flowalign.config_components import (
+    build_optimizer,
+    check_component_spec,
+    import_path,
+    optimizer_kwargs,
+    resolve_optimizer_class,
+)
+from flowalign.config_explain import ExplainRow, explain, format_explain
+from flowalign.config_files import (
+    _searched,
+    check_output_dir,
+    check_resume,
+    project_root,
+    read_prompt_records,
+    read_prompts,
+    read_text_file,
+    resolve_path,
+)
+from flowalign.config_schema import (
+    RECIPES,
+    SCHEMAS,
+    AlgorithmConfig,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RLConfig,
+    SamplingConfig,
+    TrainConfig,
+    WindowConfig,
+    num_trained_steps,
+)
+from flowalign.config_validation import validate_common, validate_config
+from flowalign.errors import ConfigError
 
-#: recipe name -> class path (imported lazily by flowalign.api.recipe_class).
-RECIPES: dict[str, str] = {
-    "rl": "flowalign.recipes.rl:RLRecipe",
-    "awm": "flowalign.recipes.awm:AWMRecipe",
-    "dllm": "flowalign.recipes.dllm_rl:DLLMRecipe",
+__all__ = [
+    "RECIPES", "SCHEMAS", "ConfigError", "ModelConfig", "DataConfig", "WindowConfig", "SamplingConfig",
+    "AlgorithmConfig", "OptimizerConfig", "TrainConfig", "EvalConfig", "LoggingConfig", "RLConfig",
+    "ExplainRow", "build_optimizer", "check_component_spec", "check_fields", "check_numbers", "check_output_dir",
+    "check_resume", "check_structure", "config_schema", "explain", "format_explain", "import_path", "load_config",
+    "num_trained_steps", "optimizer_kwargs", "parse_overrides", "project_root", "range_text", "read_prompt_records",
+    "read_prompts", "read_text_file", "resolve_optimizer_class", "resolve_path", "resolve_path_fields", "schema_keys",
+    "suggest", "to_yaml", "validate_common", "validate_config",
+]
+
+
+#: module -> the other names this module defined before the split, still importable from here.
+_MOVED: dict[str, tuple[str, ...]] = {
+    "flowalign.config_checks": (
+        "_BOUNDS", "_similarity", "_KEY_ALIASES", "_drop_common_sections", "_require_choice", "_join",
+        "_require", "_bound_text", "_in_range",
+    ),
+    "flowalign.config_files": ("_decode_utf8", "_require_file", "_looks_like_hub_id"),
+    "flowalign.config_schema": ("AUTO_THREADS_HELP", "DEVICES", "DTYPES", "STD_MODES", "_f"),
+    "flowalign.config_components": (
+        "OPTIMIZER_FIELDS", "_RESERVED_SPEC_KEYS", "_signature", "_optimizer_hint", "_differs",
+        "_resolve_reward", "_check_call_arguments", "_resolve_adapter",
+    ),
+    "flowalign.config_validation": ("_validate_tree_sampling",),
+    "flowalign.config_explain": ("_default_of", "_explain_rows", "_clip"),
 }
-
-#: recipe name -> config schema for recipes whose config is not :class:`RLConfig`. A schema is a
-#: dataclass with a ``recipe`` field and a ``validate(*, check_files, world_size)`` method.
-SCHEMAS: dict[str, str] = {"dllm": "flowalign.dllm.config:DLLMConfig"}
+_MOVED_FROM = {name: module for module, names in _MOVED.items() for name in names}
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message starts with the offending key (or file)."""
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_FROM:
+        return getattr(importlib.import_module(_MOVED_FROM[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _f(default: Any = None, help: str = "", factory: Any = None) -> Any:  # noqa: A002
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class ModelConfig:
-    _component_: str = _f("toy", "Pipeline adapter: a family name from `flowalign ls adapters` or 'package.module:Class'.")
-    pretrained: str = _f("assets/quickstart/digits-flow", "Path or hub id given to the adapter's from_pretrained.")
-    dtype: str = _f("float32", "Weights dtype: float32 | bfloat16 | float16.")
-    lora_rank: int = _f(0, "LoRA rank (peft); 0 trains all denoiser weights (full fine-tuning).")
-    lora_alpha: float = _f(0.0, "LoRA alpha; 0 means alpha = rank.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    options: dict[str, Any] = _f(
-        factory=dict,
-        help="Adapter keyword arguments for from_pretrained: resolution, shift, num_frames, attention_backend, "
-             "offload_idle, embedding_cache_dir, ... (see the adapter's docstring).",
-    )
-
-
-@dataclass
-class DataConfig:
-    train_prompts: str = _f("assets/prompts/digits_train.txt", "Text file with one training prompt per line.")
-    prompts_per_iter: int = _f(4, "Distinct prompts per iteration, global across ranks (P).")
-
-
-@dataclass
-class WindowConfig:
-    strategy: str = _f("none", "MixGRPO window schedule: none | progressive | random | decay | exp_decay.")
-    size: int = _f(4, "Window size in steps (MixGRPO's w).")
-    shift_every: int = _f(25, "Iterations per window position (MixGRPO iters_per_group; the maximum for decay schedules).")
-    min_shift_every: int = _f(5, "decay / exp_decay: iterations per position never drop below this.")
-    stride: int = _f(1, "Steps the window moves per shift.")
-    decay_rate: float = _f(0.5, "exp_decay: shift_every * exp(-decay_rate * max(0, start - decay_start)).")
-    decay_start: int = _f(0, "exp_decay: window start after which the interval starts to decay.")
-    roll_back: bool = _f(True, "After the last position, start again from step 0 (MixGRPO roll_back); false stays at the end.")
-
-
-@dataclass
-class SamplingConfig:
-    num_steps: int = _f(10, "Denoising steps per rollout (T).")
-    sampler: str = _f("flow_grpo", "SDE used for rollouts: flow_grpo | dance | cps.")
-    noise_level: float = _f(0.7, "SDE noise level a (Flow-GRPO a, DanceGRPO eta, CPS a).")
-    group_size: int = _f(8, "Samples per prompt (G); a group may span ranks.")
-    guidance_scale: float = _f(1.0, "Classifier-free guidance scale for rollouts and evaluation (1 = off).")
-    negative_prompt: str = _f("", "Negative prompt used for classifier-free guidance when guidance_scale > 1.")
-    sde_window: list[int] | None = _f(None, "[start, end) steps that use the SDE, ODE elsewhere (MixGRPO, BranchGRPO-Mix); null = all steps.")
-    timestep_fraction: float = _f(1.0, "Fraction of SDE steps trained (the first ones), as Flow-GRPO's timestep_fraction.")
-    window: WindowConfig = _f(factory=WindowConfig, help="MixGRPO sliding SDE window (replaces sde_window when strategy != none).")
-    splits: list[list[int]] = _f(
-        factory=list, help="BranchGRPO shared-prefix splits [[step, k], ...]: after step `step` every node spawns k SDE children. "
-                           "group_size counts leaves: each prompt starts from group_size / prod(k) noises.")
-    split_noise_level: float | None = _f(None, "Noise level at split steps (BranchGRPO's split noise scale); null = noise_level.")
-    branch_steps: list[int] = _f(
-        factory=list, help="TempFlow-GRPO: iteration i branches at branch_steps[i % len] into group_size SDE children from an "
-                           "ODE trunk, finished by ODE (needs algorithm.advantage=tempflow).")
-
-
-@dataclass
-class AlgorithmConfig:
-    advantage: str = _f("group", "Advantage estimator by name: group (Flow-GRPO / DanceGRPO, groups gathered across ranks) | "
-                                 "branch (BranchGRPO) | tempflow (TempFlow-GRPO) | dense (DenseGRPO) | vgpo (VGPO); see `flowalign ls advantages`.")
-    std_mode: str = _f("group", "Advantage normalisation: group | global | none.")
-    adv_clip: float = _f(5.0, "Clip advantages to [-adv_clip, adv_clip]; 0 disables.")
-    loss: str = _f("ppo_clip", "Policy loss by name (flowalign.losses.LOSSES).")
-    clip_range: float = _f(1e-4, "PPO ratio clip epsilon (Flow-GRPO uses 1e-4 for SD3.5).")
-    kl_beta: float = _f(0.0, "Weight of the KL on transition means against the reference policy.")
-    ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).")
-    reward_normalization: str = _f(
-        "sum", "Several rewards: 'sum' normalises the weighted sum in each group (default); 'decoupled' normalises each "
-               "reward in its group first, then sums with the weights and renormalises (multi-reward decoupled).")
-    fusion: str = _f("mean", "branch: node value from descendant leaves: mean | logprob_softmax (path-probability weighted).")
-    fusion_temperature: float = _f(1.0, "branch, fusion=logprob_softmax: temperature of the softmax.")
-    prune: str = _f("none", "branch: width pruning of trained edges: none | best_worst | fraction.")
-    prune_keep: float = _f(0.5, "branch: prune=fraction keeps this fraction per branch; prune=best_worst keeps this many best/worst paths.")
-    depth_prune_window: int = _f(0, "branch: sliding depth pruning, depths left untrained per iteration; 0 disables.")
-    depth_prune_stride: int = _f(1, "branch: steps the depth-pruning window moves per iteration.")
-    noise_aware: bool = _f(True, "tempflow: weight each step's loss by std_t * sqrt(dt) (noise-aware policy weighting).")
-    lookahead_steps: int = _f(0, "dense / vgpo: ODE steps from a node to its clean image (0 = all remaining steps, DenseGRPO; "
-                                 "1 = one-step projection, VGPO).")
-    calibrate_noise: bool = _f(False, "dense: reward-aware calibration of each step's noise level psi(t) (DenseGRPO Alg. 1), "
-                                      "updated online every iteration and logged (the paper calibrates before training, then fixes it).")
-    calibration_rate: float = _f(0.01, "dense: psi(t) step per iteration (DenseGRPO's epsilon_2).")
-    calibration_margin: float = _f(2.0, "dense: |#gains>0 - #gains<0| below this counts as balanced -> raise psi(t) (epsilon_1).")
-    discount: float = _f(0.9, "vgpo: discount gamma of the action values Q_t (our choice; the paper's value is not public).")
-    value_anchor: float = _f(0.5, "vgpo: k in alpha = k * std, the absolute-value anchor that survives collapsed groups.")
-    anchor_steps: int | None = _f(None, "vgpo: the anchor applies to the first N steps only (VGPO uses 5 of 10); null = all.")
-
-
-@dataclass
-class OptimizerConfig:
-    _component_: str = _f("torch.optim.AdamW", "Optimizer class path.")
-    lr: float = _f(1e-4, "Learning rate.")
-    weight_decay: float = _f(1e-4, "Decoupled weight decay.")
-    betas: list[float] = _f(factory=lambda: [0.9, 0.999], help="Adam betas.")
-    eps: float = _f(1e-8, "Adam epsilon.")
-
-
-@dataclass
-class TrainConfig:
-    iterations: int = _f(100, "Sampling + update iterations.")
-    optimizer: OptimizerConfig = _f(factory=OptimizerConfig, help="Optimizer settings.")
-    steps_per_iter: int = _f(2, "Optimizer steps per iteration; the trained edges are split evenly among them.")
-    micro_batch_size: int = _f(64, "Edges per forward/backward pass (gradient accumulation inside a step).")
-    grad_clip: float = _f(1.0, "Max gradient norm; 0 disables clipping.")
-    mixed_precision: str = _f("no", "Autocast precision for model calls: no | bf16 | fp16.")
-    ema_decay: float = _f(0.0, "EMA decay of the trained weights; 0 disables EMA.")
-    checkpoint_every: int = _f(50, "Save an atomic checkpoint every N iterations (and at the end); 0 = only at the end.")
-    keep_checkpoints: int = _f(2, "Number of recent checkpoints kept on disk.")
-    resume: str = _f("auto", "auto (resume from output_dir if a checkpoint exists) | never | a checkpoint path.")
-
-
-@dataclass
-class EvalConfig:
-    prompts: str = _f("assets/prompts/digits_eval.txt", "Held-out prompt file (never trained on).")
-    samples_per_prompt: int = _f(8, "ODE samples per held-out prompt.")
-    num_steps: int = _f(10, "ODE steps for evaluation.")
-    every: int = _f(10, "Evaluate every N iterations (plus before training and at the end); 0 = only those two.")
-    judges: list[dict[str, Any]] = _f(
-        factory=list, help="Independent scorers never trained on (same spec format as `rewards`); reported, never optimised."
-    )
-    grid_prompts: int = _f(10, "Held-out prompts shown in the before/after image grid.")
-
-
-@dataclass
-class LoggingConfig:
-    tensorboard: bool = _f(True, "Write TensorBoard event files to output_dir/tensorboard.")
-    wandb_project: str | None = _f(None, "Also log to this Weights & Biases project (needs the wandb extra).")
-    progress: bool = _f(True, "Show progress bars.")
-
-
-@dataclass
-class RLConfig:
-    """A sampled-trajectory policy-gradient run (Flow-GRPO / DanceGRPO and presets built on them)."""
-
-    recipe: str = _f("rl", "Training recipe: rl (policy gradient on sampled transitions) | awm (advantage-weighted flow matching on the sampled finals) | dllm (masked-diffusion LMs; its own schema, flowalign.dllm.config).")
-    seed: int = _f(0, "Seed of every random stream (rollout noise, prompt order, initialisation).")
-    output_dir: str = _f("runs/quickstart", "Run directory: checkpoints, metrics.jsonl, pictures, final weights.")
-    device: str = _f("auto", "auto (accelerate's choice) | cpu.")
-    model: ModelConfig = _f(factory=ModelConfig, help="The generator.")
-    rewards: list[dict[str, Any]] = _f(
-        factory=lambda: [{"_component_": "digit_classifier", "path": "assets/quickstart/digit-classifier", "weight": 1.0}],
-        help="Rewards: list of {_component_: name or 'module:Class', weight: float, **constructor kwargs}.",
-    )
-    data: DataConfig = _f(factory=DataConfig, help="Training prompts.")
-    sampling: SamplingConfig = _f(factory=SamplingConfig, help="Rollouts.")
-    algorithm: AlgorithmConfig = _f(factory=AlgorithmConfig, help="Advantages and loss.")
-    train: TrainConfig = _f(factory=TrainConfig, help="Optimisation.")
-    eval: EvalConfig = _f(factory=EvalConfig, help="Held-out evaluation.")
-    logging: LoggingConfig = _f(factory=LoggingConfig, help="Logging.")
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MOVED_FROM])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,31 +135,137 @@ class RLConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
-    msg = str(err).splitlines()[0]
-    return ConfigError(f"{key}: {msg} (in {source})")
+def _type_at(schema: type, parts: Sequence[str]) -> Any:
+    """The declared type at a dotted override key (``Any`` inside free-form lists / dicts)."""
+    tp: Any = schema
+    for part in parts:
+        tp = _strip_optional(tp)
+        origin = typing.get_origin(tp)
+        if is_dataclass(tp):
+            tp = _type_hints(tp).get(part, Any)
+        elif origin in (list, dict):
+            tp = typing.get_args(tp)[-1]
+        else:
+            return Any
+    return tp
+
+
+def _display_key(dotted: str) -> str:
+    """``rewards.0.weight`` -> ``rewards[0].weight`` (the form validation errors use)."""
+    parts = dotted.split(".")
+    return parts[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts[1:])
+
+
+def _omegaconf_error(err: OmegaConfBaseException, source: str, key: str | None = None) -> ConfigError:
+    """A ConfigError naming the key OmegaConf reports (``key`` when OmegaConf names none or only an index)."""
+    full_key = str(getattr(err, "full_key", None) or "")
+    if key is not None and (not full_key or full_key.isdigit()):
+        full_key = key + (f"[{full_key}]" if full_key else "")
+    msg = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{full_key or '?'}: {msg} (in {source})")
+
+
+class _OverrideLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-4`` as a float (as OmegaConf's loader does)."""
+
+
+_OverrideLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
     """``["a.b=1", "c=[1,2]"]`` -> ``[("a.b", 1), ("c", [1, 2])]`` (values parsed as YAML)."""
+    if isinstance(overrides, (str, bytes)):
+        overrides = [overrides]
     parsed = []
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        parsed.append((key.strip(), _yaml_value(value)))
+        parsed.append((key, _yaml_value(value)))
     return parsed
 
 
 def _yaml_value(text: str) -> Any:
-    """Parse an override value as YAML (``2`` -> int, ``[1,2]`` -> list); unparsable text stays a string."""
-    import yaml
-
+    """Parse an override value as YAML (``2`` -> int, ``1e-4`` -> float, ``[1,2]`` -> list);
+    unparsable text and YAML-only types (dates) stay the string given."""
+    if text == "":
+        return ""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        value = yaml.load(text, Loader=_OverrideLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         return text
+    return value if _plain_yaml(value) else text
+
+
+def _plain_yaml(value: Any) -> bool:
+    """True when ``value`` holds only the types a config stores (no dates, bytes, sets)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain_yaml(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain_yaml(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _load_yaml_file(source: str | os.PathLike) -> tuple[DictConfig, str]:
+    """The YAML mapping of a config file (relative names found by :func:`resolve_path`) and its path."""
+    given = os.fspath(source)
+    path = resolve_path(given)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {given!r}{_searched(given)}")
+    text = read_text_file(path, path)
+    try:
+        top = yaml.load(text, Loader=_OverrideLoader)  # noqa: S506 - a SafeLoader subclass
+        loaded = OmegaConf.load(io.StringIO(text)) if isinstance(top, dict) or top is None else top
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or _first_line(err)
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            context += f" that starts at line {start.line + 1}"
+        raise ConfigError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")) from None
+    except (OSError, ValueError, TypeError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{path}: cannot load: {_first_line(err)}") from None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, list) else f"a single value ({text.strip()[:40]!r})"
+        raise ConfigError(f"{path}: the top level of a config must be a mapping of keys (e.g. `train: {{iterations: 10}}`), got {kind}")
+    return loaded, path
+
+
+def _load_source(source: Any) -> tuple[Any, str, bool]:
+    """``(OmegaConf container, where, needs_structure_check)`` of a dataclass, dict or YAML path."""
+    if is_dataclass(source) and not isinstance(source, type):
+        return OmegaConf.structured(source), type(source).__name__, False
+    if isinstance(source, (Mapping, DictConfig)):
+        try:
+            return OmegaConf.create(source if isinstance(source, DictConfig) else dict(source)), "dict", True
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, "dict") from None
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"config: expected a YAML path, a dict or a config dataclass, got {type(source).__name__}")
+    loaded, where = _load_yaml_file(source)
+    return loaded, where, True
+
+
+def _apply_override(merged: DictConfig, schema: type, key: str, value: Any) -> None:
+    """Apply one ``key=value`` override to ``merged``, checking the key and the value's shape first."""
+    shown = _display_key(key)
+    if not _key_exists(merged, key):
+        raise _missing_key(merged, key, schema, f" (override {key}={value!r})")
+    check_structure(value, _type_at(schema, key.split(".")), shown, schema)
+    try:
+        OmegaConf.update(merged, key, value, merge=True)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, f"override {key}={value!r}", shown) from None
 
 
 def load_config(
@@ -231,51 +279,69 @@ def load_config(
 
     The ``recipe`` key (in the source or an override) picks the schema: :class:`RLConfig` for the
     image/video recipes, or the class :data:`SCHEMAS` names (``recipe: dllm`` -> ``DLLMConfig``).
+    Path fields (and reward ``path`` arguments) go through :func:`resolve_path`, as does a
+    relative config file name; ``output_dir`` stays relative to the current directory.
 
     Args:
         source: path to a YAML file, a nested dict, or a config dataclass instance.
         overrides: ``["train.iterations=2", ...]`` or ``{"train.iterations": 2}``.
-        check_files: verify that referenced files exist (the ``validate`` command and ``train`` do).
+        check_files: verify referenced files, folders and components (the ``validate`` command
+            and ``train`` do).
         world_size: number of processes, for the batch arithmetic checks.
     Raises:
         ConfigError: naming the offending key or file.
     """
-    if is_dataclass(source) and not isinstance(source, type):
-        loaded, where = OmegaConf.structured(source), type(source).__name__
-    elif isinstance(source, dict):
-        loaded, where = OmegaConf.create(source), "dict"
-    else:
-        where = os.fspath(source)
-        if not os.path.isfile(where):
-            raise ConfigError(f"config file not found: {where!r}")
-        try:
-            loaded = OmegaConf.load(where)
-        except Exception as err:  # yaml syntax errors
-            raise ConfigError(f"{where}: cannot parse YAML: {err}") from err
-    items = list(overrides.items()) if isinstance(overrides, dict) else parse_overrides(overrides)
-    recipe = dict(items).get("recipe", loaded.get("recipe", "rl") if OmegaConf.is_dict(loaded) else "rl")
-    schema = config_schema(str(recipe))
+    loaded, where, check_shape = _load_source(source)
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    recipe = dict(items).get("recipe", loaded.get("recipe", "rl"))
+    if not isinstance(recipe, str):
+        raise ConfigError(f"recipe: must be a recipe name, one of {' | '.join(RECIPES)}; got {_kind(recipe)}")
+    known = [*RECIPES, *(s for s in SCHEMAS if s not in RECIPES)]
+    if recipe not in known:
+        raise ConfigError(f"recipe: unknown recipe {recipe!r}{_did_you_mean(recipe, known)}; choose from {' | '.join(known)}")
+    schema = config_schema(recipe)
+    if check_shape:
+        check_structure(OmegaConf.to_container(loaded, resolve=False), schema, "", schema)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), loaded)
     except OmegaConfBaseException as err:
-        raise _omegaconf_error(err, where) from err
-
+        raise _omegaconf_error(err, where) from None
     for key, value in items:
-        try:
-            if not _key_exists(merged, key):
-                raise ConfigError(f"{key}: unknown key (override {key}={value!r}); see `flowalign validate --explain`")
-            OmegaConf.update(merged, key, value, merge=True)
-        except OmegaConfBaseException as err:
-            raise _omegaconf_error(err, f"override {key}={value!r}") from err
+        _apply_override(merged, schema, str(key), value)
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise _omegaconf_error(err, where) from err
+        raise _omegaconf_error(err, where) from None
+    resolve_path_fields(cfg)
     if isinstance(cfg, RLConfig):
         validate_config(cfg, check_files=check_files, world_size=world_size)
     else:
         cfg.validate(check_files=check_files, world_size=world_size)
     return cfg
+
+
+def resolve_path_fields(cfg: Any) -> None:
+    """Apply :func:`resolve_path` in place to every field marked ``path`` and to the ``path`` /
+    ``*_path`` arguments of reward and judge specs (nested specs included)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            resolve_path_fields(value)
+        elif f.metadata.get("path") and isinstance(value, str):
+            setattr(cfg, f.name, resolve_path(value))
+        elif f.name in ("rewards", "judges") and isinstance(value, list):
+            for spec in value:
+                _resolve_spec_paths(spec)
+
+
+def _resolve_spec_paths(spec: Any) -> None:
+    if not isinstance(spec, dict):
+        return
+    for name, value in spec.items():
+        if isinstance(value, str) and (name == "path" or name.endswith("_path")):
+            spec[name] = resolve_path(value)
+        elif isinstance(value, dict):
+            _resolve_spec_paths(value)
 
 
 def config_schema(recipe: str) -> type:
@@ -285,16 +351,25 @@ def config_schema(recipe: str) -> type:
     return import_path(SCHEMAS[recipe], "recipe")
 
 
-def import_path(path: str, key: str) -> Any:
-    """The object a ``package.module.Name`` or ``package.module:Name`` path names; a ValueError
-    starting with ``key`` when it cannot be imported."""
-    import importlib
-
-    module_name, _, attr = path.replace(":", ".").rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{key}: cannot import {path!r}: {err}") from err
+def _missing_key(conf: Any, key: str, schema: type, where: str) -> ConfigError:
+    """The error for an override ``key`` that names nothing: an index past the end of a list, a
+    key below a single value, or an unknown key (with a "did you mean")."""
+    parts = key.split(".")
+    node = conf
+    for depth, part in enumerate(parts):
+        parent = _display_key(".".join(parts[:depth])) if depth else ""
+        if OmegaConf.is_list(node):
+            if not part.isdigit() or int(part) >= len(node):
+                return ConfigError(f"{_display_key('.'.join(parts[:depth + 1]))}: {parent} is a list of {len(node)} "
+                                   f"entries: use an index 0..{len(node) - 1} or set the whole list{where}")
+            node = node[int(part)]
+        elif OmegaConf.is_dict(node) and part in node:
+            node = node[part]
+        elif OmegaConf.is_dict(node) or depth == 0:
+            break
+        else:
+            return ConfigError(f"{_display_key(key)}: {parent} is a single value, not a section{where}")
+    return _unknown_key(_display_key(key), schema, where)
 
 
 def _key_exists(conf: Any, key: str) -> bool:
@@ -314,208 +389,6 @@ def _key_exists(conf: Any, key: str) -> bool:
         else:
             return False
     return True
-
-
-# ------------------------------------------------------------------------------------------------
-# Validation
-# ------------------------------------------------------------------------------------------------
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _require_file(path: str, key: str) -> None:
-    _require(os.path.exists(path), key, f"file or folder not found: {path!r} (relative paths resolve against {os.getcwd()!r})")
-
-
-def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int = 1) -> None:
-    """Semantic checks that types cannot express; each error names its key."""
-    s, t, a, e = cfg.sampling, cfg.train, cfg.algorithm, cfg.eval
-    _require(cfg.recipe in RECIPES, "recipe", f"unknown recipe {cfg.recipe!r}; available: {sorted(RECIPES)}")
-    if cfg.recipe == "awm":
-        _require(a.loss == "awm", "algorithm.loss", f"the awm recipe trains the 'awm' loss, got {a.loss!r}")
-    _require(cfg.device in ("auto", "cpu"), "device", f"must be 'auto' or 'cpu', got {cfg.device!r}")
-    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unsupported dtype {cfg.model.dtype!r}")
-    _require(cfg.model.lora_rank >= 0, "model.lora_rank", "must be >= 0")
-    _require(s.num_steps >= 1, "sampling.num_steps", "must be >= 1")
-    _require(s.sampler in ("flow_grpo", "dance", "cps"), "sampling.sampler", f"unknown sampler {s.sampler!r}; use flow_grpo | dance | cps")
-    _require(s.noise_level > 0, "sampling.noise_level", "must be > 0 (policy-gradient training needs stochastic steps)")
-    _require(s.group_size >= 2, "sampling.group_size", "must be >= 2 (group-relative advantages need several samples)")
-    _require(0 < s.timestep_fraction <= 1, "sampling.timestep_fraction", "must be in (0, 1]")
-    if s.sde_window is not None:
-        _require(len(s.sde_window) == 2 and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps,
-                 "sampling.sde_window", f"must be [start, end) with 0 <= start < end <= num_steps={s.num_steps}")
-    _validate_tree_sampling(cfg, world_size)
-    _require(s.group_size % world_size == 0, "sampling.group_size",
-             f"group_size={s.group_size} must be divisible by the number of processes ({world_size}): each rank samples group_size / world_size per prompt")
-    _require(cfg.data.prompts_per_iter >= 1, "data.prompts_per_iter", "must be >= 1")
-    _require(a.std_mode in ("group", "global", "none"), "algorithm.std_mode", f"unknown std_mode {a.std_mode!r}")
-    _require(a.clip_range > 0, "algorithm.clip_range", "must be > 0")
-    _require(a.kl_beta >= 0, "algorithm.kl_beta", "must be >= 0")
-    _require(t.iterations >= 1, "train.iterations", "must be >= 1")
-    _require(t.steps_per_iter >= 1, "train.steps_per_iter", "must be >= 1")
-    _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-    _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", f"unknown precision {t.mixed_precision!r}")
-    _require(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
-    _require(t.optimizer.lr > 0, "train.optimizer.lr", "must be > 0")
-    # rl trains every trained step's edge; awm trains each sampled final once per iteration
-    per_sample, unit = (1, "samples") if cfg.recipe == "awm" or s.branch_steps else (num_trained_steps(s), "edges")
-    trained_per_rank = cfg.data.prompts_per_iter * (s.group_size // world_size) * per_sample
-    _require(trained_per_rank >= t.steps_per_iter, "train.steps_per_iter",
-             f"{t.steps_per_iter} optimizer steps but only {trained_per_rank} trained {unit} per rank per iteration "
-             f"(prompts_per_iter x group_size / world_size" + (" x trained steps)" if unit == "edges" else ")"))
-    _require(e.samples_per_prompt >= 1 and e.num_steps >= 1, "eval.samples_per_prompt", "samples_per_prompt and num_steps must be >= 1")
-    _require(len(cfg.rewards) >= 1, "rewards", "at least one reward is needed")
-    for i, spec in enumerate(cfg.rewards):
-        _require(isinstance(spec, dict) and "_component_" in spec, f"rewards[{i}]", "needs a _component_ (reward name or 'module:Class')")
-    for i, spec in enumerate(e.judges):
-        _require(isinstance(spec, dict) and "_component_" in spec, f"eval.judges[{i}]", "needs a _component_")
-    if check_files:
-        from flowalign.pipelines import ADAPTERS, load_adapter_class
-        from flowalign.rewards.registry import resolve_reward_class
-
-        for key, resolve, name in [("model._component_", load_adapter_class, cfg.model._component_)] + [
-            (f"{group}[{i}]._component_", resolve_reward_class, spec["_component_"])
-            for group, specs in (("rewards", cfg.rewards), ("eval.judges", e.judges))
-            for i, spec in enumerate(specs)
-            if isinstance(spec["_component_"], str)
-        ]:
-            try:
-                resolve(name)
-            except ValueError as err:
-                raise ConfigError(f"{key}: {err}") from err
-
-        if cfg.model._component_ in ADAPTERS and not _looks_like_hub_id(cfg.model.pretrained):
-            _require_file(cfg.model.pretrained, "model.pretrained")
-        _require_file(cfg.data.train_prompts, "data.train_prompts")
-        _require_file(e.prompts, "eval.prompts")
-        for i, spec in enumerate(cfg.rewards):
-            if isinstance(spec.get("path"), str) and not _looks_like_hub_id(spec["path"]):
-                _require_file(spec["path"], f"rewards[{i}].path")
-        n_eval = len(read_prompts(e.prompts, "eval.prompts")) * e.samples_per_prompt
-        _require(n_eval % world_size == 0, "eval.samples_per_prompt",
-                 f"{n_eval} held-out samples cannot be split evenly over {world_size} processes")
-        read_prompts(cfg.data.train_prompts, "data.train_prompts")
-
-
-def _validate_tree_sampling(cfg: RLConfig, world_size: int) -> None:
-    """Checks of the tree / window presets (BranchGRPO, TempFlow-GRPO, MixGRPO, DenseGRPO, VGPO)."""
-    from flowalign.advantages import ADVANTAGE_ESTIMATORS
-    from flowalign.estimators.presets import EDGE_ESTIMATORS
-    from flowalign.rollout.schedules import WINDOW_STRATEGIES
-
-    s, a, w = cfg.sampling, cfg.algorithm, cfg.sampling.window
-    names = sorted(ADVANTAGE_ESTIMATORS) + sorted(EDGE_ESTIMATORS)
-    _require(a.advantage in names, "algorithm.advantage", f"unknown estimator {a.advantage!r}; available: {names}")
-    _require(a.reward_normalization in ("sum", "decoupled"), "algorithm.reward_normalization",
-             f"must be 'sum' or 'decoupled', got {a.reward_normalization!r}")
-    _require(a.fusion in ("mean", "logprob_softmax"), "algorithm.fusion", f"must be mean | logprob_softmax, got {a.fusion!r}")
-    _require(a.prune in ("none", "best_worst", "fraction"), "algorithm.prune", f"must be none | best_worst | fraction, got {a.prune!r}")
-    _require(0 <= a.depth_prune_window < s.num_steps, "algorithm.depth_prune_window", f"must be in [0, num_steps={s.num_steps})")
-    _require(w.strategy in WINDOW_STRATEGIES, "sampling.window.strategy", f"unknown strategy {w.strategy!r}; use one of {list(WINDOW_STRATEGIES)}")
-    if w.strategy != "none":
-        _require(s.sde_window is None, "sampling.window.strategy", "a moving window replaces sampling.sde_window; set one of them")
-        _require(1 <= w.size <= s.num_steps, "sampling.window.size", f"must be in [1, num_steps={s.num_steps}]")
-        _require(w.shift_every >= 1 and w.min_shift_every >= 1 and w.stride >= 1, "sampling.window.shift_every",
-                 "shift_every, min_shift_every and stride must be >= 1")
-    leaves_per_root = 1
-    for i, pair in enumerate(s.splits):
-        _require(len(pair) == 2 and 0 <= pair[0] < s.num_steps and pair[1] >= 1, f"sampling.splits[{i}]",
-                 f"must be [step, k] with 0 <= step < num_steps={s.num_steps} and k >= 1, got {pair}")
-        leaves_per_root *= pair[1]
-        if s.sde_window is not None:
-            _require(s.sde_window[0] <= pair[0] < s.sde_window[1], f"sampling.splits[{i}]",
-                     f"split step {pair[0]} lies outside sampling.sde_window {s.sde_window} (a split needs an SDE step)")
-    _require(len({p[0] for p in s.splits}) == len(s.splits), "sampling.splits", "lists a step more than once")
-    if s.splits:
-        _require(w.strategy == "none", "sampling.splits", "BranchGRPO splits are fixed steps; they cannot follow a moving window")
-        per_rank = s.group_size // world_size
-        _require(per_rank % leaves_per_root == 0, "sampling.group_size",
-                 f"{per_rank} leaves per prompt per rank (group_size / processes) is not a multiple of the {leaves_per_root} "
-                 "leaves each initial noise grows through sampling.splits")
-    if s.branch_steps:
-        _require(a.advantage == "tempflow", "sampling.branch_steps", "TempFlow branching needs algorithm.advantage=tempflow")
-        _require(all(0 <= k < s.num_steps for k in s.branch_steps), "sampling.branch_steps", f"steps must be in [0, num_steps={s.num_steps})")
-        _require(not s.splits and w.strategy == "none" and s.sde_window is None, "sampling.branch_steps",
-                 "TempFlow branching cannot be combined with splits or SDE windows")
-    if a.advantage == "tempflow":
-        _require(bool(s.branch_steps), "algorithm.advantage", "tempflow needs sampling.branch_steps")
-    if a.advantage in ("dense", "vgpo"):
-        _require(not s.splits and not s.branch_steps, "algorithm.advantage", f"{a.advantage} trains flat groups; remove sampling.splits / branch_steps")
-    _require(a.lookahead_steps >= 0, "algorithm.lookahead_steps", "must be >= 0")
-    _require(not a.calibrate_noise or a.advantage == "dense", "algorithm.calibrate_noise", "needs algorithm.advantage=dense")
-    _require(a.calibration_rate > 0 and a.calibration_margin > 0, "algorithm.calibration_rate", "rate and margin must be > 0")
-    _require(0 <= a.discount <= 1, "algorithm.discount", "must be in [0, 1]")
-    if cfg.recipe == "awm":
-        _require(a.advantage == "group", "algorithm.advantage", "the awm recipe weights whole samples: use the 'group' estimator")
-
-
-def num_trained_steps(s: SamplingConfig, window_size: int | None = None) -> int:
-    """How many of the SDE steps are trained: the first ceil(fraction * #SDE steps).
-
-    ``window_size`` is the number of SDE steps (default: ``sde_window``'s, the moving window's
-    ``size``, or every step)."""
-    if window_size is None:
-        if s.window.strategy != "none":
-            window_size = s.window.size
-        else:
-            start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
-            window_size = end - start
-    return max(1, math.ceil(s.timestep_fraction * window_size))
-
-
-def _looks_like_hub_id(path: str) -> bool:
-    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/"))
-
-
-def read_prompt_records(path: str, key: str = "prompts") -> list[dict[str, Any]]:
-    """Prompt records of a prompt file, each ``{"prompt": str, **metadata}``.
-
-    ``.txt``: one prompt per non-empty line (``#`` starts a comment line). ``.jsonl``: one JSON
-    object per line with a ``"prompt"`` string; the other keys are the prompt's metadata, handed to
-    rewards that need it (e.g. GenEval's ``{"tag": ..., "include": [...]}``). Errors name ``key``.
-    """
-    import json
-
-    _require_file(path, key)
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            if not path.endswith(".jsonl"):
-                records.append({"prompt": line.strip()})
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{key}: {path}:{number} is not valid JSON ({err.msg})") from err
-            _require(isinstance(record, dict) and isinstance(record.get("prompt"), str), key,
-                     f"{path}:{number} needs a \"prompt\" string")
-            records.append(record)
-    _require(len(records) > 0, key, f"{path!r} contains no prompts")
-    return records
-
-
-def read_prompts(path: str, key: str = "prompts") -> list[str]:
-    """The prompt strings of a prompt file (see :func:`read_prompt_records`)."""
-    return [r["prompt"] for r in read_prompt_records(path, key)]
-
-
-def explain(cls: type = RLConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key, default, help)`` rows for every field, recursively (for ``validate --explain``)."""
-    rows = []
-    for f in fields(cls):
-        key = f"{prefix}{f.name}"
-        default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            rows.append((key, "", f.metadata.get("help", "")))
-            rows.extend(explain(type(default), key + "."))
-        else:
-            rows.append((key, repr(default), f.metadata.get("help", "")))
-    return rows
 
 
 def to_yaml(cfg: Any) -> str:

@@ -61,11 +61,15 @@ def test_missing_config_file_is_named():
         load_config("nope.yaml")
 
 
-def test_every_field_is_documented():
-    rows = explain()
+@pytest.mark.parametrize("schema", ["flowalign.config:RLConfig", "flowalign.dllm.config:DLLMConfig"])
+def test_every_field_is_documented(schema):
+    from flowalign.config import import_path
+
+    rows = explain(import_path(schema, "schema"))
     assert len(rows) > 40
-    undocumented = [key for key, _, doc in rows if not doc.strip()]
+    undocumented = [row.key for row in rows if not row.doc.strip()]
     assert not undocumented, undocumented
+    assert all(row.value == row.default and not row.changed for row in rows)  # a class: its defaults
 
 
 def test_cli_validate_reports_key_and_exit_code(tiny_config, tmp_path):
@@ -128,3 +132,157 @@ def test_import_path_resolves_both_spellings_and_names_the_key():
         import_path("torch.optim.Nope", "train.optimizer._component_")
     with pytest.raises(ValueError, match=r"^recipe: cannot import 'no_such_module:X'"):
         import_path("no_such_module:X", "recipe")
+
+
+# ------------------------------------------------------------------------------------------------
+# ranges, paths, optimizer, explain
+# ------------------------------------------------------------------------------------------------
+def _numeric_fields(cls: type, prefix: str = ""):
+    """``(key, field)`` of every field whose type holds an int or a float (lists and optionals too)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{prefix}{f.name}.")
+            continue
+        text = str(tp)
+        if tp in (int, float) or "int" in text or "float" in text:
+            yield prefix + f.name, f
+
+
+@pytest.mark.parametrize("schema", ["flowalign.config:RLConfig", "flowalign.dllm.config:DLLMConfig"])
+def test_every_numeric_field_has_a_range(schema):
+    from flowalign.config import import_path
+
+    fields = list(_numeric_fields(import_path(schema, "schema")))
+    assert len(fields) > 20
+    unbounded = [key for key, f in fields if not {"ge", "gt", "le", "lt"} & set(f.metadata)]
+    assert not unbounded, unbounded
+
+
+def test_dllm_choices_match_the_decoder():
+    from flowalign.dllm import config as dllm_config
+    from flowalign.dllm import sampling
+
+    assert dllm_config.REMASKING == sampling.REMASKING
+    assert dllm_config.ORDERS == sampling.ORDERS
+    assert dllm_config.STEP_SCHEDULES == sampling.STEP_SCHEDULES
+
+
+def test_range_errors_reject_non_finite_values_and_name_the_range(tiny_config):
+    for override, message in [
+        ("train.optimizer.lr=.inf", "train.optimizer.lr: must be a finite number > 0, got inf"),
+        ("sampling.noise_level=nan", "sampling.noise_level: must be a finite number > 0, got nan"),
+        ("train.ema_decay=1", "train.ema_decay: must be a finite number in [0, 1), got 1.0"),
+        ("num_threads=-1", "num_threads: must be an integer >= 0, got -1"),
+        ("model.options.shift=-.inf", "model.options.shift: must be a finite number, got -inf"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(tiny_config, [override])
+        assert str(err.value).startswith(message), str(err.value)
+
+
+def test_rl_config_has_num_threads_like_the_dllm_config():
+    from flowalign.dllm.config import DLLMConfig
+
+    assert RLConfig().num_threads == 0
+    rl_help = {f.name: f.metadata["help"] for f in dataclasses.fields(RLConfig)}["num_threads"]
+    dllm_help = {f.name: f.metadata["help"] for f in dataclasses.fields(DLLMConfig)}["num_threads"]
+    assert "0 = automatic" in rl_help and dllm_help.startswith(rl_help)
+
+
+def test_project_root_and_resolve_path(tmp_path, monkeypatch):
+    from flowalign.config import project_root, resolve_path
+
+    assert project_root() == REPO
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("configs/quickstart.yaml") == os.path.join(REPO, "configs", "quickstart.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quickstart.yaml").write_text("seed: 1\n")
+    assert resolve_path("configs/quickstart.yaml") == "configs/quickstart.yaml"  # the current directory wins
+    for unchanged in ("no/such/file.txt", "stabilityai/stable-diffusion-3.5-medium", "/abs/missing", ""):
+        assert resolve_path(unchanged) == unchanged
+
+
+def test_relative_paths_of_a_config_resolve_against_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/pref_grpo/quickstart.yaml")
+    assert cfg.data.train_prompts == os.path.join(REPO, "assets", "prompts", "digits_train.txt")
+    assert cfg.eval.prompts == os.path.join(REPO, "assets", "prompts", "digits_eval.txt")
+    assert cfg.model.pretrained == os.path.join(REPO, "assets", "quickstart", "digits-flow")
+    assert cfg.rewards[0]["judge"]["path"] == os.path.join(REPO, "assets", "quickstart", "digit-classifier")
+    assert cfg.output_dir == "runs/pref_grpo"  # always relative to the current directory
+    dllm = load_config("configs/dllm/quickstart.yaml")
+    assert dllm.task.train == os.path.join(REPO, "assets", "dllm_quickstart", "train.jsonl")
+    with pytest.raises(ConfigError, match=rf"data.train_prompts: .*'{tmp_path}'.*'{REPO}'"):
+        load_config("configs/quickstart.yaml", ["data.train_prompts=prompts/none.txt"])
+
+
+@pytest.mark.parametrize("content, match", [
+    ("- 1\n- 2\n", "top level of a config must be a mapping.*got a list"),
+    ("7\n", "top level of a config must be a mapping.*got a single value"),
+    ("seed: 1\ntrain: {iterations: [\n", r":3:1: invalid YAML"),
+    (b"seed: 1\n\xff\n", r"not UTF-8 text: byte 0xff at offset 8 \(line 2, column 1\)"),
+])
+def test_unreadable_config_files_are_named(tmp_path, content, match):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=f"^{str(path)}.*{match}"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=f"^{str(tmp_path)}: .*is a directory"):
+        load_config(str(tmp_path))
+
+
+def test_optimizer_kwargs_follow_the_optimizer_signature():
+    import torch
+
+    from flowalign.config import OptimizerConfig, build_optimizer, optimizer_kwargs
+
+    adamw = OptimizerConfig(lr=1e-3, weight_decay=0.0)
+    assert optimizer_kwargs(adamw) == {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8}
+    sgd = OptimizerConfig(_component_="torch.optim.SGD", lr=0.1, kwargs={"momentum": 0.9, "nesterov": True})
+    assert optimizer_kwargs(sgd) == {"lr": 0.1, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": True}
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = build_optimizer(sgd, params)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"]
+    assert isinstance(build_optimizer(adamw, params), torch.optim.AdamW)
+    with pytest.raises(ConfigError, match=r"^train.optimizer.eps: torch.optim.SGD takes no 'eps'"):
+        optimizer_kwargs(OptimizerConfig(_component_="torch.optim.SGD", eps=1e-6))
+    with pytest.raises(ConfigError, match=r"^train.optimizer.kwargs.momentun: .*did you mean 'momentum'"):
+        optimizer_kwargs(OptimizerConfig(_component_="torch.optim.SGD", kwargs={"momentun": 0.9}))
+    with pytest.raises(ConfigError, match=r"^train.optimizer._component_: .*not a torch.optim.Optimizer subclass"):
+        optimizer_kwargs(OptimizerConfig(_component_="torch.nn.Linear"))
+
+
+def test_explain_shows_effective_values_beside_defaults(tiny_config):
+    from flowalign.config import format_explain
+
+    cfg = load_config(tiny_config, ["sampling.noise_level=0.5"])
+    rows = {row.key: row for row in explain(cfg)}
+    assert rows["sampling.noise_level"].value == "0.5" and rows["sampling.noise_level"].default == "0.7"
+    assert rows["sampling.noise_level"].changed and not rows["sampling.sampler"].changed
+    table = format_explain(explain(cfg))
+    assert any(line.startswith("* sampling.noise_level") for line in table.splitlines())
+    assert any(line.startswith("  sampling.sampler") for line in table.splitlines())
+
+
+def test_explain_of_a_dllm_config_shows_the_preset_values(monkeypatch):
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/dllm/quickstart.yaml", ["algorithm.name=gdpo"])
+    rows = {row.key: row for row in explain(cfg)}
+    assert rows["algorithm.inner_steps"].value != "None" and not rows["algorithm.inner_steps"].changed  # the preset's
+    assert rows["algorithm.name"].value == "'gdpo'" and rows["algorithm.name"].changed
+
+
+def test_cli_validate_explain_lists_values_and_defaults(monkeypatch, capsys):
+    from flowalign.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "configs/quickstart.yaml", "train.iterations=7", "--explain"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == ["key", "value", "default", "doc"]
+    line = next(line for line in out.splitlines() if "train.iterations" in line)
+    assert line.startswith("*") and line.split()[2:4] == ["7", "100"]

@@ -1,6 +1,7 @@
 """The remote reward server / client on loopback: results equal the in-process reward (images,
-video, batching, components, validity, metadata), auth (401), malformed payloads (400), oversized
-batches (413), reward failures (500), dead and slow servers (bounded retries, timeouts), and a
+video, batching, components, validity, metadata), auth (401; a server started without a token makes
+a random one), malformed payloads (400), oversized batches (413), reward failures (500), dead and
+slow servers (bounded retries, timeouts), and a
 training run whose reward server dies mid-run: a clear error, the last checkpoint intact, and a
 resume that reproduces the uninterrupted run."""
 
@@ -23,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import flowalign
+from flowalign.errors import RunDirError
 from flowalign.rewards import RewardOutput, build_reward
 from flowalign.rewards.jpeg import JpegCompressibility
 from flowalign.rewards.remote import (
@@ -131,7 +133,7 @@ def test_remote_equals_in_process_with_batching_components_validity_and_metadata
     local, served = Stats(), Stats()
     s = server(served, max_batch=3)
     assert s.host == "127.0.0.1" and s.port > 0  # loopback by default, a real port when 0 was asked for
-    remote = RemoteReward(s.url)
+    remote = RemoteReward(s.url, token=s.token)
     media = grid_media(7, 3, 8, 8)
     prompts = [f"prompt {'x' * i}" for i in range(7)]
     metadata = [{"bonus": i / 10} for i in range(7)]
@@ -145,21 +147,23 @@ def test_remote_equals_in_process_with_batching_components_validity_and_metadata
 
 
 def test_remote_jpeg_and_video_rewards_equal_in_process(server, tmp_path):
-    jpeg = RemoteReward(server(JpegCompressibility()).url)
+    s = server(JpegCompressibility())
+    jpeg = RemoteReward(s.url, token=s.token)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))  # off-grid: JPEG quantizes the same way
     assert torch.equal(jpeg(x, ["a"] * 4).scores, JpegCompressibility()(x, ["a"] * 4).scores)
 
     video_reward = FrameAggregatedReward.tiny(str(tmp_path))
-    remote = RemoteReward(server(video_reward, max_batch=2).url)
+    s = server(video_reward, max_batch=2)
+    remote = RemoteReward(s.url, token=s.token)
     video = grid_media(3, 5, 3, 16, 16, seed=4)
     a, b = remote(video, ["v"] * 3), video_reward(video, ["v"] * 3)
     assert remote.modality == "video"
     assert torch.equal(a.scores, b.scores) and a.components.keys() == b.components.keys()
     # VideoAlignReward is a RemoteReward that insists on a video server
-    va = VideoAlignReward(remote.url, retries=0)
+    va = VideoAlignReward(remote.url, token=remote.token, retries=0)
     assert va.name == "videoalign" and torch.equal(va(video, ["v"] * 3).scores, b.scores)
     with pytest.raises(RemoteRewardError, match="modality 'image', expected 'video'"):
-        VideoAlignReward(jpeg.url, retries=0)(video, ["v"] * 3)
+        VideoAlignReward(jpeg.url, token=jpeg.token, retries=0)(video, ["v"] * 3)
 
 
 def test_tiny_builders_own_a_loopback_server(tmp_path):
@@ -178,7 +182,8 @@ def test_tiny_builders_own_a_loopback_server(tmp_path):
 
 def test_build_reward_accepts_the_remote_reward_and_the_registry_spec(server):
     s = server(JpegCompressibility())
-    reward = build_reward({"_component_": "flowalign.rewards.remote:RemoteReward", "url": s.url, "name": "remote_jpeg"})
+    reward = build_reward({"_component_": "flowalign.rewards.remote:RemoteReward", "url": s.url, "token": s.token,
+                           "name": "remote_jpeg"})
     assert reward.name == "remote_jpeg" and reward.modality == "image"
 
 
@@ -223,29 +228,29 @@ def _png_b64(size=(4, 4), fmt="PNG") -> str:
 ])
 def test_malformed_payload_is_400_with_a_message(server, body, message):
     s = server(Stats())
-    status, answer, _ = raw_post(s.url, body)
+    status, answer, _ = raw_post(s.url, body, token=s.token)
     assert status == 400, answer
     assert message in answer["error"]
     # the server survives and still scores
-    status, answer, _ = raw_post(s.url, json.dumps({"media": [_png_b64()], "prompts": ["a"]}).encode())
+    status, answer, _ = raw_post(s.url, json.dumps({"media": [_png_b64()], "prompts": ["a"]}).encode(), token=s.token)
     assert status == 200 and len(answer["scores"]) == 1
 
 
 def test_video_payload_errors_name_the_frame(server, tmp_path):
     s = server(FrameAggregatedReward.tiny(str(tmp_path)))
-    status, answer, _ = raw_post(s.url, json.dumps({"media": [[_png_b64(), "%%"]], "prompts": ["a"]}).encode())
+    status, answer, _ = raw_post(s.url, json.dumps({"media": [[_png_b64(), "%%"]], "prompts": ["a"]}).encode(), token=s.token)
     assert status == 400 and "media[0][1]" in answer["error"]
-    status, answer, _ = raw_post(s.url, json.dumps({"media": [_png_b64()], "prompts": ["a"]}).encode())
+    status, answer, _ = raw_post(s.url, json.dumps({"media": [_png_b64()], "prompts": ["a"]}).encode(), token=s.token)
     assert status == 400 and "media[0] must be a non-empty list" in answer["error"]
 
 
 def test_oversized_batch_is_413_and_reward_errors_are_500(server):
     s = server(Stats(), max_batch=2)
-    status, answer, _ = raw_post(s.url, json.dumps({"media": [_png_b64()] * 3, "prompts": ["a"] * 3}).encode())
-    assert status == 413 and "max_batch=2" in answer["error"]
+    status, answer, _ = raw_post(s.url, json.dumps({"media": [_png_b64()] * 3, "prompts": ["a"] * 3}).encode(), token=s.token)
+    assert status == 413 and "max_batch=2" in answer["error"] and answer["limit"] == "max_batch"
     failing = server(Failing())
     with pytest.raises(RemoteRewardError, match="HTTP 500.*RuntimeError: model exploded on purpose") as err:
-        RemoteReward(failing.url, retries=0)(grid_media(1, 3, 4, 4), ["a"])
+        RemoteReward(failing.url, token=failing.token, retries=0)(grid_media(1, 3, 4, 4), ["a"])
     assert err.value.status == 500
 
 
@@ -266,10 +271,10 @@ def test_dead_server_fails_after_the_configured_retries_within_bounded_time():
 def test_a_server_that_comes_up_during_the_retries_is_reached():
     port = free_port()
     started = []
-    timer = threading.Timer(0.3, lambda: started.append(serve_reward(Stats(), port=port)))
+    timer = threading.Timer(0.3, lambda: started.append(serve_reward(Stats(), port=port, token="late")))
     timer.start()
     try:
-        out = RemoteReward(f"http://127.0.0.1:{port}", retries=6, backoff=0.1)(grid_media(2, 3, 4, 4), ["a", "b"])
+        out = RemoteReward(f"http://127.0.0.1:{port}", token="late", retries=6, backoff=0.1)(grid_media(2, 3, 4, 4), ["a", "b"])
         assert out.scores.shape == (2,)
     finally:
         timer.join()
@@ -279,7 +284,7 @@ def test_a_server_that_comes_up_during_the_retries_is_reached():
 
 def test_slow_server_raises_a_timeout_error_after_retries(server):
     s = server(Sleepy(1.5))
-    reward = RemoteReward(s.url, timeout=0.3, retries=1, backoff=0.0, name="sleepy", modality="image")
+    reward = RemoteReward(s.url, token=s.token, timeout=0.3, retries=1, backoff=0.0, name="sleepy", modality="image")
     t0 = time.perf_counter()
     with pytest.raises(RemoteRewardTimeout, match=r"failed after 2 attempt\(s\) \(timeout 0.3s"):
         reward(grid_media(1, 3, 4, 4), ["a"])
@@ -354,7 +359,7 @@ def _fail_with_dying_server(cfg: dict) -> str:
     after iteration 1; returns the latest checkpoint folder after checking the failure is clean."""
     dying = _DiesAfter(n=2)  # calls: eval@0, iteration 1 (then the checkpoint at 1), iteration 2 -> dead
     dying.server = serve_reward(dying)
-    remote = RemoteReward(dying.server.url, retries=1, backoff=0.05, timeout=5.0)
+    remote = RemoteReward(dying.server.url, token=dying.server.token, retries=1, backoff=0.05, timeout=5.0)
     with pytest.raises(RemoteRewardError, match=r"failed after 2 attempt\(s\).*Connection refused"):
         flowalign.train(cfg, rewards=remote)
     ckpt_dir = os.path.join(cfg["output_dir"], "checkpoints")
@@ -381,8 +386,10 @@ def test_resume_after_a_dead_reward_server_reproduces_the_uninterrupted_run(tiny
     straight = dict(tiny_config, output_dir=str(tmp_path / "straight"))
     flowalign.train(straight)  # in-process jpeg_compressibility, never interrupted
     run = dict(tiny_config, output_dir=str(tmp_path / "remote"))
-    _fail_with_dying_server(run)
-    flowalign.train(run)  # resume from step 1 with the in-process reward
+    latest = _fail_with_dying_server(run)
+    with pytest.raises(RunDirError, match="rewards: 'python:flowalign.rewards.remote.RemoteReward' in the run"):
+        flowalign.train(run)  # another reward: refused unless the checkpoint is named
+    flowalign.train(run, {"train.resume": latest})  # resume from step 1 with the in-process reward
     a = load_file(os.path.join(straight["output_dir"], "final", "unet", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(run["output_dir"], "final", "unet", "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,14 +1,20 @@
-"""OCR reward (edit distance, Flow-GRPO's scoring rule, real tesseract on rendered text) and the
-video rewards (frame sampling / aggregation of image rewards, CLIP temporal consistency loaded from
-a tiny random CLIP saved in the original checkpoint layout)."""
+"""OCR reward (edit distance, Flow-GRPO's scoring rule; the real PP-OCRv4 ONNX weights shipped in
+the rapidocr-onnxruntime wheel on rendered text, cross-checked against RapidOCR's own pipeline where
+it imports; real tesseract where the binary is installed) and the video rewards (frame sampling /
+aggregation of image rewards, CLIP temporal consistency loaded from a tiny random CLIP saved in the
+original checkpoint layout)."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import random
 import shutil
+import subprocess
+import sys
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -17,7 +23,17 @@ from PIL import Image, ImageDraw, ImageFont
 from flowalign.rewards import RewardOutput, build_reward
 from flowalign.rewards._media import from_pil_images, to_pil_images
 from flowalign.rewards.jpeg import jpeg_size_kb
-from flowalign.rewards.ocr import OcrReward, levenshtein, normalize_text, ocr_text_reward, quoted_target
+from flowalign.rewards.ocr import (
+    OcrReward,
+    levenshtein,
+    min_area_rect,
+    normalize_text,
+    ocr_text_reward,
+    quoted_target,
+    rapidocr_model_dir,
+    reading_order,
+    rect_corners,
+)
 from flowalign.rewards.video import (
     FrameAggregatedReward,
     TemporalConsistencyReward,
@@ -28,6 +44,13 @@ from flowalign.rewards.video import (
 HAS_TESSERACT = shutil.which("tesseract") is not None and importlib.util.find_spec("pytesseract") is not None
 needs_tesseract = pytest.mark.skipif(not HAS_TESSERACT, reason="tesseract binary / pytesseract not installed "
                                      "(apt-get install -y tesseract-ocr; pip install pytesseract)")
+try:
+    rapidocr_model_dir()
+    RAPIDOCR_MISSING = ""
+except ImportError as _err:
+    RAPIDOCR_MISSING = str(_err)
+needs_rapidocr = pytest.mark.skipif(bool(RAPIDOCR_MISSING), reason=f"PP-OCRv4 models not installed: {RAPIDOCR_MISSING}")
+DEJAVU = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")  # ships with matplotlib
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])  # openai/CLIP clip/clip.py _transform
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
@@ -84,28 +107,143 @@ def test_ocr_scoring_rule_is_flow_grpos():
             quoted_target(bad)
 
 
-def test_missing_tesseract_is_a_clear_error():
+def test_missing_backends_are_clear_errors(monkeypatch):
     if importlib.util.find_spec("pytesseract") is None:
-        with pytest.raises(ImportError, match="pip install flowalign\\[ocr\\]"):
-            OcrReward()
+        with pytest.raises(ImportError, match="pip install pytesseract"):
+            OcrReward(backend="tesseract")
     else:
         with pytest.raises(RuntimeError, match="apt-get install -y tesseract-ocr"):
-            OcrReward(tesseract_cmd="/nonexistent/tesseract")
+            OcrReward(backend="tesseract", tesseract_cmd="/nonexistent/tesseract")
     with pytest.raises(ValueError, match="psm"):
         OcrReward(psm=42)
+    with pytest.raises(ValueError, match="backend"):
+        OcrReward(backend="paddle")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "rapidocr_onnxruntime" else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match="pip install flowalign\\[ocr\\]"):
+        OcrReward()  # the default backend fails at construction (the contract test then skips), not at scoring
 
 
-def render(text: str, size=(256, 96)) -> Image.Image:
+def test_min_area_rect_and_reading_order():
+    rng = np.random.default_rng(0)
+    for angle in (0.0, 0.3, -1.1, np.pi / 2):
+        u, v = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+        a, b = rng.uniform(-40, 40, 500), rng.uniform(-10, 10, 500)  # a filled 80 x 20 rectangle, rotated
+        points = np.round(np.array([100.0, 90.0]) + a[:, None] * u + b[:, None] * v).astype(int)
+        corners = np.array([[100, 90] + sa * 40 * u + sb * 10 * v for sa in (-1, 1) for sb in (-1, 1)])
+        points = np.concatenate([points, np.round(corners).astype(int)])
+        center, axes, size = min_area_rect(points)
+        assert sorted(size.tolist()) == pytest.approx([20, 80], abs=1.5)
+        assert np.abs(center - [100, 90]).max() < 1.0
+        assert np.abs(axes @ axes.T - np.eye(2)).max() < 1e-9  # orthonormal
+        box = rect_corners(center, axes, size)
+        inside = np.abs((points - center) @ axes.T) <= size / 2 + 1e-6
+        assert inside.all()  # encloses every point
+        assert box[0][0] <= box[1][0] and box[0][1] <= box[3][1]  # top-left, top-right, bottom-right, bottom-left
+    rect = lambda x, y, w=40, h=12: np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], dtype=float)
+    # two lines; the second word of line 1 sits 3 px lower, line 2's words come in right-to-left order
+    boxes = [rect(150, 53), rect(60, 50), rect(200, 100), rect(10, 102), rect(100, 101)]
+    assert reading_order(boxes) == [1, 0, 3, 4, 2]
+    assert reading_order([]) == []
+
+
+def render(text: str, size=(192, 192), font_size: int = 28, xy=(16, 80), angle: float = 0.0) -> Image.Image:
+    """Black text in DejaVu Sans on white; ``angle`` rotates the whole image (degrees, counter-clockwise)."""
     image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).text((12, 28), text, fill="black", font=ImageFont.load_default(size=32))
-    return image
+    ImageDraw.Draw(image).multiline_text(xy, text, fill="black", font=ImageFont.truetype(DEJAVU, font_size))
+    return image.rotate(angle, fillcolor="white", resample=Image.Resampling.BICUBIC) if angle else image
+
+
+@pytest.fixture(scope="module")
+def rapidocr_reward():
+    if RAPIDOCR_MISSING:
+        pytest.skip(f"PP-OCRv4 models not installed: {RAPIDOCR_MISSING}")
+    return OcrReward.tiny("unused")
+
+
+@needs_rapidocr
+def test_rapidocr_reads_rendered_text_with_the_shipped_pp_ocrv4_weights(rapidocr_reward):
+    fresh = OcrReward()
+    assert fresh.backend == "rapidocr" and fresh._engine is None  # the models load lazily, on the first score
+    reward = rapidocr_reward
+    blank = Image.new("RGB", (192, 192), "white")
+    media = from_pil_images([render("hello world"), render("hellp wodd"), render("hello"), blank])
+    noise = torch.rand(1, 3, 192, 192, generator=torch.Generator().manual_seed(0))
+    media = torch.cat([media, noise])
+    prompts = ['a sign that says "hello world"'] * 5
+    out = reward(media, prompts)
+    engine = reward._engine
+    assert engine is not None and reward.engine is engine  # one engine per reward object
+    assert out.scores.dtype == torch.float32 and out.scores.shape == (5,)
+    exact, misspelled, partial, empty, noisy = out.scores.tolist()
+    assert exact == 1.0 and out.components["exact"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert misspelled == pytest.approx(0.7)  # PP-OCRv4 reads the misspelling exactly: 3 edits of 10
+    assert partial == pytest.approx(0.5)  # "hello" is 5 deletions away from "helloworld"
+    assert empty == 0.0 and noisy == 0.0  # nothing found -> "" -> distance len(target)
+    assert reward.recognize(media[3:4]) == [""]
+    # the same picture scored against a target it does not show
+    other = reward(media[:1], ['a sign that says "goodbye moon"'])
+    assert other.scores.tolist() == [0.0]  # "helloworld" vs "goodbyemoon": distance capped at 11
+    # batch invariant, deterministic, and metadata["text"] overrides the prompt's quotes
+    assert torch.equal(reward(media[1:3].flip(0), prompts[:2]).scores, out.scores[1:3].flip(0))
+    assert out.valid.tolist() == [True] * 5
+    relabelled = reward(media[1:2], ["no quotes"], [{"text": "hellp wodd"}])
+    assert relabelled.scores.tolist() == [1.0]
+    # a prompt with nothing to read is an unscorable sample, not a crash
+    with pytest.warns(UserWarning, match="no quotes"):
+        mixed = reward(media[:2], ['says "hello world"', "no quotes"])
+    assert mixed.scores.tolist() == [1.0, 0.0] and mixed.valid.tolist() == [True, False]
+
+
+@needs_rapidocr
+def test_rapidocr_reads_lines_in_order_rotated_text_and_small_renders(rapidocr_reward):
+    reward = rapidocr_reward
+    images = [render("two lines\nof text here", size=(512, 512), font_size=40, xy=(60, 180)),
+              render("goodbye moon", size=(512, 512), font_size=40, xy=(60, 200), angle=12),
+              render("hello world", size=(128, 48), font_size=16, xy=(6, 14))]
+    texts = [normalize_text(t) for t in reward.recognize(from_pil_images(images[:2]))]
+    assert texts == ["twolinesoftexthere", "goodbyemoon"]
+    small = reward(from_pil_images([images[2]]), ['"hello world"'])
+    assert small.scores.tolist() == [1.0]  # a 128 x 48 render: the detector sees it upscaled to 736 px
+    upside_down = reward(from_pil_images([render("hello world").rotate(180)]), ['"hello world"'])
+    assert upside_down.scores.item() < 0.5  # no angle classifier (Flow-GRPO scores with cls=False)
+
+
+@needs_rapidocr
+def test_rapidocr_backend_never_imports_opencv():
+    """opencv-python needs the system's libGL.so.1; the reward must work where it is missing."""
+    code = ("import sys, torch\n"
+            "from flowalign.rewards.ocr import OcrReward\n"
+            "out = OcrReward()(torch.ones(1, 3, 64, 64), ['\"a\"'])\n"
+            "assert out.scores.tolist() == [0.0], out\n"
+            "assert 'cv2' not in sys.modules and 'rapidocr_onnxruntime' not in sys.modules, 'opencv was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@needs_rapidocr
+def test_rapidocr_backend_agrees_with_rapidocrs_own_pipeline(rapidocr_reward):
+    """Same models, independent pre/post-processing: RapidOCR's own (OpenCV) pipeline reads the same text."""
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+    except ImportError as err:  # e.g. opencv-python without the system's libGL.so.1
+        pytest.skip(f"RapidOCR's own pipeline cannot be imported here: {err}")
+    engine = RapidOCR()
+    images = [render("hello world"), render("goodbye moon", size=(128, 96), font_size=16, xy=(8, 40)),
+              render("two lines\nof text here", size=(512, 512), font_size=40, xy=(60, 180)),
+              render("Flow GRPO 42", size=(512, 384), font_size=44, xy=(40, 150), angle=-8)]
+    for image in images:
+        result, _ = engine(np.asarray(image)[:, :, ::-1].copy(), use_cls=False)  # RapidOCR reads arrays as BGR
+        expected = normalize_text("".join(line[1] for line in result or []))
+        assert normalize_text(rapidocr_reward.recognize(from_pil_images([image]))[0]) == expected
 
 
 @needs_tesseract
-def test_ocr_on_rendered_text_ranks_exact_over_misspelled_over_noise():
-    reward = OcrReward.tiny("unused")
+def test_tesseract_on_rendered_text_ranks_exact_over_misspelled_over_noise():
+    reward = OcrReward(backend="tesseract")
     media = from_pil_images([render("hello world"), render("hellp wodd"), render("hello")])
-    noise = torch.rand(1, 3, 96, 256, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(1, 3, 192, 192, generator=torch.Generator().manual_seed(0))
     media = torch.cat([media, noise])
     prompts = ['a sign that says "hello world"'] * 4
     out = reward(media, prompts)
@@ -114,16 +252,10 @@ def test_ocr_on_rendered_text_ranks_exact_over_misspelled_over_noise():
     assert exact == 1.0 and out.components["exact"].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert exact > misspelled > noisy and exact > partial > noisy
     assert misspelled == pytest.approx(0.7)  # tesseract reads the misspelling exactly: 3 edits of 10
-    # batch invariant, deterministic, and metadata["text"] overrides the prompt's quotes
     one_by_one = torch.cat([reward(media[i:i + 1], prompts[i:i + 1]).scores for i in range(4)])
     assert torch.equal(one_by_one, out.scores)
-    assert out.valid.tolist() == [True] * 4
     relabelled = reward(media[1:2], ["no quotes"], [{"text": "hellp wodd"}])
     assert relabelled.scores.tolist() == [1.0]
-    # a prompt with nothing to read is an unscorable sample, not a crash
-    with pytest.warns(UserWarning, match="no quotes"):
-        mixed = reward(media[:2], ['says "hello world"', "no quotes"])
-    assert mixed.scores.tolist() == [1.0, 0.0] and mixed.valid.tolist() == [True, False]
 
 
 # ------------------------------------------------------------------------------ frame aggregation

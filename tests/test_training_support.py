@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
+from flowalign.errors import CheckpointError
 from flowalign.training import checkpoint as ckpt_mod
 from flowalign.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowalign.training.ema import EMA
@@ -146,8 +147,9 @@ def test_failed_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-000002.*simulated") as info:
         _save_simple(tmp_path, 2, 2.0)
+    assert isinstance(info.value.__cause__, OSError)
     monkeypatch.setattr(os, "replace", real_replace)
     assert latest_checkpoint(str(tmp_path)) == first
     _no_step_folder_visible(tmp_path, 2)
@@ -156,18 +158,17 @@ def test_failed_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_failed_tensor_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     first = _save_simple(tmp_path, 1, 1.0)
-    real_save = ckpt_mod.save_file
+    real_write = ckpt_mod._write_chunk
     calls = []
 
-    def failing_save(tensors, filename, metadata=None):
-        calls.append(filename)
-        if os.path.basename(filename) == "ema.safetensors":  # model.safetensors already written
-            with open(filename, "wb") as fh:
-                fh.write(b"\x00half-written")
+    def failing_write(fh, data):
+        calls.append(fh.name)
+        if os.path.basename(fh.name) == "ema.safetensors":  # model.safetensors already written
+            real_write(fh, bytes(data)[: len(data) // 2])
             raise RuntimeError("killed mid-write (simulated)")
-        return real_save(tensors, filename, metadata=metadata)
+        return real_write(fh, data)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", failing_save)
+    monkeypatch.setattr(ckpt_mod, "_write_chunk", failing_write)
     with pytest.raises(RuntimeError, match="simulated"):
         _save_simple(tmp_path, 2, 2.0, ema_state={"w": torch.zeros(3)})
     assert [os.path.basename(c) for c in calls] == ["model.safetensors", "ema.safetensors"]
@@ -185,7 +186,7 @@ def test_failed_latest_write_leaves_latest_at_previous(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"latest.*step-000002 itself is complete.*simulated"):
         _save_simple(tmp_path, 2, 2.0)
     monkeypatch.setattr(os, "replace", real_replace)
     root = os.path.join(str(tmp_path), "checkpoints")
@@ -243,26 +244,34 @@ def test_keep_last_pruning(tmp_path):
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(CheckpointError, match="nope.*does not exist"):
         load_checkpoint(str(tmp_path / "nope"))
     path = _save_simple(tmp_path, 1, 1.0, optimizer_state={"state": {}, "param_groups": []}, keep_last=None)
     os.remove(os.path.join(path, "optimizer.pt"))
-    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+    with pytest.raises(CheckpointError, match="step-000001: missing optimizer.pt"):
         load_checkpoint(path)
 
     path = _save_simple(tmp_path, 2, 1.0, keep_last=None)
     with open(os.path.join(path, "model.safetensors"), "wb") as fh:
         fh.write(b"not a safetensors file")
-    with pytest.raises(ValueError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="step-000002: model.safetensors is truncated"):
         load_checkpoint(path)
+    path = _save_simple(tmp_path, 4, 1.0, keep_last=None)
+    model_file = os.path.join(path, "model.safetensors")
+    with open(model_file, "r+b") as fh:  # same size, garbage header
+        fh.write(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="step-000004: model.safetensors fails its sha256 check"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="step-000004: corrupt model.safetensors"):
+        load_checkpoint(path, verify=False)
 
     path = _save_simple(tmp_path, 3, 1.0, keep_last=None)
     with open(os.path.join(path, "state.json"), "w") as fh:
         fh.write("{truncated")
-    with pytest.raises(ValueError, match="state.json"):
+    with pytest.raises(CheckpointError, match="step-000003: corrupt state.json"):
         load_checkpoint(path)
     os.remove(os.path.join(path, "state.json"))
-    with pytest.raises(FileNotFoundError, match="state.json"):
+    with pytest.raises(CheckpointError, match="step-000003: missing state.json"):
         load_checkpoint(path)
 
 
@@ -691,7 +700,7 @@ def test_resume_training_state_restores_weights_optimizer_ema_and_rng(tmp_path):
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     assert all(torch.equal(fresh_ema.state_dict()[k], v) for k, v in ema.state_dict().items())
     other = nn.Sequential(nn.Linear(3, 2))  # parameters named "0.weight", "0.bias"
-    with pytest.raises(ValueError, match="does not match the model"):
+    with pytest.raises(CheckpointError, match="does not match the model"):
         resume_training_state(ckpt.path, str(tmp_path), other, torch.optim.Adam(other.parameters()))
 
 

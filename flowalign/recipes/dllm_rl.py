@@ -33,7 +33,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from flowalign.advantages import group_advantages
-from flowalign.config import import_path, to_yaml
+from flowalign.config import build_optimizer, to_yaml
+from flowalign.diversity import HackingMonitor, distinct_fraction
 from flowalign.dllm.algorithms import (
     LogProbEstimator,
     RolloutBatch,
@@ -54,16 +55,13 @@ from flowalign.dllm.sampling import generate
 from flowalign.dllm.tasks import get_task
 from flowalign.guards import assert_finite, assert_on_policy
 from flowalign.recipes.rl import prompt_indices, stream_generator
-from flowalign.training.accel import end_accelerator
+from flowalign.errors import loading
+from flowalign.training.accel import configure_threads, end_accelerator
 from flowalign.training.checkpoint import resume_training_state, save_training_state
-from flowalign.training.metrics import (
-    MetricsLogger,
-    discard_stale_metrics,
-    read_metrics,
-    write_run_config,
-    write_summary,
-)
+from flowalign.training.interrupt import StopSignal, stopped_run
+from flowalign.training.metrics import MetricsLogger, discard_stale_metrics, read_metrics, write_summary
 from flowalign.training.plots import before_after_table, save_reward_curve
+from flowalign.training.rundir import record_run, write_folder_atomically
 
 RewardFn = Callable[[str, Any], float]
 
@@ -87,34 +85,36 @@ class DLLMRecipe:
         if judges is not None and not (isinstance(judges, dict) and all(callable(j) for j in judges.values())):
             raise TypeError("judges must be a dict {name: fn(completion, example) -> float}")
         self._reward_override, self.judges = rewards, dict(judges or {})
+        #: Python objects standing in for config entries, recorded with the run's settings (run.json)
+        self.replacements = {"rewards": rewards, "eval.judges": judges}
 
     # ------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, *, for_training: bool = True) -> None:
+        """Load the model, task and data. ``for_training=False`` (evaluation only) neither reads nor
+        writes ``output_dir``: no resume, no config record, no logs."""
         cfg = self.cfg
         m, s, a = cfg.model, cfg.sampling, cfg.algorithm
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        self.num_threads = configure_threads(cfg.num_threads)
         no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
         self.accelerator = Accelerator(cpu=cfg.device == "cpu" or no_accelerator)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(cfg.seed)  # LoRA initialisation
 
-        self.model = MaskedDiffusionLM.from_pretrained(
-            m.pretrained, device=self.accelerator.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-            shift_logits=m.shift_logits, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
-            lora_target_modules=m.lora_target_modules)
+        with loading("model.pretrained", m.pretrained):
+            self.model = MaskedDiffusionLM.from_pretrained(
+                m.pretrained, device=self.accelerator.device, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                shift_logits=m.shift_logits, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+                lora_target_modules=m.lora_target_modules)
         self.model.eval()  # no dropout anywhere: the rollout, old and new log-probs are one function
         self.mask_id, self.eos_id = self.model.mask_token_id, self.model.eos_token_id
         self.reference = None
         if a.kl_beta > 0 and m.lora_rank == 0:  # with LoRA the reference is the model with the adapter disabled
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.params = list(self.model.trainable_parameters())
-        o = cfg.train.optimizer
-        optimizer = import_path(o._component_, "train.optimizer._component_")(
-            self.params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+        optimizer = build_optimizer(cfg.train.optimizer, self.params)
         # The model is not wrapped in DDP: ranks run different numbers of forwards per update (rows with
         # signal differ, estimators take several forwards per row), which DDP's per-forward reducer cannot
         # match; gradients are summed over ranks by hand once per optimizer step (_all_reduce_gradients).
@@ -131,17 +131,21 @@ class DLLMRecipe:
                                           num_mc=a.num_mc, masks_per_t=a.masks_per_t,
                                           temperature=self.spec.log_prob_temperature)
         self.forward_calls = self.forward_rows = 0
+        self.monitor = HackingMonitor("eval/reward", [f"eval/judge/{name}" for name in self.judges])
 
         self.start_iteration, self.before, self.best, self.train_seconds = 0, None, None, 0.0
         self.last_step = cfg.train.iterations
+        self.logger = MetricsLogger(cfg.output_dir, enabled=False)
+        if not for_training:
+            return
         if self.is_main:
-            write_run_config(cfg.output_dir, to_yaml(cfg))
+            record_run(cfg.output_dir, cfg, to_yaml(cfg), self.replacements)
         self._maybe_resume()
         if self.is_main and self.start_iteration == 0:
             discard_stale_metrics(cfg.output_dir)
         if self.is_main:
             print(f"[flowalign] dLLM {a.name} ({self.preset.paper}) on {m.pretrained}, task {cfg.task.name}, "
-                  f"{self.accelerator.device}, num_processes={self.world}, trainable parameters="
+                  f"{self.accelerator.device}, num_processes={self.world}, threads={self.num_threads}, trainable parameters="
                   f"{sum(p.numel() for p in self.params):,}; per iteration: {s.prompts_per_iter} prompts x "
                   f"{s.group_size} rollouts, {s.steps} steps ({s.order}, {s.step_schedule}), estimator {a.estimator}, "
                   f"{a.inner_steps} inner step(s)")
@@ -177,20 +181,25 @@ class DLLMRecipe:
                    initial=self.start_iteration, total=cfg.train.iterations,
                    disable=not (self.is_main and cfg.logging.progress))
         step = self.start_iteration
-        for iteration in bar:
-            step = iteration + 1
-            metrics = self.train_iteration(iteration)
-            self.train_seconds += metrics["time/iteration_s"]
-            metrics["time/train_elapsed_s"] = self.train_seconds
-            self.logger.log(step, metrics)
-            out_of_time = bool(cfg.train.time_budget_s) and self.train_seconds >= cfg.train.time_budget_s
-            if out_of_time or step == cfg.train.iterations:
-                break
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                self._log_eval(step, self.evaluate(step))
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                self.save_checkpoint(step)
-            bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+        with StopSignal() as stop:
+            for iteration in bar:
+                step = iteration + 1
+                metrics = self.train_iteration(iteration)
+                self.train_seconds += metrics["time/iteration_s"]
+                metrics["time/train_elapsed_s"] = self.train_seconds
+                self.logger.log(step, metrics)
+                out_of_time = bool(cfg.train.time_budget_s) and self.train_seconds >= cfg.train.time_budget_s
+                if out_of_time or step == cfg.train.iterations:
+                    break
+                if cfg.eval.every and step % cfg.eval.every == 0:
+                    self._log_eval(step, self.evaluate(step))
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint(step)
+                bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+                if stop.requested(self.accelerator):
+                    bar.close()
+                    self.save_checkpoint(step)
+                    raise stopped_run(step, cfg.train.iterations, cfg.output_dir, stop.exit_code)
         bar.close()
         self.last_step = step
         final = self.evaluate(step)
@@ -428,15 +437,36 @@ class DLLMRecipe:
         result = {"eval/accuracy": self._mean((r >= cfg.algorithm.correct_threshold).float()), "eval/reward": self._mean(r)}
         for name, values in judged.items():
             result[f"eval/judge/{name}"] = self._mean(torch.tensor(values, dtype=torch.float32))
+        if cfg.eval.diversity_prompts:
+            result["eval/diversity"] = self._completion_diversity()
         result["time/eval_s"] = time.perf_counter() - t0
         return result
 
+    def _completion_diversity(self) -> float:
+        """Mean fraction of distinct completions (:func:`flowalign.diversity.distinct_fraction`) among
+        ``eval.diversity_samples`` rollout-temperature samples of each of the first
+        ``eval.diversity_prompts`` held-out prompts (sharded over ranks, fixed seeds)."""
+        e = self.cfg.eval
+        examples = self.eval_examples[: e.diversity_prompts][self.rank::self.world]
+        if not examples:
+            return self._mean(torch.zeros(0))
+        ids, am = self.model.pad_prompts(self.model.encode([ex.prompt for ex in examples]))
+        ids = ids.to(self.accelerator.device).repeat_interleave(e.diversity_samples, dim=0)
+        am = am.to(self.accelerator.device).repeat_interleave(e.diversity_samples, dim=0)
+        traj = generate(self.model, ids, am, self.spec, mask_id=self.mask_id, eos_id=self.eos_id,
+                        generator=stream_generator(self.cfg.seed, "eval_diversity", self.rank), record_predictions=False)
+        completions = [tuple(row) for row in traj.sequences[:, traj.prompt_length:].tolist()]
+        k = e.diversity_samples
+        fractions = [distinct_fraction(completions[i * k:(i + 1) * k]) for i in range(len(examples))]
+        return self._mean(torch.tensor(fractions, dtype=torch.float32))
+
     def _log_eval(self, step: int, result: dict[str, Any]) -> None:
+        result.update(self.monitor.update(step, result)[0])  # eval/gap/<judge>
         self.logger.log(step, result)
         if step and (self.best is None or result["eval/accuracy"] > self.best["eval/accuracy"]):
             self.best = {"step": step, **result}
             if self.is_main:
-                self.model.save_pretrained(os.path.join(self.cfg.output_dir, "best"))
+                write_folder_atomically(os.path.join(self.cfg.output_dir, "best"), self.model.save_pretrained)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -458,6 +488,7 @@ class DLLMRecipe:
         self.start_iteration = int(ckpt.extra["step"])
         self.before, self.best = ckpt.extra.get("before"), ckpt.extra.get("best")
         self.train_seconds = float(ckpt.extra.get("train_seconds", 0.0))
+        self.monitor.replay(self.cfg.output_dir, until=self.start_iteration)
         if self.is_main:
             print(f"[flowalign] resumed from {ckpt.path} at iteration {self.start_iteration}")
 
@@ -470,7 +501,7 @@ class DLLMRecipe:
                                    "before": self.before, "after": final, "best": self.best}
         if not self.is_main:
             return summary
-        self.model.save_pretrained(os.path.join(out, "final"))
+        write_folder_atomically(os.path.join(out, "final"), self.model.save_pretrained)
         records = read_metrics(os.path.join(out, "metrics.jsonl"))
         iter_times = [r["time/iteration_s"] for r in records if "time/iteration_s" in r]
         forwards = [r["cost/sequence_forwards"] for r in records if "cost/sequence_forwards" in r]

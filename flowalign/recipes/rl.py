@@ -28,7 +28,16 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from flowalign.advantages import edge_advantages, get_advantage_estimator
-from flowalign.config import ConfigError, RLConfig, import_path, num_trained_steps, read_prompt_records, to_yaml
+from flowalign.config import (
+    ConfigError,
+    RLConfig,
+    build_optimizer,
+    num_trained_steps,
+    read_prompt_records,
+    to_yaml,
+)
+from flowalign.errors import loading
+from flowalign.diversity import HackingMonitor, embedding_source, group_diversity
 from flowalign.estimators.dense import calibrate_noise, step_reward_gains
 from flowalign.estimators.preference import decoupled_normalization
 from flowalign.estimators.presets import EDGE_ESTIMATORS, EdgeTargets, lookahead_table
@@ -40,17 +49,13 @@ from flowalign.rewards.registry import build_rewards
 from flowalign.rollout import BranchSpec, integrate_ode, lookahead_sigmas, rollout, sample_ode
 from flowalign.rollout.schedules import mix_window
 from flowalign.samplers import sde_step
-from flowalign.training.accel import end_accelerator
+from flowalign.training.accel import configure_threads, end_accelerator
 from flowalign.training.checkpoint import resume_training_state, save_training_state
 from flowalign.training.ema import EMA
-from flowalign.training.metrics import (
-    MetricsLogger,
-    discard_stale_metrics,
-    read_metrics,
-    write_run_config,
-    write_summary,
-)
+from flowalign.training.interrupt import StopSignal, stopped_run
+from flowalign.training.metrics import MetricsLogger, discard_stale_metrics, read_metrics, write_summary
 from flowalign.training.plots import before_after_table, save_image_grid, save_reward_curve
+from flowalign.training.rundir import record_run, write_folder_atomically
 from flowalign.types import Conditioning, RolloutTree
 
 #: edge estimators that score an ODE look-ahead from every node (RLRecipe._score_lookaheads).
@@ -90,12 +95,17 @@ class RLRecipe:
         self.cfg = cfg
         self._reward_override = rewards
         self._judge_override = judges
+        #: Python objects standing in for config entries, recorded with the run's settings (run.json)
+        self.replacements = {"rewards": rewards, "eval.judges": judges}
 
     # ------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, *, for_training: bool = True) -> None:
+        """Load the model, rewards and prompts. ``for_training=False`` (evaluation only) neither
+        reads nor writes ``output_dir``: no resume, no config record, no logs."""
         cfg = self.cfg
+        self.num_threads = configure_threads(cfg.num_threads)
         # Without an accelerator, accelerate only sets up multi-process (gloo) training when told to
         # use the CPU; Accelerator() would leave every torchrun process training alone.
         no_accelerator = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -106,17 +116,16 @@ class RLRecipe:
 
         adapter_cls = load_adapter_class(cfg.model._component_)
         try:
-            self.adapter = adapter_cls.from_pretrained(cfg.model.pretrained, dtype=DTYPES[cfg.model.dtype],
-                                                       device=self.accelerator.device, **cfg.model.options)
+            with loading("model.pretrained", cfg.model.pretrained):
+                self.adapter = adapter_cls.from_pretrained(cfg.model.pretrained, dtype=DTYPES[cfg.model.dtype],
+                                                           device=self.accelerator.device, **cfg.model.options)
         except TypeError as err:
             if "unexpected keyword" not in str(err):
                 raise
             raise ConfigError(f"model.options: {err} (options accepted by {adapter_cls.__name__}.from_pretrained)") from err
         self.module = self._make_trainable(self.adapter.trainable_module())
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        optimizer_cls = import_path(cfg.train.optimizer._component_, "train.optimizer._component_")
-        o = cfg.train.optimizer
-        optimizer = optimizer_cls(self.params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+        optimizer = build_optimizer(cfg.train.optimizer, self.params)
         wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         self.adapter.set_trainable_module(wrapped)
         self.wrapped = wrapped
@@ -128,6 +137,8 @@ class RLRecipe:
         self.reward_fn = build_rewards(_spec_list(reward_specs, modality))
         judge_specs = _spec_list(self._judge_override if self._judge_override is not None else cfg.eval.judges, modality)
         self.judges = build_rewards(judge_specs).rewards if judge_specs else {}
+        self.embedder = embedding_source({**self.judges, **self.reward_fn.rewards})  # sample diversity's features
+        self.monitor = HackingMonitor("eval/reward", [f"eval/judge/{name}" for name in self.judges])
         self.train_records = read_prompt_records(cfg.data.train_prompts, "data.train_prompts")
         self.eval_records = read_prompt_records(cfg.eval.prompts, "eval.prompts")
         self.train_prompts = [r["prompt"] for r in self.train_records]
@@ -139,17 +150,20 @@ class RLRecipe:
         self.noise_level_schedule = [cfg.sampling.noise_level] * cfg.sampling.num_steps
 
         self.start_iteration, self.before, self.best = 0, None, None
+        self.logger = MetricsLogger(cfg.output_dir, enabled=False)
+        if not for_training:
+            return
         if self.is_main:
-            write_run_config(cfg.output_dir, to_yaml(cfg))
+            record_run(cfg.output_dir, cfg, to_yaml(cfg), self.replacements)
         self._maybe_resume()
         if self.is_main and self.start_iteration == 0:
             discard_stale_metrics(cfg.output_dir)
         if self.is_main:
             s = cfg.sampling
             print(f"[flowalign] {cfg.model._component_} ({cfg.model.pretrained}) on {self.accelerator.device}, "
-                  f"num_processes={self.world}, trainable parameters={sum(p.numel() for p in self.params):,}; "
-                  f"per iteration: {cfg.data.prompts_per_iter} prompts x {s.group_size} samples, "
-                  f"{s.num_steps} steps ({s.sampler} SDE, noise {s.noise_level})")
+                  f"num_processes={self.world}, threads={self.num_threads}, trainable parameters="
+                  f"{sum(p.numel() for p in self.params):,}; per iteration: {cfg.data.prompts_per_iter} prompts x "
+                  f"{s.group_size} samples, {s.num_steps} steps ({s.sampler} SDE, noise {s.noise_level})")
         self.logger = MetricsLogger(cfg.output_dir, tensorboard=cfg.logging.tensorboard,
                                     wandb_project=cfg.logging.wandb_project,
                                     resume_step=self.start_iteration or None,
@@ -213,18 +227,23 @@ class RLRecipe:
             self._log_eval(0, self.before)
         bar = tqdm(range(self.start_iteration, cfg.train.iterations), desc="flowalign train", initial=self.start_iteration,
                    total=cfg.train.iterations, disable=not (self.is_main and cfg.logging.progress))
-        for iteration in bar:
-            step = iteration + 1
-            metrics = self.train_iteration(iteration)
-            t0 = time.perf_counter()
-            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.iterations:
-                self._log_eval(step, self.evaluate(step))
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != cfg.train.iterations:
-                self.save_checkpoint(step)
-            metrics["time/other_s"] = time.perf_counter() - t0
-            metrics["time/iteration_s"] = sum(metrics[k] for k in TIME_KEYS[:4])
-            self.logger.log(step, metrics)
-            bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}")
+        with StopSignal() as stop:
+            for iteration in bar:
+                step = iteration + 1
+                metrics = self.train_iteration(iteration)
+                t0 = time.perf_counter()
+                if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.iterations:
+                    self._log_eval(step, self.evaluate(step))
+                metrics["time/other_s"] = time.perf_counter() - t0
+                metrics["time/iteration_s"] = sum(metrics[k] for k in TIME_KEYS[:4])
+                self.logger.log(step, metrics)  # before the checkpoint: a resumed run keeps every logged step
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != cfg.train.iterations:
+                    self.save_checkpoint(step)
+                bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}")
+                if step != cfg.train.iterations and stop.requested(self.accelerator):
+                    bar.close()
+                    self.save_checkpoint(step)
+                    raise stopped_run(step, cfg.train.iterations, cfg.output_dir, stop.exit_code)
         final = self.evaluate(cfg.train.iterations)
         if self.start_iteration < cfg.train.iterations:  # else: a finished run re-opened, already logged
             self._log_eval(cfg.train.iterations, final)
@@ -467,19 +486,22 @@ class RLRecipe:
             result[f"eval/{prefix}"] = acc.gather(out.scores.to(acc.device)).mean().item()
             for comp, values in out.components.items():
                 result[f"eval/{prefix}/{comp}"] = acc.gather(values.float().to(acc.device)).mean().item()
+        features = self.embedder[1].embed(media) if self.embedder else final.flatten(1)
+        result["eval/diversity"] = group_diversity(acc.gather(features.float().contiguous()).cpu(), torch.tensor(groups)).item()
         grid_media = acc.gather((media * 255).round().to(torch.uint8).contiguous())
         n_grid = min(e.grid_prompts, len(self.eval_prompts)) * e.samples_per_prompt
         result["media"] = grid_media[:n_grid].float().div(255).cpu()
         return result
 
     def _log_eval(self, step: int, result: dict[str, Any]) -> None:
+        result.update(self.monitor.update(step, result)[0])  # eval/gap/<judge>
         scalars = {k: v for k, v in result.items() if k != "media"}
         self.logger.log(step, scalars)
         if step and (self.best is None or scalars["eval/reward"] > self.best["eval/reward"]):
             self.best = {"step": step, **scalars}
             if self.is_main:
                 with self.ema.swapped_into(self.module) if self.ema is not None else nullcontext():
-                    self.adapter.save_pretrained(os.path.join(self.cfg.output_dir, "best"))
+                    write_folder_atomically(os.path.join(self.cfg.output_dir, "best"), self.adapter.save_pretrained)
         if self.is_main and step == 0:
             torch.save(result["media"], os.path.join(self.cfg.output_dir, "eval_before_media.pt"))
 
@@ -504,6 +526,7 @@ class RLRecipe:
         self.before = ckpt.extra.get("before")
         self.best = ckpt.extra.get("best")
         self.noise_level_schedule = ckpt.extra.get("noise_level_schedule", self.noise_level_schedule)
+        self.monitor.replay(self.cfg.output_dir, until=self.start_iteration)
         media_file = os.path.join(self.cfg.output_dir, "eval_before_media.pt")
         if self.before is not None and os.path.exists(media_file):
             self.before["media"] = torch.load(media_file)
@@ -521,10 +544,10 @@ class RLRecipe:
         if not self.is_main:
             return summary
         with self.ema.swapped_into(self.module) if self.ema is not None else nullcontext():
-            self.adapter.save_pretrained(os.path.join(out, "final"))
+            write_folder_atomically(os.path.join(out, "final"), self.adapter.save_pretrained)
             if self.adapter.has_lora() and hasattr(self.adapter, "save_lora_weights"):
                 # diffusers LoRA format: DiffusionPipeline.load_lora_weights(<output_dir>/lora)
-                self.adapter.save_lora_weights(os.path.join(out, "lora"))
+                write_folder_atomically(os.path.join(out, "lora"), self.adapter.save_lora_weights)
         records = read_metrics(os.path.join(out, "metrics.jsonl"))
         iter_times = [r["time/iteration_s"] for r in records if "time/iteration_s" in r]
         summary["seconds_per_iteration"] = float(np.mean(iter_times)) if iter_times else float("nan")
@@ -549,6 +572,7 @@ class RLRecipe:
                                               title="held-out prompts: base model | aligned model (ODE, fixed noise)")
         series = {"train/reward_mean": "train reward", "eval/reward": "held-out reward"}
         series.update({k: k.removeprefix("eval/") for k in final if k.startswith("eval/judge/") and k.endswith("accuracy")})
+        series["eval/diversity"] = "held-out diversity"
         summary["curve"] = save_reward_curve(os.path.join(out, "reward_curve.png"), records, series=series,
                                              title=f"{cfg.model._component_}: {self.reward_fn.name}")
         summary["table"] = before_after_table(_scalars(before), _scalars(final), self.best, summary["seconds_per_iteration"])

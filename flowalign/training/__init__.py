@@ -1,5 +1,5 @@
-"""Training support: atomic checkpoints, RNG capture, EMA, metrics logging, run pictures and
-the end-of-run summary.
+"""Training support: atomic checkpoints, run directories, stop signals, RNG capture, EMA, metrics
+logging, run pictures and the end-of-run summary.
 
 Names are loaded on first use so ``import flowalign.training`` stays light (matplotlib and
 TensorBoard are only imported by the functions that need them).
@@ -15,6 +15,10 @@ _EXPORTS = {
     "latest_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "resume_training_state": "checkpoint",
+    "list_checkpoints": "checkpoint",
+    "check_checkpoint": "checkpoint",
+    "CheckpointStatus": "checkpoint",
+    "CheckpointWarning": "checkpoint",
     "save_training_state": "checkpoint",
     "capture_rng_state": "rng",
     "restore_rng_state": "rng",
@@ -26,7 +30,10 @@ _EXPORTS = {
     "format_table": "plots",
     "before_after_table": "plots",
     "write_summary": "metrics",
-    "write_run_config": "metrics",
+    "record_run": "rundir",
+    "check_run_dir": "rundir",
+    "StopSignal": "interrupt",
+    "configure_threads": "accel",
     "discard_stale_metrics": "metrics",
     "end_accelerator": "accel",
 }

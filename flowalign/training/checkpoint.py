@@ -1,18 +1,57 @@
-"""Atomic checkpoints with exact resume.
+"""Atomic, hash-checked checkpoints with exact resume.
 
-Layout of one checkpoint, ``<run_dir>/checkpoints/step-000123/``::
+Layout of ``<run_dir>/checkpoints/``::
+
+    step-000123/            one checkpoint (see below)
+    step-000124/
+    latest                  text file naming the folder to resume from ("step-000124")
+
+and of one checkpoint folder::
 
     model.safetensors   trainable weights (always)
     optimizer.pt        optimizer state_dict (torch.save; optional)
     ema.safetensors     EMA shadow weights (optional)
     rng.pt              flowalign.training.rng.capture_rng_state() (torch.save; optional)
-    state.json          {"format": 1, "step": int, "files": [...], "extra": {...}} -- written last
+    state.json          {"format": 2, "step": int, "files": [...], "sha256": {file: hex},
+                         "bytes": {file: size}, "extra": {...}} -- written last
 
-A checkpoint is written into a sibling temp folder ``.tmp-step-000123-<pid>``, every file is
-fsync'ed, and the folder is then renamed into place with ``os.replace`` -- so a ``step-*`` folder
-is either absent or complete. ``<run_dir>/checkpoints/latest`` (a text file holding the folder
-name) is then rewritten through a temp file + ``os.replace``. A folder counts as *complete* when
-its ``state.json`` parses and every file it lists exists; readers ignore everything else.
+**Writing.** A checkpoint is written into a sibling temp folder ``.tmp-step-000123-<pid>``. Every
+file goes through one Python file object that hashes (sha256) what it writes and keeps the
+``OSError`` of a failed write: ``torch.save`` streams into it; a safetensors file is serialised in
+memory first (one extra copy of those weights while it is written). On a full disk torch's and
+safetensors' own file writers raise a ``RuntimeError`` / ``SafetensorError`` that no longer carries
+the ``errno``. Each file is fsync'ed; ``state.json``, which records every file's sha256 and size, is
+written last and marks the folder complete. The folder is then renamed into place with
+``os.replace`` -- a ``step-*`` folder is absent or complete -- and ``latest`` is rewritten through a
+temp file (``latest.tmp-<pid>``) + ``os.replace``. A failed write raises
+:class:`~flowalign.errors.CheckpointError` naming the cause (disk full, with the free space left;
+no permission; any other ``OSError`` with its path) and leaves every earlier checkpoint as it was.
+
+**Checking.** A folder is *intact* when its ``state.json`` parses, names its own step and lists
+files that all exist with the recorded size and sha256. Format-1 checkpoints (flowalign before
+hashes) record neither: they are accepted when their files exist (complete but unverifiable).
+Checking reads every file once, before any tensor is loaded, so a single flipped bit in tensor
+data (which safetensors would load without complaint) is caught.
+
+**Recovering.** :func:`latest_checkpoint` and :func:`resume_training_state` (``resume="auto"``) try
+the folder ``latest`` names, then every ``step-*`` folder from the newest down; each damaged one is
+named in a :class:`CheckpointWarning` (folder, file, cause) and skipped. When ``step-*`` folders
+exist but none is intact, :func:`resume_training_state` raises ``CheckpointError`` naming each one
+and why -- a run never silently starts from scratch -- and deletes nothing. A checkpoint named
+explicitly (``resume=<folder>``) that fails its check raises ``CheckpointError`` too.
+:func:`list_checkpoints` reports every folder's state; :func:`remove_run_checkpoints` removes a
+run's checkpoints (``train.resume=never`` on an existing run).
+
+**Stale temp files.** A process killed while saving leaves ``.tmp-step-*-<pid>`` (an unfinished
+checkpoint), ``.old-step-*-<pid>`` (an earlier checkpoint of the same step, moved aside for the
+rename) or ``latest.tmp-<pid>``. They are cleaned up at the start of :func:`save_checkpoint` and in
+:func:`resume_training_state` when ``<pid>`` is not a live process on this machine (checked with
+``os.kill(pid, 0)``) or is the current process (which saves one checkpoint at a time, so its own
+leftovers are from an earlier failed attempt). An ``.old-step-N-*`` folder is put back as
+``step-N`` when that folder is missing (the kill fell between the two renames), else removed.
+Where liveness cannot be checked (Windows) only the current process's leftovers are removed. On a
+filesystem shared between machines, a pid is checked on this machine only: flowalign saves from the
+main process alone and never while another process resumes the same run.
 
 Only the main process should call :func:`save_checkpoint` (in a multi-process run, gather what
 other ranks own -- e.g. their RNG states -- into ``rng_state`` / ``extra`` first).
@@ -22,24 +61,31 @@ other ranks own -- e.g. their RNG states -- into ``rng_state`` / ``extra`` first
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from flowalign.errors import CheckpointError
 from flowalign.training.rng import capture_rng_state, restore_rng_state
 
-__all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "load_checkpoint", "save_training_state",
-           "resume_training_state"]
+__all__ = ["Checkpoint", "CheckpointStatus", "CheckpointWarning", "save_checkpoint", "latest_checkpoint",
+           "load_checkpoint", "check_checkpoint", "list_checkpoints", "remove_stale_temp_files",
+           "remove_run_checkpoints", "none_intact_message", "save_training_state", "resume_training_state"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 STATE_FILE = "state.json"
@@ -47,8 +93,17 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 EMA_FILE = "ema.safetensors"
 RNG_FILE = "rng.pt"
+CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, EMA_FILE, RNG_FILE)
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_TEMP_DIR = re.compile(r"^\.(tmp|old)-(step-\d{6,})-(\d+)$")
+_TEMP_LATEST = re.compile(r"^" + re.escape(LATEST_FILE) + r"\.tmp-(\d+)$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_READ_CHUNK = 8 << 20
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped while looking for one to resume from."""
 
 
 @dataclass
@@ -74,20 +129,36 @@ class Checkpoint:
     extra: dict
 
 
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """What a check found in one checkpoint folder.
+
+    Attributes:
+        path: the folder.
+        step: its step (from the ``step-*`` name, else from ``state.json``); ``None`` if unknown.
+        intact: whether it can be resumed from.
+        problem: why not (names the file and the cause); ``None`` when intact.
+        verified: whether every file's sha256 was checked (``False`` for format-1 checkpoints,
+            which record no hashes, and for checks asked not to read the files).
+    """
+
+    path: str
+    step: int | None
+    intact: bool
+    problem: str | None = None
+    verified: bool = False
+
+
+class _Damaged(Exception):
+    """A checkpoint folder fails its check; the message says which file and why."""
+
+
 def step_dir_name(step: int) -> str:
     """Folder name of the checkpoint at ``step``: ``step-000123``."""
     return f"step-{step:06d}"
 
 
 # --------------------------------------------------------------------------------------- write
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -118,19 +189,150 @@ def _tensor_dict_for_safetensors(state: Any, arg: str) -> dict[str, Tensor]:
     return out
 
 
-def _write_json_atomic(path: str, payload: str) -> None:
+def _write_chunk(fh: BinaryIO, data: bytes | memoryview) -> None:
+    """The one place checkpoint bytes reach the disk (a plain write: errors are the OS's own)."""
+    fh.write(data)
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what it writes and keeps the first ``OSError``.
+
+    ``torch.save`` turns an error of its file object into a ``RuntimeError`` that no longer says
+    why; :func:`_write_file` re-raises the kept ``OSError`` instead.
+    """
+
+    def __init__(self, fh: BinaryIO, path: str):
+        self._fh, self._path = fh, path
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        try:
+            _write_chunk(self._fh, view)
+        except OSError as err:
+            if err.filename is None:
+                err.filename = self._path
+            self.error = err
+            raise
+        self._sha.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def _write_file(path: str, produce: Callable[[_HashingWriter], Any]) -> tuple[str, int]:
+    """Create ``path``, let ``produce`` write into it, fsync it; returns ``(sha256 hex, size)``.
+
+    Raises:
+        OSError: the write failed (the error of the OS, with ``filename`` set).
+    """
+    with open(path, "wb") as fh:
+        sink = _HashingWriter(fh, path)
+        try:
+            produce(sink)
+        except Exception as err:
+            if sink.error is not None and err is not sink.error:
+                raise sink.error from err
+            raise
+        fh.flush()
+        os.fsync(fh.fileno())
+    return sink.hexdigest(), sink.size
+
+
+def _torch_writer(obj: Any) -> Callable[[_HashingWriter], None]:
+    """Stream ``obj`` through ``torch.save`` into the file (no second copy in memory)."""
+    return lambda sink: torch.save(obj, sink)
+
+
+def _safetensors_writer(tensors: dict[str, Tensor]) -> Callable[[_HashingWriter], None]:
+    """Serialise ``tensors`` to safetensors bytes in memory, then write them."""
+    return lambda sink: sink.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
+
+
+def _bytes_writer(data: bytes) -> Callable[[_HashingWriter], None]:
+    return lambda sink: sink.write(data)
+
+
+def _state_json(step: int, files: list[str], digests: dict[str, tuple[str, int]], extra: dict) -> str:
+    """The ``state.json`` text (``digests``: file -> (sha256, size)).
+
+    Raises:
+        TypeError: ``extra`` is not JSON-serialisable.
+    """
+    state = {"format": FORMAT_VERSION, "step": step, "files": files, "extra": extra,
+             "sha256": {f: digests[f][0] for f in files if f in digests},
+             "bytes": {f: digests[f][1] for f in files if f in digests}}
+    try:
+        return json.dumps(state, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"extra must be JSON-serialisable: {err}") from err
+
+
+def _mount_point(path: str) -> str:
+    """The mount point holding ``path`` (the nearest existing ancestor's)."""
+    path = os.path.realpath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    while not os.path.ismount(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _free_space(path: str) -> str:
+    """``"1,234,567 bytes free on /mnt"`` for the filesystem holding ``path``."""
+    mount = _mount_point(path)
+    try:
+        return f"{shutil.disk_usage(mount).free:,} bytes free on {mount}"
+    except OSError:
+        return f"free space on {mount} unknown"
+
+
+def _write_error(err: OSError, what: str, near: str) -> CheckpointError:
+    """A one-line :class:`CheckpointError` for a failure to write ``what`` (a folder near ``near``)."""
+    path = err.filename if err.filename is not None else near
+    if err.errno == errno.ENOSPC:
+        return CheckpointError(f"disk full while writing {what} ({_free_space(near)}); free some space, "
+                               "keep fewer checkpoints (train.keep_checkpoints) or set output_dir on another disk")
+    if getattr(errno, "EDQUOT", None) is not None and err.errno == errno.EDQUOT:
+        return CheckpointError(f"disk quota exceeded while writing {what} ({path}); free some space or set "
+                               "output_dir on another disk")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = "read-only file system" if err.errno == errno.EROFS else (err.strerror or "permission denied")
+        return CheckpointError(f"no permission to write {path} ({cause}) while saving {what}; make the folder "
+                               "writable or set output_dir to one that is")
+    reason = err.strerror or str(err) or type(err).__name__
+    return CheckpointError(f"cannot write {what}: {path}: {reason}")
+
+
+def _discard_attempt(tmp: str, final: str, trash: str) -> None:
+    """Undo a failed save: drop the temp folder, put a moved-aside checkpoint of the step back."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(trash) and not os.path.exists(final):
+        try:
+            os.replace(trash, final)
+        except OSError:
+            pass
+
+
+def _write_latest(ckpt_root: str, name: str) -> None:
+    """Point ``latest`` at ``name`` through ``latest.tmp-<pid>`` + ``os.replace``."""
+    path = os.path.join(ckpt_root, LATEST_FILE)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_file(tmp, _bytes_writer((name + "\n").encode()))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(os.path.dirname(path) or ".")
+    _fsync_dir(ckpt_root)
 
 
 def save_checkpoint(
@@ -146,6 +348,8 @@ def save_checkpoint(
 ) -> str:
     """Write ``run_dir/checkpoints/step-{step:06d}`` atomically and point ``latest`` at it.
 
+    Stale temp folders of killed writers are cleaned up first (see the module docstring).
+
     Args:
         run_dir: the run's folder (created if missing).
         step: non-negative training step.
@@ -160,6 +364,11 @@ def save_checkpoint(
 
     Returns:
         The final checkpoint folder path.
+
+    Raises:
+        TypeError, ValueError: bad arguments (nothing is written).
+        CheckpointError: the disk is full, a permission is missing or another ``OSError`` stopped
+            the write; earlier checkpoints are left as they were.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -176,64 +385,49 @@ def save_checkpoint(
     extra = {} if extra is None else extra
     if not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
-    files = [MODEL_FILE]
+    parts: list[tuple[str, Callable[[_HashingWriter], Any]]] = [(MODEL_FILE, _safetensors_writer(model))]
     if optimizer_state is not None:
-        files.append(OPTIMIZER_FILE)
+        parts.append((OPTIMIZER_FILE, _torch_writer(optimizer_state)))
     if ema is not None:
-        files.append(EMA_FILE)
+        parts.append((EMA_FILE, _safetensors_writer(ema)))
     if rng_state is not None:
-        files.append(RNG_FILE)
-    try:
-        state_json = json.dumps(
-            {"format": FORMAT_VERSION, "step": step, "files": files, "extra": extra}, indent=2, sort_keys=True
-        )
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"extra must be JSON-serialisable: {err}") from err
+        parts.append((RNG_FILE, _torch_writer(rng_state)))
+    files = [fname for fname, _ in parts]
+    _state_json(step, files, {}, extra)  # fail on a bad ``extra`` before writing anything
 
     ckpt_root = os.path.join(run_dir, CHECKPOINTS_DIR)
-    os.makedirs(ckpt_root, exist_ok=True)
     name = step_dir_name(step)
     final = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
     trash = os.path.join(ckpt_root, f".old-{name}-{os.getpid()}")
-    for leftover in (tmp, trash):  # from an earlier failed attempt of this process
-        if os.path.exists(leftover):
-            shutil.rmtree(leftover)
-
+    what = f"checkpoint {final}"
     try:
+        os.makedirs(ckpt_root, exist_ok=True)
+        remove_stale_temp_files(ckpt_root)
         os.makedirs(tmp)
-        save_file(model, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
-        if optimizer_state is not None:
-            torch.save(optimizer_state, os.path.join(tmp, OPTIMIZER_FILE))
-        if ema is not None:
-            save_file(ema, os.path.join(tmp, EMA_FILE), metadata={"format": "pt"})
-        if rng_state is not None:
-            torch.save(rng_state, os.path.join(tmp, RNG_FILE))
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:  # last: completion marker
-            fh.write(state_json)
-        for fname in files + [STATE_FILE]:
-            _fsync_file(os.path.join(tmp, fname))
+        digests = {fname: _write_file(os.path.join(tmp, fname), produce) for fname, produce in parts}
+        # last: the completion marker, holding every file's hash
+        _write_file(os.path.join(tmp, STATE_FILE), _bytes_writer(_state_json(step, files, digests, extra).encode()))
         _fsync_dir(tmp)
-
         # A non-empty directory cannot be os.replace()d over, so an existing checkpoint of the same
         # step is first moved aside; readers fall back to the newest complete folder meanwhile.
         if os.path.exists(final):
             os.replace(final, trash)
         os.replace(tmp, final)
         _fsync_dir(ckpt_root)
+    except OSError as err:
+        _discard_attempt(tmp, final, trash)
+        raise _write_error(err, what, ckpt_root) from err
     except BaseException:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(trash) and not os.path.exists(final):
-            try:  # put the previous checkpoint of this step back
-                os.replace(trash, final)
-            except OSError:
-                pass
+        _discard_attempt(tmp, final, trash)
         raise
-    if os.path.exists(trash):
-        shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
 
-    _write_json_atomic(os.path.join(ckpt_root, LATEST_FILE), name + "\n")
+    try:
+        _write_latest(ckpt_root, name)
+    except OSError as err:
+        raise _write_error(err, f"{os.path.join(ckpt_root, LATEST_FILE)} (checkpoint {final} itself is complete)",
+                           ckpt_root) from err
 
     if keep_last is not None:
         _prune(ckpt_root, keep_last, keep=name)
@@ -241,116 +435,308 @@ def save_checkpoint(
 
 
 def _prune(ckpt_root: str, keep_last: int, keep: str) -> None:
-    """Delete the oldest complete checkpoints beyond ``keep_last``, never ``keep``."""
-    complete = _complete_checkpoints(ckpt_root)
-    for _, name in complete[: max(0, len(complete) - keep_last)]:
-        if name != keep:
-            shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+    """Delete the oldest complete checkpoints beyond ``keep_last``, never ``keep``.
+
+    Completeness is checked without hashing (sizes only), so pruning stays cheap; damaged folders
+    are never deleted here (they are named on resume and left for the user to inspect).
+    """
+    complete = [s for s in _statuses(ckpt_root, verify=False) if s.intact]
+    for status in complete[: max(0, len(complete) - keep_last)]:
+        if os.path.basename(status.path) != keep:
+            shutil.rmtree(status.path, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------- read
+# ----------------------------------------------------------------------------------- temp files
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this machine (``True`` where that cannot be told)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def _is_stale(pid: int) -> bool:
+    """A temp file of ``pid`` is stale when ``pid`` is this process (one save at a time) or dead."""
+    return pid == os.getpid() or not _pid_alive(pid)
+
+
+def _stale_temp_entries(ckpt_root: str) -> list[str]:
+    """Names in ``ckpt_root`` left by a killed (or this process's failed) checkpoint write."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    stale = []
+    for name in sorted(os.listdir(ckpt_root)):
+        m = _TEMP_DIR.match(name) or _TEMP_LATEST.match(name)
+        if m and _is_stale(int(m.groups()[-1])):
+            stale.append(name)
+    return stale
+
+
+def remove_stale_temp_files(ckpt_root: str) -> list[str]:
+    """Clean up what killed writers left in ``ckpt_root`` (a run's ``checkpoints`` folder).
+
+    Removes stale ``.tmp-step-*-<pid>`` folders and ``latest.tmp-<pid>`` files; a stale
+    ``.old-step-N-<pid>`` folder is renamed back to ``step-N`` when that is missing, else removed.
+    Failures to remove are ignored (the entries are never read as checkpoints).
+
+    Returns:
+        the names that were removed or put back.
+    """
+    done = []
+    for name in _stale_temp_entries(ckpt_root):
+        path = os.path.join(ckpt_root, name)
+        m = _TEMP_DIR.match(name)
+        try:
+            if m and m.group(1) == "old" and not os.path.exists(os.path.join(ckpt_root, m.group(2))):
+                os.replace(path, os.path.join(ckpt_root, m.group(2)))
+            elif os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError:
+            continue
+        done.append(name)
+    return done
+
+
+def remove_run_checkpoints(run_dir: str) -> list[str]:
+    """Remove the checkpoints of the run in ``run_dir`` (``train.resume=never`` on an existing run).
+
+    Deletes every entry flowalign writes in ``run_dir/checkpoints`` (``step-*`` folders, ``latest``,
+    temp files), then the folder itself when nothing else is left in it (a folder that is a
+    symlink, or holds files of the user, stays).
+
+    Returns:
+        the names removed from ``run_dir/checkpoints`` (empty if it did not exist).
+
+    Raises:
+        CheckpointError: an entry could not be removed (names it and why).
+    """
+    ckpt_root = os.path.join(run_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(ckpt_root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(ckpt_root)):
+        if not (_STEP_DIR.match(name) or _TEMP_DIR.match(name) or _TEMP_LATEST.match(name) or name == LATEST_FILE):
+            continue
+        path = os.path.join(ckpt_root, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as err:
+            raise CheckpointError(f"cannot remove old checkpoint {path}: {err.strerror or err}; remove it by hand "
+                                  "or set output_dir to a new folder") from err
+        removed.append(name)
+    if not os.path.islink(ckpt_root) and not os.listdir(ckpt_root):
+        try:
+            os.rmdir(ckpt_root)
+        except OSError:  # something was written into it meanwhile: keep it
+            pass
+    return removed
+
+
+# ---------------------------------------------------------------------------------------- check
 
 
 def _read_state(folder: str) -> dict:
-    """Parse and validate ``state.json`` of a checkpoint folder (errors name the file)."""
+    """Parse and validate ``state.json`` of a checkpoint folder.
+
+    Raises:
+        _Damaged: it is missing, unreadable, not a checkpoint state of a readable format.
+    """
     path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {folder!r} is incomplete: missing {STATE_FILE} ({path})")
+        raise _Damaged(f"missing {STATE_FILE} (the checkpoint was never completed)")
     try:
         with open(path, encoding="utf-8") as fh:
             state = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint {folder!r}: corrupt {STATE_FILE} ({path}): {err}") from err
+    except OSError as err:
+        raise _Damaged(f"cannot read {STATE_FILE}: {err.strerror or err}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _Damaged(f"corrupt {STATE_FILE}: {err}") from err
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {folder!r}: {STATE_FILE} must hold a JSON object ({path})")
+        raise _Damaged(f"corrupt {STATE_FILE}: not a JSON object")
+    if state.get("format") not in READABLE_FORMATS:
+        raise _Damaged(f"{STATE_FILE} has unsupported format {state.get('format')!r} (this flowalign reads "
+                       f"formats {', '.join(map(str, READABLE_FORMATS))}; a newer flowalign wrote it?)")
     for key, typ in (("step", int), ("files", list), ("extra", dict)):
-        if not isinstance(state.get(key), typ):
-            raise ValueError(f"checkpoint {folder!r}: {STATE_FILE} key {key!r} missing or not {typ.__name__} ({path})")
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"checkpoint {folder!r}: unsupported {STATE_FILE} format {state.get('format')!r} "
-            f"(this flowalign reads format {FORMAT_VERSION})"
-        )
+        if not isinstance(state.get(key), typ) or isinstance(state.get(key), bool):
+            raise _Damaged(f"corrupt {STATE_FILE}: key {key!r} missing or not {typ.__name__}")
+    unknown = [f for f in state["files"] if f not in CHECKPOINT_FILES]
+    if unknown:
+        raise _Damaged(f"corrupt {STATE_FILE}: unknown files {unknown}")
     if MODEL_FILE not in state["files"]:
-        raise ValueError(f"checkpoint {folder!r}: {STATE_FILE} does not list {MODEL_FILE} ({path})")
+        raise _Damaged(f"{STATE_FILE} does not list {MODEL_FILE}")
+    if state["format"] >= 2:
+        _check_recorded_digests(state)
     return state
 
 
-def _is_complete(folder: str) -> bool:
+def _check_recorded_digests(state: dict) -> None:
+    """A format-2 ``state.json`` records a sha256 and a size for every file it lists."""
+    hashes, sizes = state.get("sha256"), state.get("bytes")
+    if not isinstance(hashes, dict) or not isinstance(sizes, dict):
+        raise _Damaged(f"corrupt {STATE_FILE}: 'sha256' or 'bytes' missing")
+    for fname in state["files"]:
+        if not isinstance(hashes.get(fname), str) or not _SHA256_HEX.match(hashes[fname]):
+            raise _Damaged(f"corrupt {STATE_FILE}: no valid sha256 for {fname}")
+        if not isinstance(sizes.get(fname), int) or isinstance(sizes[fname], bool) or sizes[fname] < 0:
+            raise _Damaged(f"corrupt {STATE_FILE}: no valid size for {fname}")
+
+
+def _sha256_of(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_READ_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _check_file(folder: str, fname: str, state: dict, verify: bool) -> None:
+    """Raise :class:`_Damaged` if ``fname`` is missing, of the wrong size or (``verify``) hash."""
+    path = os.path.join(folder, fname)
+    if not os.path.isfile(path):
+        raise _Damaged(f"missing {fname}")
+    if state["format"] < 2:
+        return
+    expected, size = state["bytes"][fname], os.path.getsize(path)
+    if size < expected:
+        raise _Damaged(f"{fname} is truncated ({size:,} of {expected:,} bytes)")
+    if size != expected:
+        raise _Damaged(f"{fname} has {size:,} bytes where {expected:,} were written")
+    if verify:
+        try:
+            actual = _sha256_of(path)
+        except OSError as err:
+            raise _Damaged(f"cannot read {fname}: {err.strerror or err}") from err
+        if actual != state["sha256"][fname]:
+            raise _Damaged(f"{fname} fails its sha256 check (its content changed after it was written: "
+                           "a disk, memory or copy error)")
+
+
+def _checked_state(folder: str, verify: bool = True) -> dict:
+    """The ``state.json`` of ``folder`` after checking the folder (see :func:`check_checkpoint`)."""
+    if not os.path.isdir(folder):
+        raise _Damaged("not a folder" if os.path.exists(folder) else "does not exist")
+    state = _read_state(folder)
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(folder)))
+    if m and int(m.group(1)) != state["step"]:
+        raise _Damaged(f"{STATE_FILE} says step {state['step']}, not that of the folder name")
+    for fname in state["files"]:
+        _check_file(folder, fname, state, verify)
+    return state
+
+
+def check_checkpoint(path: str, *, verify: bool = True) -> CheckpointStatus:
+    """Check one checkpoint folder without loading it.
+
+    Args:
+        path: a checkpoint folder.
+        verify: also compare every file's sha256 with the one recorded (reads each file once);
+            ``False`` checks only that ``state.json`` is sound and the files exist with their sizes.
+    """
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    step = int(m.group(1)) if m else None
     try:
-        state = _read_state(folder)
-    except (FileNotFoundError, ValueError):
-        return False
-    return all(os.path.isfile(os.path.join(folder, f)) for f in state["files"])
+        state = _checked_state(path, verify)
+    except _Damaged as err:
+        return CheckpointStatus(path, step, False, str(err))
+    return CheckpointStatus(path, state["step"], True, None, verified=verify and state["format"] >= 2)
 
 
-def _complete_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
-    """``(step, folder name)`` of every complete ``step-*`` folder, ascending by step."""
+def _step_folders(ckpt_root: str) -> list[tuple[int, str]]:
+    """``(step, name)`` of every ``step-*`` folder in ``ckpt_root``, ascending by step."""
     if not os.path.isdir(ckpt_root):
         return []
     found = []
     for name in os.listdir(ckpt_root):
         m = _STEP_DIR.match(name)
-        if m and _is_complete(os.path.join(ckpt_root, name)):
+        if m and os.path.isdir(os.path.join(ckpt_root, name)):
             found.append((int(m.group(1)), name))
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """Path of the checkpoint to resume from, or ``None`` if ``run_dir`` has none.
+def _statuses(ckpt_root: str, verify: bool) -> list[CheckpointStatus]:
+    return [check_checkpoint(os.path.join(ckpt_root, name), verify=verify) for _, name in _step_folders(ckpt_root)]
 
-    Reads ``run_dir/checkpoints/latest``; if it is missing, malformed or names an incomplete
-    folder, falls back to the complete ``step-*`` folder with the highest step. Temp folders
-    (``.tmp-*``, ``.old-*``) are ignored.
+
+def list_checkpoints(run_dir: str, *, verify: bool = True) -> list[CheckpointStatus]:
+    """The state of every ``step-*`` checkpoint folder of the run in ``run_dir``, ascending by step.
+
+    Args:
+        run_dir: the run's folder (holding ``checkpoints/``); a run without one has none.
+        verify: check every file's sha256 (reads them all); ``False`` checks structure and sizes.
     """
-    ckpt_root = os.path.join(run_dir, CHECKPOINTS_DIR)
-    latest = os.path.join(ckpt_root, LATEST_FILE)
+    return _statuses(os.path.join(run_dir, CHECKPOINTS_DIR), verify)
+
+
+def _candidates(ckpt_root: str) -> list[str]:
+    """Folders to resume from, in order: the one ``latest`` names, then all from the newest down."""
+    names = [name for _, name in reversed(_step_folders(ckpt_root))]
     try:
-        with open(latest, encoding="utf-8") as fh:
-            name = fh.read().strip()
+        with open(os.path.join(ckpt_root, LATEST_FILE), encoding="utf-8") as fh:
+            pointer = fh.read().strip()
     except (OSError, UnicodeDecodeError):
-        name = ""
-    if _STEP_DIR.match(name) and _is_complete(os.path.join(ckpt_root, name)):
-        return os.path.join(ckpt_root, name)
-    complete = _complete_checkpoints(ckpt_root)
-    return os.path.join(ckpt_root, complete[-1][1]) if complete else None
+        pointer = ""
+    if pointer in names:
+        names.remove(pointer)
+        names.insert(0, pointer)
+    return [os.path.join(ckpt_root, name) for name in names]
+
+
+def _warn_damaged(folder: str, problem: str) -> None:
+    warnings.warn(f"skipping damaged checkpoint {folder}: {problem}", CheckpointWarning, stacklevel=3)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """Path of the intact checkpoint to resume from, or ``None`` if ``run_dir`` has none.
+
+    Tries the folder ``run_dir/checkpoints/latest`` names, then every ``step-*`` folder from the
+    highest step down, and returns the first that passes :func:`check_checkpoint` (sha256 included);
+    each damaged one is named in a :class:`CheckpointWarning`. Temp folders (``.tmp-*``, ``.old-*``)
+    are ignored. Reads only.
+    """
+    for folder in _candidates(os.path.join(run_dir, CHECKPOINTS_DIR)):
+        status = check_checkpoint(folder)
+        if status.intact:
+            return folder
+        _warn_damaged(folder, status.problem or "")
+    return None
+
+
+# ----------------------------------------------------------------------------------------- load
 
 
 def _load_safetensors(folder: str, fname: str, map_location: str) -> dict[str, Tensor]:
     path = os.path.join(folder, fname)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {folder!r}: missing {fname} ({path})")
     try:
         return load_file(path, device=map_location)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"checkpoint {folder!r}: corrupt {fname} ({path}): {err}") from err
+        raise _Damaged(f"corrupt {fname}: {err}") from err
 
 
 def _load_torch(folder: str, fname: str, map_location: str) -> Any:
     path = os.path.join(folder, fname)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {folder!r}: missing {fname} ({path})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on bad files
-        raise ValueError(f"checkpoint {folder!r}: corrupt or unsafe {fname} ({path}): {err}") from err
+        raise _Damaged(f"corrupt or unsafe {fname}: {err}") from err
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint folder written by :func:`save_checkpoint`.
-
-    Args:
-        path: the ``step-*`` folder (e.g. from :func:`latest_checkpoint`).
-        map_location: device for every tensor.
-
-    Raises:
-        FileNotFoundError: the folder or a file listed in its ``state.json`` is missing.
-        ValueError: a file is corrupt (the message names it).
-    """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
-    device = str(map_location)
-    state = _read_state(path)
+def _load(path: str, device: str, verify: bool) -> Checkpoint:
+    """Check ``path`` (hashes first, when ``verify``) then load it; raises :class:`_Damaged`."""
+    state = _checked_state(path, verify)
     files = set(state["files"])
     return Checkpoint(
         path=path,
@@ -363,6 +749,28 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> Chec
     )
 
 
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", *, verify: bool = True) -> Checkpoint:
+    """Load a checkpoint folder written by :func:`save_checkpoint`.
+
+    Args:
+        path: the ``step-*`` folder (e.g. from :func:`latest_checkpoint`).
+        map_location: device for every tensor.
+        verify: compare every file's sha256 with ``state.json`` before loading any tensor
+            (format-1 checkpoints record none; their files are only checked to exist).
+
+    Raises:
+        CheckpointError: the folder is missing or fails its check, or a file cannot be loaded
+            (the message names the folder, the file and the cause).
+    """
+    try:
+        return _load(path, str(map_location), verify)
+    except _Damaged as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
+
+
+# ------------------------------------------------------------------------------ training state
+
+
 def save_training_state(run_dir: str, step: int, module: torch.nn.Module, optimizer: Any, *, ema: Any = None,
                         extra: dict | None = None, keep_last: int | None = 2) -> str:
     """Atomically checkpoint a run at ``step``, for any recipe: the trainable weights of ``module``
@@ -371,6 +779,9 @@ def save_training_state(run_dir: str, step: int, module: torch.nn.Module, optimi
 
     Returns:
         the checkpoint folder.
+
+    Raises:
+        CheckpointError: the checkpoint could not be written (see :func:`save_checkpoint`).
     """
     return save_checkpoint(
         run_dir, step,
@@ -383,28 +794,68 @@ def save_training_state(run_dir: str, step: int, module: torch.nn.Module, optimi
     )
 
 
+def none_intact_message(ckpt_root: str, failures: list[tuple[str, str]]) -> str:
+    """The refusal for a checkpoints folder whose ``(folder, problem)`` checkpoints are all damaged."""
+    found = "; ".join(f"{os.path.basename(folder)}: {problem}" for folder, problem in failures)
+    return (f"{ckpt_root} holds {len(failures)} checkpoint folder(s) but none is intact ({found}); nothing was "
+            "deleted. Pass train.resume=never to start afresh (the old checkpoints are then removed), "
+            "train.resume=<checkpoint folder> to name one, or output_dir=<new folder> for a new run")
+
+
+def _load_newest_intact(ckpt_root: str) -> Checkpoint | None:
+    """Load the first intact checkpoint of :func:`_candidates`, warning about each damaged one.
+
+    Raises:
+        CheckpointError: there are ``step-*`` folders but none is intact (each is named).
+    """
+    failures: list[tuple[str, str]] = []
+    for folder in _candidates(ckpt_root):
+        try:
+            return _load(folder, "cpu", verify=True)
+        except _Damaged as err:
+            _warn_damaged(folder, str(err))
+            failures.append((folder, str(err)))
+    if failures:
+        raise CheckpointError(none_intact_message(ckpt_root, failures))
+    return None
+
+
 def resume_training_state(resume: str, run_dir: str, module: torch.nn.Module, optimizer: Any,
                           ema: Any = None) -> Checkpoint | None:
     """Restore a run from the checkpoint that ``train.resume`` names, for any recipe.
 
-    ``resume`` is ``"never"``, ``"auto"`` (the newest complete checkpoint in ``run_dir``, if any) or
-    a checkpoint folder. Loads the trainable weights into ``module`` (non-strict: frozen weights
-    come from the pretrained model), the optimizer state, the EMA shadow (when both exist) and the
-    global RNG state. Returns the checkpoint, whose ``extra`` the recipe reads, or None.
+    ``resume`` is ``"never"``, ``"auto"`` (the newest intact checkpoint in ``run_dir``: damaged
+    ones are named in a :class:`CheckpointWarning` and skipped) or a checkpoint folder. Stale temp
+    files in ``run_dir/checkpoints`` are cleaned up first (not for ``"never"``). Loads the
+    trainable weights into ``module`` (non-strict: frozen weights come from the pretrained model),
+    the optimizer state, the EMA shadow (when both exist) and the global RNG state. Returns the
+    checkpoint, whose ``extra`` the recipe reads, or ``None`` (``"never"``, or ``"auto"`` on a run
+    without checkpoint folders).
 
     Raises:
+        CheckpointError: ``"auto"`` finds ``step-*`` folders but none is intact (each is named with
+            its cause; nothing is deleted), or the folder named by ``resume`` fails its check.
         ValueError: the checkpoint lacks a trainable parameter of ``module`` (another model).
     """
     if resume == "never":
         return None
-    path = latest_checkpoint(run_dir) if resume == "auto" else resume
-    if path is None:
-        return None
-    ckpt = load_checkpoint(path)
+    ckpt_root = os.path.join(run_dir, CHECKPOINTS_DIR)
+    remove_stale_temp_files(ckpt_root)
+    if resume == "auto":
+        ckpt = _load_newest_intact(ckpt_root)
+        if ckpt is None:
+            return None
+    else:
+        try:
+            ckpt = _load(resume, "cpu", verify=True)
+        except _Damaged as err:
+            raise CheckpointError(f"cannot resume from {resume} (train.resume): {err}; pass train.resume=auto "
+                                  "for the newest intact checkpoint, or name another one") from err
+    path = ckpt.path
     missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in ckpt.model_state]
     if missing:
-        raise ValueError(f"checkpoint {path!r} does not match the model (missing {missing[:3]}...); "
-                         "set train.resume=never or use another output_dir")
+        raise CheckpointError(f"checkpoint {path!r} does not match the model (missing {missing[:3]}...); "
+                              "set train.resume=never or use another output_dir")
     module.load_state_dict(ckpt.model_state, strict=False)
     optimizer.load_state_dict(ckpt.optimizer_state)
     if ema is not None and ckpt.ema_state is not None:

@@ -199,13 +199,6 @@ def write_summary(output_dir: str, summary: dict[str, Any], outputs: str) -> Non
     print(f"\nrun directory: {output_dir}  ({outputs})")
 
 
-def write_run_config(output_dir: str, config_yaml: str) -> None:
-    """Create the run directory and record the resolved config in it as ``config.yaml``."""
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-        f.write(config_yaml)
-
-
 def discard_stale_metrics(output_dir: str) -> None:
     """For a run that starts from scratch (nothing resumed): remove ``metrics.jsonl`` left by an
     earlier attempt in the same directory that never checkpointed, whose records are stale."""
