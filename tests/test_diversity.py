@@ -130,3 +130,36 @@ def test_group_diversity_reward_scores_distance_to_siblings(tmp_path):
     assert torch.allclose(got, expected)
     with pytest.raises(ValueError, match="no embed"):
         GroupDiversity(features={"_component_": "jpeg_compressibility"})
+
+
+class _Scripted:
+    """A reward or judge whose score moves by ``step`` at every call (all samples alike)."""
+
+    modality = "image"
+
+    def __init__(self, name: str, start: float, step: float):
+        self.name, self.value, self.step = name, start, step
+
+    def __call__(self, media, prompts, metadata=None):
+        from flowalign.rewards import RewardOutput
+
+        self.value += self.step
+        return RewardOutput(scores=torch.full((media.shape[0],), self.value))
+
+
+def test_recipe_warns_once_when_reward_rises_and_judge_falls(tiny_config, capsys):
+    tiny_config["train"]["iterations"] = 4
+    tiny_config["eval"]["every"] = 1
+    summary = flowalign.train(tiny_config, rewards=_Scripted("rising", 0.5, 0.01),
+                              judges={"falling": _Scripted("falling", 0.9, -0.05)})
+    err = capsys.readouterr().err
+    assert err.count("possible reward hacking") == 1 and "judge falling fell" in err
+    assert summary["after"]["eval/gap/falling"] > 0
+
+
+def test_dllm_summary_reports_completion_diversity(tmp_path):
+    summary = flowalign.train("configs/dllm/quickstart.yaml", {
+        "output_dir": str(tmp_path / "d"), "train.iterations": 1, "eval.max_examples": 16, "eval.diversity_prompts": 8,
+        "logging.progress": False, "logging.tensorboard": False})
+    for when in ("before", "after"):
+        assert 0.0 <= summary[when]["eval/diversity"] <= 1.0
