@@ -13,7 +13,7 @@ of the independent SVM judge (``eval/judge/digit_judge/accuracy``), which no met
 which is comparable across methods whose training rewards differ (Pref-GRPO's win rates,
 multi-reward's weighted sum); ``--metric eval/reward`` uses each method's own reward instead.
 
-``pretrain`` is the control DESIGN.md asks for: it continues the base model's own flow-matching
+``pretrain`` is the control docs/ARCHITECTURE.md asks for: it continues the base model's own flow-matching
 pretraining on the same flawed data (40 % of labels swapped) for the same budget, so a gain that
 comes from more training rather than from the reward shows up there too.
 

@@ -1,4 +1,4 @@
-"""Advantage estimators (DESIGN.md, "Advantages and losses").
+"""Advantage estimators (docs/ARCHITECTURE.md, "Advantages and losses").
 
 Pure tensor functions, selected by name from the static table :data:`ADVANTAGE_ESTIMATORS`.
 
@@ -204,7 +204,7 @@ def edge_advantages(leaf_advantages: Tensor, leaf_edges: Tensor, num_edges: int)
     return out.to(torch.float32)
 
 
-#: Static name -> estimator table (DESIGN.md: "selected by name from one static table").
+#: Static name -> estimator table (docs/ARCHITECTURE.md: "selected by name from one static table").
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "group": group_advantages,
 }

@@ -1,4 +1,4 @@
-"""Guards of the training invariants of DESIGN.md: finite values (invariant 3: a NaN reward or loss
+"""Guards of the training invariants of docs/ARCHITECTURE.md: finite values (invariant 3: a NaN reward or loss
 never reaches the optimizer silently) and on-policy first steps (invariant 2).
 
 :func:`assert_finite` is a pure check: it returns its input unchanged (same object, autograd graph
@@ -62,7 +62,7 @@ def assert_finite(tensor: Tensor, what: str) -> Tensor:
 
 
 def assert_on_policy(ratio_dev: float, tolerance: float, likely_causes: str) -> None:
-    """DESIGN.md invariant 2: at the first inner step, before any weight changes, the recomputed
+    """docs/ARCHITECTURE.md invariant 2: at the first inner step, before any weight changes, the recomputed
     log-probs equal the old ones, so ``max |ratio - 1|`` (``ratio_dev``) is at most ``tolerance``
     (``algorithm.ratio_tolerance``).
 

@@ -1,4 +1,4 @@
-"""The data contract between flowalign's stages (see DESIGN.md, "The data contract").
+"""The data contract between flowalign's stages (see docs/ARCHITECTURE.md, "The data contract").
 
 Two types flow between stages; nothing passes positional tuples:
 

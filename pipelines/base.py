@@ -1,4 +1,4 @@
-"""The pipeline-adapter protocol every model family implements (DESIGN.md, "Pipeline adapters").
+"""The pipeline-adapter protocol every model family implements (docs/ARCHITECTURE.md, "Pipeline adapters").
 
 An adapter wraps real diffusers components and exposes the five operations the samplers, the
 rollout engine and the recipes need. Everything it returns is in the *flow convention*:

@@ -1,4 +1,4 @@
-"""The one media-conversion helper every reward shares (DESIGN.md, "Rewards").
+"""The one media-conversion helper every reward shares (docs/ARCHITECTURE.md, "Rewards").
 
 Pipeline adapters decode to float media in [0, 1]: images ``[B, 3, H, W]``, video
 ``[B, F, 3, H, W]``. Rewards that run on PIL images or uint8 arrays convert here, so every

@@ -1,4 +1,4 @@
-"""The reward contract (DESIGN.md, "Rewards"): every reward in the zoo and every user reward
+"""The reward contract (docs/ARCHITECTURE.md, "Rewards"): every reward in the zoo and every user reward
 speaks it, so recipes never special-case a model.
 """
 

@@ -1,4 +1,4 @@
-"""Find and build rewards by name (DESIGN.md, "Rewards": registry).
+"""Find and build rewards by name (docs/ARCHITECTURE.md, "Rewards": registry).
 
 A reward is named in three ways, tried in this order:
 

@@ -1,4 +1,4 @@
-"""Compose several rewards into one: a weighted sum (DESIGN.md, "Rewards": ``WeightedSum`` composes).
+"""Compose several rewards into one: a weighted sum (docs/ARCHITECTURE.md, "Rewards": ``WeightedSum`` composes).
 
 Multi-reward training optimizes a fixed linear combination ``r = Σ_i w_i · r_i`` of per-sample
 scores -- Flow-GRPO's ``multi_score`` (Liu et al. 2025, "Flow-GRPO", reference code

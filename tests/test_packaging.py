@@ -1,5 +1,5 @@
 """The wheel maps rewards/ -> flowalign.rewards and pipelines/ -> flowalign.pipelines and installs
-no top-level `rewards` / `pipelines` (DESIGN.md: editable installs hide mistakes here, so build a
+no top-level `rewards` / `pipelines` (docs/ARCHITECTURE.md: editable installs hide mistakes here, so build a
 real wheel, install it into a fresh venv and import from outside the repo)."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Everything here is a pure function of its arguments (and a seed), so the shipped
 model, its reward and the tests all see the same data:
 
 * :func:`load_digit_images` -- scikit-learn's 1797 handwritten 8x8 digits, upsampled to 16x16.
-* :func:`corrupt_labels` -- the deliberate flaw of the quickstart base model (DESIGN.md, "The
+* :func:`corrupt_labels` -- the deliberate flaw of the quickstart base model (docs/ARCHITECTURE.md, "The
   shipped quickstart tasks"): a share of the digit labels is swapped for a wrong digit, so that
   continued pretraining on the same data keeps reproducing the confusion while RL against a
   verifier can remove it.

@@ -21,7 +21,7 @@ Units: ``token`` -- one log-prob per completion token ``[N, Lg]``; ``sequence`` 
 sequence ``[N, 1]``; ``step`` -- one per denoising step of the rollout's trajectory ``[N, S]`` (the
 log-prob of the tokens committed at that step, exact).
 
-On-policy invariant (DESIGN.md 2): a random estimator's draws (prompt masks, coupled masks, ELBO
+On-policy invariant (docs/ARCHITECTURE.md, invariant 2): a random estimator's draws (prompt masks, coupled masks, ELBO
 times/masks) are drawn once per inner step from a named stream and used for *both* the old and the
 new log-probs of that inner step, so the ratio at the first inner step is exactly 1.
 """

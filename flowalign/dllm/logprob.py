@@ -1,4 +1,4 @@
-"""Log-likelihood estimators for masked diffusion LMs (issue 6, DESIGN.md "dLLM").
+"""Log-likelihood estimators for masked diffusion LMs (issue 6, docs/ARCHITECTURE.md "dLLM").
 
 A masked diffusion LM has no tractable ``log p(completion | prompt)``; policy-gradient methods use
 one of these surrogates. Every Monte Carlo estimator here is one weighted sum over ``N`` model

@@ -1,4 +1,4 @@
-"""Masked-diffusion decoding with recorded trajectories (issue 6, DESIGN.md "dLLM").
+"""Masked-diffusion decoding with recorded trajectories (issue 6, docs/ARCHITECTURE.md "dLLM").
 
 The reverse process of LLaDA (Nie et al. 2025, "Large Language Diffusion Models", Alg. 4 / 5,
 low-confidence and random remasking): the completion window of ``gen_length`` tokens starts all

@@ -1,4 +1,4 @@
-"""Policy losses (DESIGN.md, "Advantages and losses"), selected by name from :data:`LOSSES`.
+"""Policy losses (docs/ARCHITECTURE.md, "Advantages and losses"), selected by name from :data:`LOSSES`.
 
 Each loss returns ``(loss, metrics)``: a 0-dim tensor to backpropagate and a dict of python floats.
 """

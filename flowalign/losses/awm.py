@@ -37,7 +37,7 @@ __all__ = ["awm_loss", "flow_matching_pair"]
 def flow_matching_pair(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
     """The forward (re-noising) process of rectified flow and its velocity target.
 
-    ``x_σ = (1 − σ)·x0 + σ·ε`` and ``u = ε − x0`` (the flow convention of DESIGN.md, Liu et al.
+    ``x_σ = (1 − σ)·x0 + σ·ε`` and ``u = ε − x0`` (the flow convention of docs/ARCHITECTURE.md, Liu et al.
     2023 / Lipman et al. 2023 with the linear path; AWM §3 trains on exactly this pair).
 
     Args:

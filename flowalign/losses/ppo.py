@@ -101,7 +101,7 @@ def ppo_clip_loss(
         ``kl`` (weighted mean of ``kl``; 0.0 without it) and the unweighted diagnostics over all
         ``N`` edges, as Flow-GRPO logs them: ``clip_frac`` = mean(|ratio−1| > ε),
         ``approx_kl`` = ½·mean((log_prob − log_prob_old)²), ``ratio_mean`` = mean(ratio),
-        ``ratio_max_dev`` = max|ratio − 1| (0 on-policy: DESIGN.md invariant 2).
+        ``ratio_max_dev`` = max|ratio − 1| (0 on-policy: docs/ARCHITECTURE.md invariant 2).
 
     Raises:
         ValueError: shapes disagree, ``clip_range``/``kl_beta``/``weights`` are invalid, or

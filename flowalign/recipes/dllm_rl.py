@@ -335,7 +335,7 @@ class DLLMRecipe:
             offset += p.numel()
 
     def _check_on_policy(self, ratio_dev: float) -> None:
-        """DESIGN.md invariant 2: before any update the recomputed log-probs equal the old ones."""
+        """docs/ARCHITECTURE.md invariant 2: before any update the recomputed log-probs equal the old ones."""
         assert_on_policy(ratio_dev, self.cfg.algorithm.ratio_tolerance, "old and new log-probs were computed "
                          "differently (different estimator draws? dropout? non-deterministic kernels?)")
 

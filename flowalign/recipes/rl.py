@@ -378,7 +378,7 @@ class RLRecipe:
         """PPO-clip updates over the trained edges, ``steps_per_iter`` optimizer steps.
 
         The first micro-batch runs before any weight change, so its ratio must be exactly 1
-        (DESIGN.md invariant 2): it is checked and logged every iteration."""
+        (docs/ARCHITECTURE.md invariant 2): it is checked and logged every iteration."""
         edges = targets.trainable.nonzero().squeeze(1)
         edges = edges[torch.randperm(len(edges), generator=stream_generator(self.cfg.seed, "shuffle", iteration, self.rank))]
         first: dict[str, float] = {}
@@ -453,7 +453,7 @@ class RLRecipe:
         return self.adapter.encode(prompts, negatives)
 
     def _check_on_policy(self, ratio_dev: float) -> None:
-        """Invariant 2 of DESIGN.md: before any update the recomputed log-probs equal the rollout's."""
+        """Invariant 2 of docs/ARCHITECTURE.md: before any update the recomputed log-probs equal the rollout's."""
         assert_on_policy(ratio_dev, self.cfg.algorithm.ratio_tolerance, "the rollout and the update compute "
                          "log-probs differently (dropout on? different precision? non-deterministic kernels?)")
 

@@ -1,4 +1,4 @@
-"""``BranchSpec``: the one description of every rollout tree (DESIGN.md, "Rollout").
+"""``BranchSpec``: the one description of every rollout tree (docs/ARCHITECTURE.md, "Rollout").
 
 A rollout of ``P`` prompts starts from ``G = samples_per_prompt`` initial noises per prompt and
 runs ``T`` transitions down the sigma schedule. At step ``t`` every node at depth ``t`` is

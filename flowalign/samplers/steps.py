@@ -1,4 +1,4 @@
-"""Single denoising steps with Gaussian transition log-probabilities (DESIGN.md, "Samplers").
+"""Single denoising steps with Gaussian transition log-probabilities (docs/ARCHITECTURE.md, "Samplers").
 
 Flow convention (see :mod:`flowalign.pipelines.base`): ``x_t = (1 - sigma) x0 + sigma eps`` and the
 model output is the velocity ``v = eps - x0``; sigma descends from 1 (noise) to 0 (data) and a step
