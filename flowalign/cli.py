@@ -104,8 +104,25 @@ def _train(args: argparse.Namespace) -> int:
     from flowalign.config import load_config
 
     # the CLI trains in the config's output_dir, continuing the run there (flowalign.training.rundir)
-    run_training(load_config(args.config, args.overrides, world_size=_world_size()))
+    ok = False
+    try:
+        run_training(load_config(args.config, args.overrides, world_size=_world_size()))
+        ok = True
+    finally:
+        _end_process_group(together=ok)
     return 0
+
+
+def _end_process_group(together: bool) -> None:
+    """Destroy the process group before exit, after a barrier when every rank finished (``together``),
+    so that no rank blocks at exit in the collective library's teardown once its peers are gone. A
+    failed rank skips the barrier: its peers would wait there for ever."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _eval(args: argparse.Namespace) -> int:
