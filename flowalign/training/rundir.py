@@ -100,12 +100,19 @@ def _describe(obj: Any) -> Any:
     return f"python:{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', repr(kind))}"
 
 
+def _flat_settings(container: Any) -> dict[str, Any]:
+    """A config container flattened to dotted keys (JSON values), plus ``num_processes`` from
+    ``WORLD_SIZE``: ranks draw their own random streams, so the process count is a setting too."""
+    flat = _flatten(json.loads(json.dumps(container, default=str)))
+    flat["num_processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+    return flat
+
+
 def run_settings(cfg: Any, python_objects: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The training-relevant settings of a run: the resolved config flattened to dotted keys, less
-    :data:`CONTINUABLE_KEYS`, plus ``num_processes`` (``WORLD_SIZE``), with each Python object that replaces a config entry (``rewards``,
-    ``judges``) recorded by its qualified name in place of that entry."""
-    flat = _flatten(json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), default=str)))
-    flat["num_processes"] = int(os.environ.get("WORLD_SIZE", "1"))  # ranks draw their own random streams
+    """The training-relevant settings of a run: the resolved config flattened to dotted keys plus
+    ``num_processes``, less :data:`CONTINUABLE_KEYS`, with each Python object that replaces a config
+    entry (``rewards``, ``eval.judges``) recorded by its qualified name in place of that entry."""
+    flat = _flat_settings(OmegaConf.to_container(OmegaConf.structured(cfg)))
     for name, obj in (python_objects or {}).items():
         if obj is not None:
             flat = {k: v for k, v in flat.items() if k != name and not k.startswith(name + ".")}
@@ -117,7 +124,7 @@ def changed_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) ->
     """``(key, recorded value, current value)`` for every training-relevant key that differs
     (a key missing on one side shows as ``"<unset>"``)."""
     unset = "<unset>"
-    keys = sorted((set(recorded) | set(current)) - {k for k in set(recorded) | set(current) if _continuable(k)})
+    keys = sorted(k for k in set(recorded) | set(current) if not _continuable(k))
     return [(k, recorded.get(k, unset), current.get(k, unset)) for k in keys if recorded.get(k, unset) != current.get(k, unset)]
 
 
@@ -133,9 +140,7 @@ def _recorded_settings(output_dir: str) -> dict[str, Any] | None:
                               "or train.resume=never to start this one over") from err
     config_file = os.path.join(output_dir, "config.yaml")
     if os.path.isfile(config_file):
-        container = OmegaConf.to_container(OmegaConf.load(config_file))
-        flat = _flatten(json.loads(json.dumps(container, default=str)))
-        flat["num_processes"] = int(os.environ.get("WORLD_SIZE", "1"))  # not recorded by older runs
+        flat = _flat_settings(OmegaConf.to_container(OmegaConf.load(config_file)))  # num_processes: taken as unchanged
         return {k: v for k, v in flat.items() if not _continuable(k)}
     return None
 
