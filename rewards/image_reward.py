@@ -4,7 +4,7 @@ Text-to-Image Generation") loaded from the released ``ImageReward.pt`` into tran
 The released model (THUDM/ImageReward, ``ImageReward/ImageReward.py``) is a BLIP ViT image encoder,
 a BERT text encoder with cross-attention to the image tokens (BLIP ``med.py``), and an MLP on the
 text ``[CLS]`` feature; the raw output is standardised with the released mean / std. The
-``image-reward`` package cannot be a dependency (ENVIRONMENT.md), so the checkpoint's keys are mapped
+``image-reward`` package cannot be a dependency (it pins transformers<5 and imports undeclared packages), so the checkpoint's keys are mapped
 onto :class:`BlipVisionModel` / :class:`BlipTextModel` by :func:`original_to_hf_key` (and back by
 :func:`hf_to_original_key`, which the tests use to write a checkpoint in the released layout).
 """
