@@ -391,6 +391,22 @@ def run_python(
     return _result(out, err, status, timed_out, truncated, bool(drop_privileges))
 
 
+def _read_chunk(fd: int) -> bytes:
+    """Up to one chunk from a ready pipe; ``b""`` at end of file or on a read error."""
+    try:
+        return os.read(fd, _CHUNK)
+    except OSError:
+        return b""
+
+
+def _append_capped(buf: bytearray, data: bytes, cap: int) -> bool:
+    """Append what fits of ``data`` under ``cap`` bytes to ``buf``; True when some of it did not fit."""
+    room = cap - len(buf)
+    if room > 0:
+        buf += data[:room]
+    return len(data) > room
+
+
 def _collect(proc: subprocess.Popen, status_r: int, timeout_s: float, cap: int):
     """Read stdout/stderr/status until the supervisor is done, enforcing the deadline and the output cap."""
     assert proc.stdout is not None and proc.stderr is not None
@@ -424,10 +440,7 @@ def _collect(proc: subprocess.Popen, status_r: int, timeout_s: float, cap: int):
                 break
             wait = 0.05 if stop_at is not None or status_eof else max(0.0, min(deadline - now, 0.5))
             for key, _ in sel.select(wait):
-                try:
-                    data = os.read(key.fd, _CHUNK)
-                except OSError:
-                    data = b""
+                data = _read_chunk(key.fd)
                 if not data:
                     sel.unregister(key.fd)
                     if key.fd == status_r:
@@ -439,11 +452,7 @@ def _collect(proc: subprocess.Popen, status_r: int, timeout_s: float, cap: int):
                         if child_pid is None and status.startswith(b"started "):
                             child_pid = int(status.split()[1])
                     continue
-                buf = fds[key.fd]
-                room = cap - len(buf)
-                if room > 0:
-                    buf += data[:room]
-                if len(data) > room:
+                if _append_capped(fds[key.fd], data, cap):
                     truncated = True
                     if stop_at is None:
                         stop_at = now
@@ -453,20 +462,12 @@ def _collect(proc: subprocess.Popen, status_r: int, timeout_s: float, cap: int):
         while sel.get_map() and time.monotonic() < end:
             ready = sel.select(0.05)
             for key, _ in ready:
-                try:
-                    data = os.read(key.fd, _CHUNK)
-                except OSError:
-                    data = b""
+                data = _read_chunk(key.fd)
                 if not data:
                     sel.unregister(key.fd)
                     continue
-                if key.fd in fds:
-                    buf = fds[key.fd]
-                    room = cap - len(buf)
-                    if room > 0:
-                        buf += data[:room]
-                    if len(data) > room:
-                        truncated = True
+                if key.fd in fds and _append_capped(fds[key.fd], data, cap):
+                    truncated = True
     finally:  # also on KeyboardInterrupt & co.: let the supervisor clean up, then make sure
         sel.close()
         if proc.poll() is None:
