@@ -25,7 +25,7 @@ the variance ratio. Runs in well under 2 minutes on 2 CPU cores with the default
 The model is ``assets/dllm_quickstart/model`` (``--model``); if it is missing, a tiny random model
 with the same tokenizer and architecture stands in (the numbers then describe that model).
 
-Section ``algorithms`` (``--section algorithms --budget 40``): every algorithm preset, with its
+Section ``algorithms`` (``--section algorithms --budget 40``): every dLLM algorithm, with its
 shipped ``configs/dllm/<name>_addition.yaml``, and a continued-pretraining control
 (``flowalign.dllm.pretrain`` on fresh data with the same dropped-carry flaw) each train for the same
 wall-clock budget (evaluation excluded from the clock), same seed; it prints final / best held-out
@@ -290,14 +290,14 @@ def _bench_overrides(args: argparse.Namespace, out_dir: str) -> dict:
 
 
 def run_algorithms(args: argparse.Namespace) -> dict:
-    """Every algorithm preset (its shipped configs/dllm/<name>_addition.yaml) and the
+    """Every dLLM algorithm (its shipped configs/dllm/<name>_addition.yaml) and the
     continued-pretraining control, each for ``--budget`` seconds of training (evaluation excluded),
     same seed; a table and ``assets/figures/dllm_algorithms.png`` (held-out accuracy vs time)."""
     import flowalign
-    from flowalign.dllm.algorithms import PRESETS
+    from flowalign.algorithms import algorithm_names
 
     t_start = time.perf_counter()
-    names = args.algorithms or sorted(PRESETS)
+    names = args.algorithms or sorted(algorithm_names(("dllm",)))
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget", type=float, default=40.0, help="training seconds per run (algorithms section)")
     p.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations (algorithms section)")
-    p.add_argument("--algorithms", nargs="*", default=None, help="presets to run (default all; algorithms section)")
+    p.add_argument("--algorithms", nargs="*", default=None, help="dLLM algorithms to run (default all; algorithms section)")
     p.add_argument("--no-control", action="store_true", help="skip the continued-pretraining control")
     p.add_argument("--control-lr", type=float, default=2e-4, help="continued-pretraining learning rate")
     p.add_argument("--control-batch", type=int, default=64, help="continued-pretraining batch size")

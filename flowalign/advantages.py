@@ -1,6 +1,6 @@
 """Advantage estimators (docs/ARCHITECTURE.md, "Advantages and losses").
 
-Pure tensor functions, selected by name from the static table :data:`ADVANTAGE_ESTIMATORS`.
+Pure tensor functions; the algorithms (:mod:`flowalign.algorithms`) compose them.
 
 * :func:`group_advantages` -- the group-relative advantage of GRPO / Flow-GRPO / DanceGRPO: each
   sample's reward minus its group's (prompt's) mean, divided by a std.
@@ -13,18 +13,14 @@ Statistics are accumulated in float64 (groups are small, the cost is nil) and re
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from flowalign.guards import assert_finite
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
     "STD_MODES",
     "edge_advantages",
-    "get_advantage_estimator",
     "group_advantages",
     "joint_ids",
 ]
@@ -203,18 +199,3 @@ def edge_advantages(leaf_advantages: Tensor, leaf_edges: Tensor, num_edges: int)
     out = torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.zeros_like(sums))
     return out.to(torch.float32)
 
-
-#: Static name -> estimator table (docs/ARCHITECTURE.md: "selected by name from one static table").
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
-    "group": group_advantages,
-}
-
-
-def get_advantage_estimator(name: str) -> Callable[..., Tensor]:
-    """Look up an advantage estimator by name; unknown names raise ``ValueError`` listing the valid ones."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}"
-        ) from None

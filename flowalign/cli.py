@@ -198,18 +198,17 @@ def _ls(args: argparse.Namespace) -> int:
             return 1
         print("\n".join(os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f for f in files))
     elif args.what == "algorithms":
-        print(format_table(["algorithm", "recipe", "advantage / estimator", "loss", "config"], _algorithm_rows()))
+        print(format_table(["algorithm.name", "recipe", "what it does", "paper", "config"], _algorithm_rows()))
     elif args.what == "advantages":
-        from flowalign.advantages import ADVANTAGE_ESTIMATORS
-        from flowalign.estimators.presets import EDGE_ESTIMATORS
+        from flowalign.algorithms import ALGORITHMS
 
-        rows = [[name, "flat groups (flowalign.advantages)"] for name in sorted(ADVANTAGE_ESTIMATORS)]
-        rows += [[name, "per edge of a rollout tree (flowalign.estimators)"] for name in sorted(EDGE_ESTIMATORS)]
-        print(format_table(["algorithm.advantage", "works on"], rows))
+        rows = [[name, cls.recipe, getattr(cls, "advantage", None) or f"group, on {cls.estimator} log-probs"]
+                for name, cls in _sorted_algorithms(ALGORITHMS)]
+        print(format_table(["algorithm.name", "recipe", "advantages"], rows))
     elif args.what == "losses":
         from flowalign.losses import LOSSES
 
-        print(format_table(["algorithm.loss", "function"], [[k, f"{v.__module__}.{v.__name__}"] for k, v in sorted(LOSSES.items())]))
+        print(format_table(["loss", "function"], [[k, f"{v.__module__}.{v.__name__}"] for k, v in sorted(LOSSES.items())]))
     elif args.what == "samplers":
         from flowalign.samplers import SDE_KINDS
 
@@ -230,25 +229,16 @@ def _configs_root() -> str:
     return os.path.join(root, "configs") if root else "configs"
 
 
+def _sorted_algorithms(algorithms: dict) -> list:
+    """Image / video algorithms first (GRPO leading), then the dLLM ones, by name."""
+    return sorted(algorithms.items(), key=lambda item: (item[1].recipe == "dllm", item[0] != "grpo", item[0]))
+
+
 def _algorithm_rows() -> list[list[str]]:
-    """One row per shipped method config (``configs/<method>/quickstart.yaml``) and dLLM preset."""
-    from omegaconf import OmegaConf
+    """One row per registered algorithm (flowalign.algorithms): name, loop, summary, paper, shipped config."""
+    from flowalign.algorithms import ALGORITHMS
 
-    from flowalign.dllm.algorithms import PRESETS
-
-    root = _configs_root()
-    rows = []
-    for path in [os.path.join(root, "quickstart.yaml")] + sorted(glob.glob(os.path.join(root, "*", "quickstart.yaml"))):
-        cfg = OmegaConf.load(path)
-        if cfg.get("recipe") == "dllm":
-            continue
-        name = "grpo" if os.path.dirname(path) == root else os.path.basename(os.path.dirname(path))
-        algo = cfg.get("algorithm", {})
-        rows.append([name, cfg.get("recipe", "rl"), algo.get("advantage", "group"), algo.get("loss", "ppo_clip"),
-                     os.path.relpath(path)])
-    dllm_config = os.path.relpath(os.path.join(root, "dllm", "quickstart.yaml"))
-    rows += [[name, "dllm", p.estimator, "ppo_clip", f"{dllm_config} algorithm.name={name}"] for name, p in PRESETS.items()]
-    return rows
+    return [[name, cls.recipe, cls.summary, cls.paper, cls.config_file] for name, cls in _sorted_algorithms(ALGORITHMS)]
 
 
 _COMMANDS = {"train": _train, "eval": _eval, "validate": _validate, "sample": _sample, "ls": _ls,

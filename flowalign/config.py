@@ -56,6 +56,7 @@ from flowalign.config_checks import (
     suggest,
 )
 from flowalign.config_components import (
+    _signature,
     build_optimizer,
     check_component_spec,
     import_path,
@@ -76,24 +77,25 @@ from flowalign.config_files import (
 from flowalign.config_schema import (
     RECIPES,
     SCHEMAS,
+    AlgorithmBase,
     AlgorithmConfig,
     DataConfig,
     EvalConfig,
     LoggingConfig,
+    LRSchedulerConfig,
     ModelConfig,
     OptimizerConfig,
     RLConfig,
     SamplingConfig,
     TrainConfig,
-    WindowConfig,
     num_trained_steps,
 )
 from flowalign.config_validation import validate_common, validate_config
 from flowalign.errors import ConfigError
 
 __all__ = [
-    "RECIPES", "SCHEMAS", "ConfigError", "ModelConfig", "DataConfig", "WindowConfig", "SamplingConfig",
-    "AlgorithmConfig", "OptimizerConfig", "TrainConfig", "EvalConfig", "LoggingConfig", "RLConfig",
+    "RECIPES", "SCHEMAS", "ConfigError", "ModelConfig", "DataConfig", "SamplingConfig",
+    "AlgorithmBase", "AlgorithmConfig", "LRSchedulerConfig", "OptimizerConfig", "TrainConfig", "EvalConfig", "LoggingConfig", "RLConfig",
     "ExplainRow", "build_optimizer", "check_component_spec", "check_fields", "check_numbers", "check_output_dir",
     "check_resume", "check_structure", "config_schema", "explain", "format_explain", "import_path", "load_config",
     "num_trained_steps", "optimizer_kwargs", "parse_overrides", "project_root", "range_text", "read_prompt_records",
@@ -114,7 +116,6 @@ _MOVED: dict[str, tuple[str, ...]] = {
         "OPTIMIZER_FIELDS", "_RESERVED_SPEC_KEYS", "_signature", "_optimizer_hint", "_differs",
         "_resolve_reward", "_check_call_arguments", "_resolve_adapter",
     ),
-    "flowalign.config_validation": ("_validate_tree_sampling",),
     "flowalign.config_explain": ("_default_of", "_explain_rows", "_clip"),
 }
 _MOVED_FROM = {name: module for module, names in _MOVED.items() for name in names}
@@ -256,8 +257,58 @@ def _load_source(source: Any) -> tuple[Any, str, bool]:
     return loaded, where, True
 
 
+def _is_component_node(tp: Any) -> bool:
+    """A typed ``_component_`` node that takes free keyword arguments (``train.optimizer``,
+    ``train.lr_scheduler``): a dataclass with ``_component_`` and ``kwargs`` fields."""
+    return is_dataclass(tp) and {"_component_", "kwargs"} <= set(_type_hints(tp))
+
+
+def _takes_keyword(component: Any, name: str) -> bool:
+    """Whether the class a component path names takes keyword ``name`` (False when it cannot be imported)."""
+    try:
+        names, any_keyword, _ = _signature(import_path(str(component), "_component_"))
+    except ValueError:
+        return False
+    return any_keyword or name in names
+
+
+def _fold_component_kwargs(data: Any, tp: Any) -> None:
+    """In loaded data, move the keys of a component node that are not its fields, but keyword
+    arguments of the class it names, into its ``kwargs``: ``{_component_: torch.optim.SGD, lr: 0.1,
+    momentum: 0.9}`` is built as ``SGD(params, lr=0.1, momentum=0.9)``. Other unknown keys stay, to
+    be reported as unknown keys (with a "did you mean")."""
+    tp = _strip_optional(tp)
+    if not is_dataclass(tp) or not isinstance(data, (Mapping, DictConfig)):
+        return
+    hints = _type_hints(tp)
+    if _is_component_node(tp):
+        component = data.get("_component_", getattr(tp(), "_component_"))
+        extra = [k for k in data if k not in hints and _takes_keyword(component, str(k))]
+        if extra:
+            kwargs = dict(data.get("kwargs") or {})
+            for k in extra:
+                kwargs[k] = data.pop(k)
+            data["kwargs"] = kwargs
+        return
+    for name in list(data.keys()):
+        if name in hints:  # the child node, not its resolved value: interpolations are reported later, by key
+            _fold_component_kwargs(data._get_node(name) if isinstance(data, DictConfig) else data[name], hints[name])
+
+
+def _component_kwarg_key(merged: DictConfig, schema: type, key: str) -> str:
+    """``train.optimizer.momentum`` -> ``train.optimizer.kwargs.momentum``: an override of a keyword
+    argument of the class a component node names (as set so far); other keys unchanged."""
+    parent, _, last = key.rpartition(".")
+    node_type = _strip_optional(_type_at(schema, parent.split("."))) if parent else None
+    if node_type is None or not _is_component_node(node_type) or last in _type_hints(node_type):
+        return key
+    component = OmegaConf.select(merged, f"{parent}._component_", default=None)
+    return f"{parent}.kwargs.{last}" if component is not None and _takes_keyword(component, last) else key
+
+
 def _apply_override(merged: DictConfig, schema: type, key: str, value: Any) -> None:
     """Apply one ``key=value`` override to ``merged``, checking the key and the value's shape first."""
+    key = _component_kwarg_key(merged, schema, key)
     shown = _display_key(key)
     if not _key_exists(merged, key):
         raise _missing_key(merged, key, schema, f" (override {key}={value!r})")
@@ -293,19 +344,21 @@ def load_config(
     """
     loaded, where, check_shape = _load_source(source)
     items = list(overrides.items()) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    recipe = dict(items).get("recipe", loaded.get("recipe", "rl"))
+    recipe = dict(items).get("recipe", loaded.get("recipe")) or _recipe_of(dict(items).get("algorithm.name", _algorithm_name(loaded)))
     if not isinstance(recipe, str):
         raise ConfigError(f"recipe: must be a recipe name, one of {' | '.join(RECIPES)}; got {_kind(recipe)}")
     known = [*RECIPES, *(s for s in SCHEMAS if s not in RECIPES)]
     if recipe not in known:
         raise ConfigError(f"recipe: unknown recipe {recipe!r}{_did_you_mean(recipe, known)}; choose from {' | '.join(known)}")
     schema = config_schema(recipe)
+    _fold_component_kwargs(loaded, schema)
     if check_shape:
         check_structure(OmegaConf.to_container(loaded, resolve=False), schema, "", schema)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), loaded)
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, where) from None
+    merged.recipe = recipe  # left out, it follows algorithm.name
     for key, value in items:
         _apply_override(merged, schema, str(key), value)
     try:
@@ -318,6 +371,19 @@ def load_config(
     else:
         cfg.validate(check_files=check_files, world_size=world_size)
     return cfg
+
+
+def _algorithm_name(loaded: Any) -> Any:
+    """``algorithm.name`` of the loaded data, or ``None``."""
+    algorithm = loaded.get("algorithm") if OmegaConf.is_dict(loaded) else None
+    return algorithm.get("name") if OmegaConf.is_dict(algorithm) else None
+
+
+def _recipe_of(algorithm_name: Any) -> str:
+    """The recipe loop an algorithm runs in (a config may leave ``recipe`` out); ``rl`` by default."""
+    from flowalign.algorithms import ALGORITHMS
+
+    return ALGORITHMS[algorithm_name].recipe if isinstance(algorithm_name, str) and algorithm_name in ALGORITHMS else "rl"
 
 
 def resolve_path_fields(cfg: Any) -> None:

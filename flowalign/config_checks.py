@@ -98,7 +98,40 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+#: keys of flowalign 0.1 that moved when algorithms became units (0.2) -> where they live now.
+MOVED_KEYS = {
+    "algorithm.advantage": "algorithm.name (advantage: group -> grpo, mix_grpo, pref_grpo or awm; branch -> branch_grpo; "
+                           "tempflow -> tempflow_grpo; dense -> dense_grpo; vgpo -> vgpo)",
+    "algorithm.loss": "algorithm.name (the loss is the algorithm's: awm trains 'awm', the others 'ppo_clip')",
+    "algorithm.reward_normalization": "algorithm.name=multi_reward (decoupled normalisation; 'sum' is grpo)",
+    **{f"algorithm.{k}": f"algorithm.branch_grpo.{k}" for k in (
+        "fusion", "fusion_temperature", "prune", "prune_keep", "depth_prune_window", "depth_prune_stride")},
+    "sampling.splits": "algorithm.branch_grpo.splits",
+    "sampling.split_noise_level": "algorithm.branch_grpo.split_noise_level",
+    "sampling.branch_steps": "algorithm.tempflow_grpo.branch_steps",
+    "algorithm.noise_aware": "algorithm.tempflow_grpo.noise_aware",
+    "sampling.window": "algorithm.mix_grpo (strategy, size, shift_every, ...; with algorithm.name=mix_grpo)",
+    "algorithm.lookahead_steps": "algorithm.dense_grpo.lookahead_steps or algorithm.vgpo.lookahead_steps",
+    **{f"algorithm.{k}": f"algorithm.dense_grpo.{k}" for k in ("calibrate_noise", "calibration_rate", "calibration_margin")},
+    **{f"algorithm.{k}": f"algorithm.vgpo.{k}" for k in ("discount", "value_anchor", "anchor_steps")},
+    "algorithm.hint_fraction": "algorithm.igpo.hint_fraction",
+    "algorithm.hinted_rollouts": "algorithm.igpo.hinted_rollouts",
+}
+
+
+def moved_key(key: str) -> str | None:
+    """Where a flowalign 0.1 key (or a key below it, ``sampling.window.size``) lives now, or ``None``."""
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return new
+    return None
+
+
 def _unknown_key(key: str, schema: type, where: str = "") -> ConfigError:
+    moved = moved_key(key)
+    if moved is not None:
+        return ConfigError(f"{key}: this key moved to {moved}: each algorithm's own settings now live under "
+                           f"algorithm.<name> (`flowalign validate --explain` lists the keys){where}")
     hint = _did_you_mean(key, schema_keys(schema))
     return ConfigError(f"{key}: unknown key{hint}{where}; `flowalign validate --explain` lists the keys")
 

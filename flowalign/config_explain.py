@@ -32,7 +32,7 @@ def _default_of(f: Any) -> Any:
 
 def explain(config: Any = RLConfig, prefix: str = "") -> list[ExplainRow]:
     """One :class:`ExplainRow` per key, recursively: for a config class its defaults; for a loaded
-    config its effective values (a DLLMConfig's with its algorithm preset applied) beside them."""
+    config its effective values (a DLLMConfig's with its algorithm's defaults applied) beside them."""
     if isinstance(config, type):
         return _explain_rows(config, None, None, prefix)
     effective = config

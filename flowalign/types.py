@@ -12,7 +12,7 @@ Two types flow between stages; nothing passes positional tuples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
@@ -97,11 +97,9 @@ class RolloutTree:
         leaf_edges: ``[L, T]`` long, the ids of the edges on the leaf's path, in step order.
         leaf_latents: ``[L, *latent_shape]`` final latents.
         media: decoded media in [0, 1]: ``[L, 3, H, W]`` images or ``[L, F, 3, H, W]`` video.
-        rewards: name -> ``[L]`` fp32 scores, filled by the reward stage.
 
-    Per node (optional): ``node_values`` maps a name to an ``[E]`` tensor indexed by edge id holding
-    a value of one of the edge's nodes, as its producer documents; ``"lookahead"`` (DenseGRPO /
-    VGPO, filled by the RL recipe) is the reward of the ODE look-ahead from the edge's ``x_t``.
+    The tree holds what sampling produced; scores and values computed from it (rewards, look-ahead
+    values, advantages) are passed explicitly to what needs them, never stored on the tree.
 
     Batch-wide:
         prompts: the prompt strings indexed by ``prompt_idx``.
@@ -128,8 +126,6 @@ class RolloutTree:
     mean_old: Tensor | None = None
     velocity: Tensor | None = None
     media: Tensor | None = None
-    rewards: dict[str, Tensor] = field(default_factory=dict)
-    node_values: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_edges(self) -> int:
@@ -146,6 +142,4 @@ class RolloutTree:
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
                 moved[f.name] = v.to(device)
-            elif isinstance(v, dict):
-                moved[f.name] = {k: t.to(device) for k, t in v.items()}
         return replace(self, **moved)

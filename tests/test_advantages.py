@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from flowalign.advantages import (
-    ADVANTAGE_ESTIMATORS,
     edge_advantages,
-    get_advantage_estimator,
     group_advantages,
 )
 from flowalign.guards import assert_finite
@@ -263,14 +261,7 @@ def test_edge_advantages_bad_inputs():
         edge_advantages(torch.tensor([1.0, float("nan"), 0.0, 0.0, 0.0]), leaf_edges, num_edges)
 
 
-# ----------------------------------------------------------------------------- registry, guard
-def test_registry():
-    assert ADVANTAGE_ESTIMATORS["group"] is group_advantages
-    assert get_advantage_estimator("group") is group_advantages
-    with pytest.raises(ValueError, match=r"unknown advantage estimator 'tree'.*'group'"):
-        get_advantage_estimator("tree")
-
-
+# ----------------------------------------------------------------------------- guard
 def test_assert_finite():
     t = torch.tensor([1.0, 2.0])
     assert assert_finite(t, "x") is t

@@ -12,7 +12,8 @@ import torch
 
 from flowalign.config import ConfigError, load_config
 from flowalign.estimators.dense import dense_step_advantages, vgpo_advantages
-from flowalign.estimators.presets import EDGE_ESTIMATORS, dense_targets, lookahead_table, vgpo_targets
+from flowalign.algorithms.dense_grpo import dense_targets, lookahead_table
+from flowalign.algorithms.vgpo import VGPOConfig, vgpo_targets
 from flowalign.estimators.tree import noise_aware_weights
 from flowalign.rollout import integrate_ode, lookahead_sigmas
 from flowalign.rollout.schedules import mix_window
@@ -122,23 +123,19 @@ def _flat_tree():
         leaf_prompt_idx=torch.zeros(L, dtype=torch.long), leaf_group=torch.zeros(L, dtype=torch.long),
         leaf_edges=torch.tensor([[0, 2], [1, 3]]), leaf_latents=torch.zeros(L, 1), prompts=["p"],
         sigmas=torch.tensor([1.0, 0.5, 0.0]), nfe=4,
-        node_values={"lookahead": torch.tensor([0.2, 0.4, 0.5, 0.3])},  # R(ODE from x_t) of each edge
     )
 
 
-class _Algo:
-    adv_clip = 5.0
-    discount = 0.5
-    value_anchor = 0.5
-    anchor_steps = None
+LOOKAHEAD = torch.tensor([0.2, 0.4, 0.5, 0.3])  # R(ODE from x_t) of each edge
+VGPO_OPTIONS = VGPOConfig(discount=0.5, value_anchor=0.5, anchor_steps=None)
 
 
 def test_dense_preset_hand_example():
     tree, rewards = _flat_tree(), torch.tensor([0.9, 0.1])
-    table = lookahead_table(tree, rewards)
+    table = lookahead_table(LOOKAHEAD, tree, rewards)
     assert torch.allclose(table, torch.tensor([[0.2, 0.5, 0.9], [0.4, 0.3, 0.1]]))
     # gains: leaf 0 (+0.3, +0.4), leaf 1 (-0.1, -0.2); per step ± (population std = half the gap)
-    targets = dense_targets(tree, rewards, _Algo, 0)
+    targets = dense_targets(table, tree, adv_clip=5.0)
     eps = 1e-4
     a0, a1 = 0.2 / (0.2 + eps), 0.3 / (0.3 + eps)
     assert torch.allclose(targets.advantages, torch.tensor([a0, -a0, a1, -a1]), atol=1e-6)
@@ -147,16 +144,16 @@ def test_dense_preset_hand_example():
 
 def test_vgpo_preset_maps_the_estimator_onto_edges():
     tree, rewards = _flat_tree(), torch.tensor([0.9, 0.1])
-    targets = vgpo_targets(tree, rewards, _Algo, 0)
-    expected = vgpo_advantages(lookahead_table(tree, rewards)[:, :-1], rewards, tree.leaf_group, gamma=0.5, alpha=0.5)
+    table = lookahead_table(LOOKAHEAD, tree, rewards)
+    targets = vgpo_targets(table, tree, rewards, VGPO_OPTIONS, adv_clip=5.0)
+    expected = vgpo_advantages(lookahead_table(LOOKAHEAD, tree, rewards)[:, :-1], rewards, tree.leaf_group, gamma=0.5, alpha=0.5)
     assert torch.allclose(targets.advantages[tree.leaf_edges], expected.clamp(-5, 5))
     # equal rewards and look-aheads: the group signal collapses, the value anchor does not
-    tree.node_values["lookahead"] = torch.full((4,), 0.6)
-    flat = vgpo_targets(tree, torch.tensor([0.6, 0.6]), _Algo, 0)
+    flat_rewards = torch.tensor([0.6, 0.6])
+    flat = vgpo_targets(lookahead_table(torch.full((4,), 0.6), tree, flat_rewards), tree, flat_rewards, VGPO_OPTIONS, adv_clip=5.0)
     assert bool((flat.advantages > 0).all())
     with pytest.raises(ValueError, match="lookahead"):
-        tree.node_values.clear()
-        dense_targets(tree, rewards, _Algo, 0)
+        lookahead_table(torch.zeros(3), tree, rewards)
 
 
 def test_digit_pairwise_judge_is_bradley_terry_on_the_classifier():
@@ -176,17 +173,22 @@ def test_digit_pairwise_judge_is_bradley_terry_on_the_classifier():
 # config validation
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, key", [
-    (["algorithm.advantage=nope"], "algorithm.advantage"),
-    (["sampling.splits=[[2,3]]"], "sampling.group_size"),
-    (["sampling.splits=[[12,2]]"], "sampling.splits[0]"),
-    (["sampling.branch_steps=[1]"], "sampling.branch_steps"),
-    (["algorithm.advantage=tempflow"], "algorithm.advantage"),
-    (["sampling.window.strategy=progressive", "sampling.sde_window=[0,4]"], "sampling.window.strategy"),
-    (["sampling.window.strategy=sideways"], "sampling.window.strategy"),
-    (["algorithm.reward_normalization=mean"], "algorithm.reward_normalization"),
-    (["algorithm.calibrate_noise=true"], "algorithm.calibrate_noise"),
-    (["algorithm.prune=some"], "algorithm.prune"),
-    (["algorithm.advantage=dense", "sampling.splits=[[2,2]]"], "algorithm.advantage"),
+    (["algorithm.name=nope"], "algorithm.name"),
+    (["algorithm.name=branch_grpo", "algorithm.branch_grpo.splits=[[2,3]]"], "sampling.group_size"),
+    (["algorithm.name=branch_grpo", "algorithm.branch_grpo.splits=[[12,2]]"], "algorithm.branch_grpo.splits[0]"),
+    (["algorithm.tempflow_grpo.branch_steps=[1]"], "algorithm.tempflow_grpo.branch_steps"),
+    (["algorithm.name=tempflow_grpo", "algorithm.tempflow_grpo.branch_steps=[]"], "algorithm.tempflow_grpo.branch_steps"),
+    (["algorithm.name=mix_grpo", "sampling.sde_window=[0,4]"], "sampling.sde_window"),
+    (["algorithm.name=mix_grpo", "algorithm.mix_grpo.strategy=sideways"], "algorithm.mix_grpo.strategy"),
+    (["algorithm.dense_grpo.calibrate_noise=true"], "algorithm.dense_grpo.calibrate_noise"),
+    (["algorithm.name=branch_grpo", "algorithm.branch_grpo.prune=some"], "algorithm.branch_grpo.prune"),
+    (["algorithm.name=multi_reward"], "rewards"),
+    (["algorithm.name=pref_grpo"], "rewards"),
+    # flowalign 0.1 spellings name the key and where it moved
+    (["algorithm.advantage=dense"], "algorithm.advantage"),
+    (["sampling.splits=[[2,2]]"], "sampling.splits"),
+    (["sampling.window.strategy=progressive"], "sampling.window.strategy"),
+    (["algorithm.reward_normalization=decoupled"], "algorithm.reward_normalization"),
 ])
 def test_preset_errors_name_the_key(monkeypatch, overrides, key):
     monkeypatch.chdir(REPO)
@@ -253,10 +255,10 @@ def test_tempflow_noise_aware_weights_scale_the_loss(tmp_path, monkeypatch):
 
         weights = []
         for it in range(6):
-            spec = recipe._branch_spec(it)
+            spec = recipe.algorithm.rollout_spec(it, recipe.world)
             tree = rollout(recipe.adapter, recipe.adapter.encode(["the digit one"]), spec, prompts=["the digit one"],
                            generator=torch.Generator().manual_seed(it), decode=False)
-            weights.append(recipe._branch_step_weight(tree))
+            weights.append(recipe.algorithm.branch_step_weight(tree))
         assert torch.allclose(torch.tensor(weights), expected, rtol=1e-4)
         assert weights[0] > weights[-1]  # early, noisy steps weigh more
     finally:
@@ -266,14 +268,35 @@ def test_tempflow_noise_aware_weights_scale_the_loss(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_dense_calibration_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    _, straight = _train("dense_grpo", tmp_path / "a", {"sampling.num_steps": 4, "eval.num_steps": 4, "algorithm.calibration_rate": 0.05})
-    _train("dense_grpo", tmp_path / "b", {"sampling.num_steps": 4, "eval.num_steps": 4, "algorithm.calibration_rate": 0.05,
+    _, straight = _train("dense_grpo", tmp_path / "a", {"sampling.num_steps": 4, "eval.num_steps": 4, "algorithm.dense_grpo.calibration_rate": 0.05})
+    _train("dense_grpo", tmp_path / "b", {"sampling.num_steps": 4, "eval.num_steps": 4, "algorithm.dense_grpo.calibration_rate": 0.05,
                                           "train.iterations": 1, "train.checkpoint_every": 1})
     _, resumed = _train("dense_grpo", tmp_path / "b", {"sampling.num_steps": 4, "eval.num_steps": 4,
-                                                      "algorithm.calibration_rate": 0.05, "train.checkpoint_every": 1})
+                                                      "algorithm.dense_grpo.calibration_rate": 0.05, "train.checkpoint_every": 1})
     keys = [f"rollout/noise_level_{t}" for t in range(4)] + ["train/reward_mean", "train/loss"]
     assert [straight[1][k] for k in keys] == pytest.approx([resumed[-1][k] for k in keys], abs=1e-6)
 
 
-def test_edge_estimators_are_listed():
-    assert set(EDGE_ESTIMATORS) == {"branch", "tempflow", "dense", "vgpo"}
+def test_moved_keys_name_their_new_place(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=r"^sampling\.splits: this key moved to algorithm\.branch_grpo\.splits"):
+        load_config("configs/quickstart.yaml", ["sampling.splits=[[2,2]]"])
+    with pytest.raises(ConfigError, match=r"^algorithm\.advantage: this key moved to algorithm\.name \(.*branch -> branch_grpo"):
+        load_config({"algorithm": {"advantage": "branch"}}, check_files=False)
+
+
+def test_fields_of_another_algorithm_are_refused(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=r"^algorithm\.vgpo\.discount: only used by algorithm\.name=vgpo, but the run's algorithm is 'grpo'"):
+        load_config("configs/quickstart.yaml", ["algorithm.vgpo.discount=0.5"])
+
+
+def test_every_registered_image_algorithm_has_a_shipped_config(monkeypatch):
+    from flowalign.algorithms import ALGORITHMS
+
+    monkeypatch.chdir(REPO)
+    image = {name: cls for name, cls in ALGORITHMS.items() if cls.recipe != "dllm"}
+    assert set(image) == {"grpo", "awm", *ALGORITHM_CONFIGS}
+    for name, cls in image.items():
+        cfg = load_config(cls.config_file)
+        assert cfg.algorithm.name == name and cfg.recipe == cls.recipe

@@ -193,7 +193,7 @@ def test_leaf_advantages_from_edges():
 
 def test_awm_draws_are_reproducible():
     from flowalign.recipes.awm import awm_draws
-    from flowalign.recipes.rl import stream_generator
+    from flowalign.training.rng import stream_generator
 
     a = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 3, 0))
     b = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 3, 0))
@@ -232,9 +232,9 @@ def _train_records(output_dir: str) -> list[dict]:
 
 @pytest.mark.parametrize("lora_rank, kl_beta", [(0, 0.0), (4, 0.1)])
 def test_recipe_two_iterations_change_parameters(tiny_config, lora_rank, kl_beta):
-    cfg = {**tiny_config, "recipe": "awm"}
+    cfg = {**tiny_config}
     cfg["model"] = {**cfg["model"], "lora_rank": lora_rank}
-    cfg["algorithm"] = {**cfg["algorithm"], "loss": "awm", "kl_beta": kl_beta}
+    cfg["algorithm"] = {**cfg["algorithm"], "name": "awm", "kl_beta": kl_beta}
     cfg["logging"] = {**cfg["logging"], "tensorboard": False}
     summary, before, after = _run(cfg)
     assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable parameter changed"
@@ -253,8 +253,8 @@ def test_recipe_two_iterations_change_parameters(tiny_config, lora_rank, kl_beta
 
 def test_recipe_resume_replays_exactly(tiny_config, tmp_path):
     """2 iterations straight == 1 iteration, checkpoint, resume, 1 more (same AWM σ/ε streams)."""
-    base = {**tiny_config, "recipe": "awm"}
-    base["algorithm"] = {**base["algorithm"], "loss": "awm"}
+    base = {**tiny_config}
+    base["algorithm"] = {**base["algorithm"], "name": "awm"}
     base["logging"] = {**base["logging"], "tensorboard": False}
     straight = {**base, "output_dir": str(tmp_path / "straight")}
     _, _, w_straight = _run(straight)
@@ -266,12 +266,11 @@ def test_recipe_resume_replays_exactly(tiny_config, tmp_path):
         assert torch.allclose(w_straight[n], w_resumed[n], atol=1e-6), n
 
 
-def test_recipe_requires_the_awm_loss(tiny_config):
+def test_recipe_requires_an_awm_algorithm(tiny_config):
     from flowalign.config import ConfigError, load_config
-    from flowalign.recipes.awm import AWMRecipe
 
-    with pytest.raises(ConfigError, match="algorithm.loss"):
-        AWMRecipe(load_config(tiny_config)).setup()
+    with pytest.raises(ConfigError, match="^algorithm.name: 'grpo' runs in the 'rl' recipe"):
+        load_config({**tiny_config, "recipe": "awm"})
 
 
 def test_shipped_awm_config(monkeypatch):
@@ -280,20 +279,20 @@ def test_shipped_awm_config(monkeypatch):
 
     monkeypatch.chdir(REPO)
     raw = OmegaConf.to_container(OmegaConf.load("configs/awm/quickstart.yaml"))
-    assert raw["recipe"] == "awm" and raw["algorithm"]["loss"] == "awm"
+    assert raw["algorithm"]["name"] == "awm"
     quick = OmegaConf.to_container(OmegaConf.load("configs/quickstart.yaml"))
     assert raw["eval"] == quick["eval"] and raw["data"] == quick["data"] and raw["rewards"] == quick["rewards"]
     cfg = load_config("configs/awm/quickstart.yaml")
-    assert cfg.recipe == "awm" and cfg.algorithm.loss == "awm"
+    assert cfg.recipe == "awm" and cfg.algorithm.name == "awm"
 
 
 def test_train_dispatches_the_awm_recipe(tiny_config):
     import flowalign
     from flowalign.config import ConfigError
 
-    cfg = {**tiny_config, "recipe": "awm", "algorithm": {**tiny_config["algorithm"], "loss": "awm"}}
+    cfg = {**tiny_config, "algorithm": {**tiny_config["algorithm"], "name": "awm"}}
     summary = flowalign.train(cfg)
     records = _train_records(cfg["output_dir"])
     assert summary["iterations"] == 2 and all("train/fm_loss" in r for r in records)
-    with pytest.raises(ConfigError, match="^algorithm.loss: the awm recipe trains the 'awm' loss"):
+    with pytest.raises(ConfigError, match="^algorithm.name: 'grpo' runs in the 'rl' recipe"):
         flowalign.train({**tiny_config, "recipe": "awm"})

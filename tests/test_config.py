@@ -286,3 +286,22 @@ def test_cli_validate_explain_lists_values_and_defaults(monkeypatch, capsys):
     assert header == ["key", "value", "default", "doc"]
     line = next(line for line in out.splitlines() if "train.iterations" in line)
     assert line.startswith("*") and line.split()[2:4] == ["7", "100"]
+
+
+def test_component_nodes_take_the_keyword_arguments_of_their_class(tmp_path):
+    """`train.optimizer` / `train.lr_scheduler` hold any keyword argument of the class they name
+    (folded into `kwargs`, checked against the signature); other unknown keys stay unknown keys."""
+    import torch
+
+    from flowalign.config import build_optimizer
+
+    path = tmp_path / "sgd.yaml"
+    path.write_text("train:\n  optimizer:\n    _component_: torch.optim.SGD\n    lr: 0.1\n    momentum: 0.9\n"
+                    "  lr_scheduler:\n    _component_: torch.optim.lr_scheduler.StepLR\n    step_size: 3\n")
+    cfg = load_config(str(path), ["train.optimizer.nesterov=true", "train.lr_scheduler.gamma=0.5"], check_files=False)
+    assert cfg.train.optimizer.kwargs == {"momentum": 0.9, "nesterov": True}
+    assert cfg.train.lr_scheduler.kwargs == {"step_size": 3, "gamma": 0.5}
+    opt = build_optimizer(cfg.train.optimizer, [torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"]
+    with pytest.raises(ConfigError, match=r"^train.optimizer.momentun: unknown key"):
+        load_config(str(path), ["train.optimizer.momentun=0.5"], check_files=False)

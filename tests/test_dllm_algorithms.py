@@ -1,5 +1,5 @@
-"""The pure pieces of the dLLM algorithm presets (flowalign.dllm.algorithms), each against an
-independent computation: preset resolution, unit weights/advantages, the k3 KL (exact enumeration),
+"""The dLLM algorithms (flowalign.algorithms, recipe dllm) and their pure pieces
+(flowalign.dllm.algorithms), each against an independent computation: default resolution, unit weights/advantages, the k3 KL (exact enumeration),
 the masked clipped loss (hint tokens get no gradient), MDPO step rewards (hand-computed), IGPO's
 all-wrong test and hint lengths, and estimator draws shared by old and new log-probs (ratio 1)."""
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowalign.config import ConfigError
+from flowalign.algorithms import ALGORITHMS, algorithm_names, get_algorithm
+from flowalign.config import ConfigError, load_config
 from flowalign.dllm.algorithms import (
     ESTIMATOR_UNITS,
-    PRESETS,
     LogProbEstimator,
     RolloutBatch,
     all_wrong_groups,
-    get_preset,
     hint_lengths,
     k3_kl,
     mdpo_step_advantages,
@@ -30,27 +29,43 @@ from flowalign.dllm.algorithms import (
 from flowalign.dllm.config import DLLMConfig
 from flowalign.dllm.sampling import Trajectory
 from flowalign.losses import ppo_clip_loss
+from tests.conftest import REPO
 
 MASK, EOS = 9, 8
+DLLM_ALGORITHMS = sorted(algorithm_names(("dllm",)))
 
 
 # ------------------------------------------------------------------------------------------------
-# presets
+# the algorithms' defaults
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_resolves_and_validates(name):
+def test_the_dllm_algorithms_are_registered():
+    assert DLLM_ALGORITHMS == sorted(["diffu_grpo", "coupled_grpo", "gdpo", "mdpo", "cj_grpo", "igpo", "just_grpo"])
+
+
+@pytest.mark.parametrize("name", DLLM_ALGORITHMS)
+def test_every_dllm_algorithm_runs_in_the_dllm_recipe_and_its_config_file_loads(name, monkeypatch):
+    cls = ALGORITHMS[name]
+    assert cls.recipe == "dllm" and cls.summary and "arXiv:" in cls.paper
+    assert cls.config_file == f"configs/dllm/{name}_addition.yaml"
+    monkeypatch.chdir(REPO)
+    cfg = load_config(cls.config_file)
+    assert isinstance(cfg, DLLMConfig) and cfg.recipe == "dllm" and cfg.algorithm.name == name
+
+
+@pytest.mark.parametrize("name", DLLM_ALGORITHMS)
+def test_every_algorithm_resolves_and_validates(name):
     cfg = DLLMConfig()
     cfg.algorithm.name = name
     cfg.validate(check_files=False)
     r = cfg.resolved()
-    preset = get_preset(name)
-    assert r.algorithm.estimator == preset.estimator and r.algorithm.estimator in ESTIMATOR_UNITS
-    assert r.algorithm.inner_steps == preset.inner_steps
-    assert r.sampling.steps == preset.default_steps(cfg.sampling.gen_length)
+    algorithm = get_algorithm(name, recipes=("dllm",))
+    assert r.algorithm.estimator == algorithm.estimator and r.algorithm.estimator in ESTIMATOR_UNITS
+    assert r.algorithm.inner_steps == algorithm.inner_steps
+    assert r.sampling.steps == algorithm.default_steps(cfg.sampling.gen_length)
     assert cfg.algorithm.estimator is None, "resolved() must not modify the config it was called on"
 
 
-def test_preset_values_are_defaults_that_explicit_settings_override():
+def test_algorithm_defaults_are_defaults_that_explicit_settings_override():
     cfg = DLLMConfig()
     cfg.algorithm.name = "cj_grpo"
     r = cfg.resolved()
@@ -68,8 +83,8 @@ def test_unknown_algorithm_is_a_config_error_naming_the_key():
     cfg.algorithm.name = "ppo_for_dllm"
     with pytest.raises(ConfigError, match=r"^algorithm\.name: unknown algorithm 'ppo_for_dllm'"):
         cfg.validate(check_files=False)
-    with pytest.raises(ValueError, match="available"):
-        get_preset("nope")
+    with pytest.raises(ConfigError, match="choose from"):
+        get_algorithm("nope", recipes=("dllm",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,7 +157,7 @@ def test_policy_loss_is_ppo_clip_on_the_weighted_units_and_hint_tokens_get_no_gr
     assert torch.equal(logp.grad[fixed], torch.zeros(2)), "hint tokens must get no gradient"
     sel = weights > 0
     ref, _ = ppo_clip_loss(logp.detach()[sel], old[sel], adv[sel], clip_range=0.2, weights=weights[sel])
-    assert torch.allclose(loss, ref) and wsum == pytest.approx(3.0)
+    assert torch.allclose(loss, ref) and float(wsum) == pytest.approx(3.0)
     # by hand for one unit: the clipped surrogate max(-A r, -A clip(r))
     lp = logp.detach().clone().requires_grad_(True)
     r = torch.exp(lp - old)
@@ -152,7 +167,32 @@ def test_policy_loss_is_ppo_clip_on_the_weighted_units_and_hint_tokens_get_no_gr
     assert torch.allclose(loss, by_hand) and torch.allclose(logp.grad, lp.grad)
     assert int((logp.grad != 0).sum()) > 0
     r = r.detach()
-    assert metrics["ratio_max_dev"] == pytest.approx(float((r[sel] - 1).abs().max()), rel=1e-5)
+    assert float(metrics["ratio_max_dev"]) == pytest.approx(float((r[sel] - 1).abs().max()), rel=1e-5)
+
+
+def test_policy_loss_on_given_units_is_the_same_and_makes_no_host_sync():
+    """The training loop finds the trained units once and calls policy_loss with check=False on the
+    hot path: the loss, the gradient, the metrics (0-dim tensors) and the weight sum match the
+    default call, and the call reads nothing back from the device."""
+    from flowalign.training.host_syncs import count_host_syncs
+
+    torch.manual_seed(1)
+    logp = torch.randn(3, 4, requires_grad=True)
+    old, ref = logp.detach() + 0.3 * torch.randn(3, 4), logp.detach() + 0.1 * torch.randn(3, 4)
+    adv = unit_advantages(torch.tensor([1.0, -0.5, 2.0]), (3, 4))
+    fixed = torch.zeros(3, 4, dtype=torch.bool)
+    fixed[0, :2] = True
+    weights = unit_weights("token", trained_token_mask(torch.ones(3, 4, dtype=torch.long), EOS, fixed))
+    want, want_m, want_w = policy_loss(logp, old, adv, weights, clip_range=0.2, ref_log_prob=ref, kl_beta=0.1)
+    units = (weights > 0).reshape(-1).nonzero().squeeze(1)
+    with count_host_syncs(include_cpu=True) as syncs:
+        got, got_m, got_w = policy_loss(logp, old, adv, weights, clip_range=0.2, ref_log_prob=ref, kl_beta=0.1,
+                                        units=units, check=False)
+    assert syncs.total == 0, dict(syncs.by_kind)
+    assert torch.equal(got, want) and torch.equal(got_w, want_w)
+    assert all(torch.equal(got_m[k], want_m[k]) for k in want_m)
+    with pytest.raises(ValueError, match="no unit has a positive weight"):
+        policy_loss(logp, old, adv, torch.zeros(3, 4), clip_range=0.2)
 
 
 # ------------------------------------------------------------------------------------------------

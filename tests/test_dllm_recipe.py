@@ -1,7 +1,8 @@
-"""The dLLM RL recipe end to end on the shipped quickstart model: every algorithm preset runs 2
+"""The dLLM RL recipe end to end on the shipped quickstart model: every dLLM algorithm runs 2
 iterations through ``flowalign.train`` with its shipped config (first inner-step ratio exactly 1
 where the method has a ratio), resume reproduces a straight run, IGPO hints land only in all-wrong
-groups, bad configs give errors naming the key, and every shipped dLLM config validates."""
+groups, bad configs (and IGPO's settings in their old place, or under another algorithm) give
+errors naming the key, and every shipped dLLM config validates."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 import flowalign
 from flowalign.config import ConfigError, load_config
-from flowalign.dllm.algorithms import PRESETS
+from flowalign.algorithms import algorithm_names
 from tests.conftest import REPO
 
 QUICKSTART = os.path.join(REPO, "assets", "dllm_quickstart")
@@ -45,7 +46,7 @@ def records(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(algorithm_names(("dllm",))))
 def test_every_algorithm_runs_two_iterations_on_the_quickstart_model(name, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     torch.manual_seed(0)
@@ -87,11 +88,12 @@ def test_resume_reproduces_a_straight_run(tmp_path, monkeypatch):
 
 
 def test_igpo_hints_only_all_wrong_groups_and_keep_the_reference_prefix(tmp_path, monkeypatch):
+    from flowalign.algorithms.dllm import DLLMRollouts
     from flowalign.dllm.config import DLLMConfig
     from flowalign.recipes.dllm_rl import DLLMRecipe
 
     monkeypatch.chdir(REPO)
-    cfg = load_config({"recipe": "dllm", "algorithm": {"name": "igpo", "hinted_rollouts": 0.5}},
+    cfg = load_config({"recipe": "dllm", "algorithm": {"name": "igpo", "igpo": {"hinted_rollouts": 0.5}}},
                       {k: v for k, v in tiny_overrides(tmp_path).items()})
     assert isinstance(cfg, DLLMConfig)
     recipe = DLLMRecipe(cfg)
@@ -106,7 +108,10 @@ def test_igpo_hints_only_all_wrong_groups_and_keep_the_reference_prefix(tmp_path
         rewards = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # group 0 all wrong, group 1 has a hit
         group_ids = torch.arange(2).repeat_interleave(G)
         rollout_examples = [ex for ex in examples for _ in range(G)]
-        new_seq, new_rewards, fixed, metrics = recipe.inpaint_hints(0, sequences, ids, am, rewards, group_ids, rollout_examples)
+        rollouts = DLLMRollouts(ids, am, None, sequences, rewards, torch.zeros(2 * G, Lg, dtype=torch.bool), group_ids,
+                                rollout_examples)
+        hinted, metrics = recipe.algorithm.augment_rollouts(recipe, 0, rollouts)
+        new_seq, new_rewards, fixed = hinted.sequences, hinted.rewards, hinted.fixed
         assert metrics["igpo/all_wrong_groups"] == 1 and metrics["igpo/hinted_groups"] == 1
         assert fixed[:2].any(dim=1).all() and not fixed[2:].any(), "hints go to the first half of group 0 only"
         assert torch.equal(new_seq[2:], sequences[2:]) and torch.equal(new_rewards[2:], rewards[2:])
@@ -154,6 +159,25 @@ def test_bad_config_values_name_their_key(override, key, monkeypatch):
     assert str(err.value).startswith(f"{key}:"), str(err.value)
 
 
+def test_igpo_settings_in_their_old_place_name_the_key_and_where_it_moved(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/dllm/igpo_addition.yaml", ["algorithm.hint_fraction=[0.2,0.5]"])
+    assert str(err.value).startswith("algorithm.hint_fraction:"), str(err.value)
+    assert "algorithm.igpo.hint_fraction" in str(err.value)
+    cfg = load_config("configs/dllm/igpo_addition.yaml", ["algorithm.igpo.hint_fraction=[0.2,0.5]"])
+    assert cfg.algorithm.igpo.hint_fraction == [0.2, 0.5]
+
+
+def test_igpo_settings_under_another_algorithm_name_their_key(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/dllm/quickstart.yaml", ["algorithm.name=diffu_grpo", "algorithm.igpo.hinted_rollouts=0.3"])
+    assert str(err.value).startswith("algorithm.igpo.hinted_rollouts:"), str(err.value)
+    with pytest.raises(ConfigError, match=r"^algorithm\.igpo\.hint_fraction: must be \[min, max\]"):
+        load_config("configs/dllm/igpo_addition.yaml", ["algorithm.igpo.hint_fraction=[0.6,0.2]"])
+
+
 def test_batch_arithmetic_is_checked_against_the_number_of_processes(monkeypatch):
     monkeypatch.chdir(REPO)
     load_config("configs/dllm/quickstart.yaml", world_size=2)
@@ -183,6 +207,37 @@ def test_on_policy_check_refuses_a_ratio_away_from_one(tmp_path, monkeypatch):
     recipe._check_on_policy(0.0)
     with pytest.raises(RuntimeError, match="ratio_tolerance"):
         recipe._check_on_policy(1e-3)
+
+
+def test_on_policy_check_runs_before_the_first_optimizer_step_and_once_per_update(tmp_path, monkeypatch):
+    """The first inner step's max |ratio - 1| reaches the check with that step's single transfer
+    (Recipe.optimizer_step), before the weights change: a refusal leaves them untouched."""
+    from flowalign.recipes.dllm_rl import DLLMRecipe
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/dllm/quickstart.yaml", tiny_overrides(tmp_path, **{"sampling.prompts_per_iter": 4}))
+    recipe = DLLMRecipe(cfg, rewards=digit_credit)
+    recipe.setup()
+    try:
+        def refuse(dev: float) -> None:
+            raise RuntimeError("refused")
+
+        recipe._check_on_policy = refuse
+        before = {k: v.clone() for k, v in recipe.model.state_dict().items()}
+        with pytest.raises(RuntimeError, match="refused"):
+            recipe.train_iteration(0)
+        assert all(torch.equal(before[k], v) for k, v in recipe.model.state_dict().items()), "weights changed"
+        recipe.optimizer.zero_grad(set_to_none=True)  # the refused step's gradients
+
+        seen, steps = [], []
+        optimizer_step = recipe.optimizer_step
+        recipe.optimizer_step = lambda *a, **k: steps.append(1) or optimizer_step(*a, **k)
+        recipe._check_on_policy = seen.append
+        metrics = recipe.train_iteration(0)
+        assert len(steps) == recipe.cfg.algorithm.inner_steps == 4 and seen == [metrics["train/ratio_first_step_dev"]]
+        assert metrics["train/ratio_first_step_dev"] < 1e-5
+    finally:
+        recipe.cleanup()
 
 
 def test_two_process_run_keeps_ranks_in_lockstep_when_one_has_no_rows(tmp_path):

@@ -17,6 +17,11 @@ from flowalign.losses import LOSSES, get_loss, kl_on_means, ppo_clip_loss
 METRIC_KEYS = {"loss", "policy_loss", "kl", "clip_frac", "approx_kl", "ratio_mean", "ratio_max_dev"}
 
 
+def _is_metric_tensor(v) -> bool:
+    """The metrics of a loss are 0-dim detached float32 tensors, not python floats."""
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32 and not v.requires_grad
+
+
 # ----------------------------------------------------------------------------- kl_on_means
 def test_kl_on_means_equals_gaussian_kl_per_dim():
     gen = torch.Generator().manual_seed(0)
@@ -68,12 +73,12 @@ def test_on_policy_loss_is_minus_mean_advantage_and_gradient_is_minus_a_over_n()
     torch.testing.assert_close(loss, -adv.mean())
     (grad,) = torch.autograd.grad(loss, lp)
     torch.testing.assert_close(grad, -adv / n)
-    assert metrics["ratio_max_dev"] == 0.0
-    assert metrics["ratio_mean"] == 1.0
-    assert metrics["clip_frac"] == 0.0
-    assert metrics["approx_kl"] == 0.0
-    assert metrics["kl"] == 0.0
-    assert set(metrics) == METRIC_KEYS and all(type(v) is float for v in metrics.values())
+    assert float(metrics["ratio_max_dev"]) == 0.0
+    assert float(metrics["ratio_mean"]) == 1.0
+    assert float(metrics["clip_frac"]) == 0.0
+    assert float(metrics["approx_kl"]) == 0.0
+    assert float(metrics["kl"]) == 0.0
+    assert set(metrics) == METRIC_KEYS and all(_is_metric_tensor(v) for v in metrics.values())
 
 
 # Hand example, ε = 0.2, N = 6:
@@ -106,12 +111,12 @@ def test_clipping_hand_example_loss_gradient_and_metrics():
     # Clipping zeroes the gradient exactly, and only on the side that would push past the region.
     assert grad[0] == 0 and grad[3] == 0 and grad[1] != 0 and grad[2] != 0
     log_r = torch.log(HAND_RATIO)
-    assert metrics["clip_frac"] == pytest.approx(4 / 6)
-    assert metrics["approx_kl"] == pytest.approx(float(0.5 * (log_r**2).mean()), rel=1e-5)
-    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
-    assert metrics["ratio_max_dev"] == pytest.approx(0.5, abs=1e-6)
-    assert metrics["loss"] == metrics["policy_loss"] == pytest.approx(0.2 / 6, abs=1e-6)
-    assert metrics["kl"] == 0.0
+    assert float(metrics["clip_frac"]) == pytest.approx(4 / 6)
+    assert float(metrics["approx_kl"]) == pytest.approx(float(0.5 * (log_r**2).mean()), rel=1e-5)
+    assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(metrics["ratio_max_dev"]) == pytest.approx(0.5, abs=1e-6)
+    assert float(metrics["loss"]) == float(metrics["policy_loss"]) == pytest.approx(0.2 / 6, abs=1e-6)
+    assert float(metrics["kl"]) == 0.0
 
 
 def test_loss_equals_negated_ppo_min_form():
@@ -139,7 +144,7 @@ def test_weights():
     torch.testing.assert_close(grad, w * HAND_GRAD_TIMES_N / w.sum(), atol=1e-6, rtol=0)
     assert grad[1] == 0 and grad[4] == 0  # zero-weight edges get no gradient
     # Diagnostics are over all edges, unweighted.
-    assert metrics["clip_frac"] == pytest.approx(4 / 6)
+    assert float(metrics["clip_frac"]) == pytest.approx(4 / 6)
     # Uniform weights reproduce the plain mean.
     loss_u, _ = ppo_clip_loss(lp, lp_old, HAND_ADV, clip_range=0.2, weights=torch.full((6,), 3.0))
     torch.testing.assert_close(loss_u, torch.tensor(0.2 / 6), atol=1e-6, rtol=0)
@@ -156,9 +161,9 @@ def test_kl_beta():
     loss, metrics = ppo_clip_loss(lp, lp_old, HAND_ADV, clip_range=0.2, kl=kl, kl_beta=beta)
     kl_mean = 17.5 / 6
     torch.testing.assert_close(loss, torch.tensor(0.2 / 6 + beta * kl_mean), atol=1e-6, rtol=0)
-    assert metrics["kl"] == pytest.approx(kl_mean)
-    assert metrics["policy_loss"] == pytest.approx(0.2 / 6, abs=1e-6)
-    assert metrics["loss"] == pytest.approx(0.2 / 6 + beta * kl_mean, abs=1e-6)
+    assert float(metrics["kl"]) == pytest.approx(kl_mean)
+    assert float(metrics["policy_loss"]) == pytest.approx(0.2 / 6, abs=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(0.2 / 6 + beta * kl_mean, abs=1e-6)
     loss.backward()
     # d(β·mean_e KL_e)/dμ = β/N · (μ − μref) / (D s²)
     torch.testing.assert_close(mean.grad, beta / 6 * (-mean_ref) / (2 * 0.25))
@@ -167,11 +172,11 @@ def test_kl_beta():
     loss_w, metrics_w = ppo_clip_loss(lp, lp_old, HAND_ADV, clip_range=0.2, weights=w, kl=kl.detach(), kl_beta=beta)
     kl_w = (2.0 + 0.0 + 1.0 + 0.75) / 5
     torch.testing.assert_close(loss_w, torch.tensor(0.98 + beta * kl_w), atol=1e-6, rtol=0)
-    assert metrics_w["kl"] == pytest.approx(kl_w)
+    assert float(metrics_w["kl"]) == pytest.approx(kl_w)
     # kl given with beta 0: reported, not added.
     loss0, metrics0 = ppo_clip_loss(lp, lp_old, HAND_ADV, clip_range=0.2, kl=kl.detach())
     torch.testing.assert_close(loss0, torch.tensor(0.2 / 6), atol=1e-6, rtol=0)
-    assert metrics0["kl"] == pytest.approx(kl_mean)
+    assert float(metrics0["kl"]) == pytest.approx(kl_mean)
 
 
 def test_old_log_prob_and_advantages_are_constants():
@@ -195,7 +200,7 @@ def test_non_finite_loss_raises():
         ppo_clip_loss(torch.tensor([1000.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([-1.0, 1.0]), clip_range=0.2)
     # The same overflow with a positive advantage is clipped and stays finite.
     loss, metrics = ppo_clip_loss(torch.tensor([1000.0]), torch.tensor([0.0]), torch.tensor([1.0]), clip_range=0.2)
-    assert loss.item() == pytest.approx(-1.2) and math.isinf(metrics["ratio_max_dev"])
+    assert loss.item() == pytest.approx(-1.2) and math.isinf(float(metrics["ratio_max_dev"]))
     with pytest.raises(FloatingPointError, match="loss"):
         ppo_clip_loss(torch.tensor([float("nan")]), torch.tensor([0.0]), torch.tensor([1.0]), clip_range=0.2)
     with pytest.raises(FloatingPointError, match="advantages"):
@@ -225,6 +230,58 @@ def test_bad_inputs_name_the_argument():
         ppo_clip_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), clip_range=0.2)
 
 
+def _no_sync_inputs():
+    gen = torch.Generator().manual_seed(11)
+    lp_old = torch.randn(9, generator=gen)
+    lp = (lp_old + 0.3 * torch.randn(9, generator=gen)).requires_grad_(True)
+    adv = torch.randn(9, generator=gen)
+    w = torch.rand(9, generator=gen)
+    mean = torch.randn(9, 4, generator=gen, requires_grad=True)
+    kl = kl_on_means(mean, mean.detach() + 0.1 * torch.randn(9, 4, generator=gen), torch.full((9,), 0.5))
+    return lp, lp_old, adv, w, mean, kl
+
+
+def test_check_false_makes_no_host_sync_and_matches_check_true_bit_for_bit():
+    from flowalign.training.host_syncs import count_host_syncs
+
+    lp, lp_old, adv, w, mean, kl = _no_sync_inputs()
+    kwargs = dict(clip_range=0.2, weights=w, kl=kl, kl_beta=0.04)
+    with count_host_syncs(include_cpu=True) as syncs:  # CPU tensors stand in for device tensors
+        loss_fast, m_fast = ppo_clip_loss(lp, lp_old, adv, check=False, **kwargs)
+    assert syncs.total == 0, syncs.summary()
+    with count_host_syncs(include_cpu=True) as syncs_checked:
+        loss, m = ppo_clip_loss(lp, lp_old, adv, **kwargs)
+    assert syncs_checked.total > 0  # the value checks of the public default do read the values
+    assert loss_fast.dtype == loss.dtype == torch.float32 and loss_fast.dim() == 0
+    assert torch.equal(loss_fast, loss)
+    assert set(m_fast) == set(m) == METRIC_KEYS
+    assert all(_is_metric_tensor(v) for v in m_fast.values())
+    for key in METRIC_KEYS:
+        assert torch.equal(m_fast[key], m[key]), key
+    g_fast = torch.autograd.grad(loss_fast, (lp, mean), retain_graph=True)  # kl's graph is shared
+    g = torch.autograd.grad(loss, (lp, mean))
+    assert all(torch.equal(a, b) for a, b in zip(g_fast, g))
+
+
+def test_check_false_still_checks_arguments_but_not_values():
+    z = torch.zeros(4)
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_clip_loss(z, z, torch.zeros(3), clip_range=0.2, check=False)
+    with pytest.raises(ValueError, match="clip_range"):
+        ppo_clip_loss(z, z, z, clip_range=0.0, check=False)
+    with pytest.raises(ValueError, match="needs the per-edge `kl`"):
+        ppo_clip_loss(z, z, z, clip_range=0.2, kl_beta=0.1, check=False)
+    with pytest.raises(TypeError, match="weights"):
+        ppo_clip_loss(z, z, z, clip_range=0.2, weights=[1.0] * 4, check=False)
+    # Values are the caller's business: a NaN or bad weights go through to a non-finite loss.
+    loss, metrics = ppo_clip_loss(
+        torch.tensor([float("nan")]), torch.tensor([0.0]), torch.tensor([1.0]), clip_range=0.2, check=False
+    )
+    assert torch.isnan(loss) and torch.isnan(metrics["loss"])
+    loss, _ = ppo_clip_loss(z, z, torch.ones(4), clip_range=0.2, weights=torch.zeros(4), check=False)
+    assert torch.isnan(loss)
+
+
 def test_registry():
     from flowalign.losses.awm import awm_loss
 
@@ -244,7 +301,8 @@ def test_cuda_matches_cpu():
     loss, m = ppo_clip_loss(lp, lp_old, HAND_ADV, clip_range=0.2)
     torch.testing.assert_close(loss_c.cpu(), loss)
     torch.testing.assert_close(torch.autograd.grad(loss_c, lp_c)[0].cpu(), torch.autograd.grad(loss, lp)[0])
-    assert m_c == pytest.approx(m)
+    assert all(v.is_cuda for v in m_c.values())
+    assert {k: float(v) for k, v in m_c.items()} == pytest.approx({k: float(v) for k, v in m.items()})
     mean = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(
         kl_on_means(mean.cuda(), (mean + 1).cuda(), torch.full((4,), 0.3).cuda()).cpu(),

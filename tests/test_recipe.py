@@ -224,3 +224,38 @@ def test_jsonl_prompt_file_errors_name_the_key_and_line(tiny_config, tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
     with pytest.raises(ConfigError, match=r"^data.train_prompts: .*bad.jsonl:2"):
         load_config(tiny_config, {"data.train_prompts": str(bad)})
+
+
+def test_one_host_sync_per_optimizer_step_on_the_quickstart(tmp_path, monkeypatch):
+    """The update of a quickstart iteration (2 optimizer steps, 2 micro-batches each) brings values
+    to the host once per optimizer step: the micro-batches' metrics stay tensors, and the loss
+    checks its inputs at the boundary, not per micro-batch."""
+    from flowalign.config import load_config
+    from flowalign.recipes.rl import RLRecipe
+    from flowalign.training.host_syncs import count_host_syncs
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/quickstart.yaml", {"output_dir": str(tmp_path / "q"), "train.micro_batch_size": 48,
+                                                  "logging.progress": False, "logging.tensorboard": False})
+    recipe = RLRecipe(cfg)
+    recipe.setup()
+    counts = []
+    optimize = recipe._optimize
+
+    def counted(*args, **kwargs):
+        with count_host_syncs() as syncs:
+            out = optimize(*args, **kwargs)
+        counts.append(syncs.total)
+        return out
+
+    recipe._optimize = counted
+    try:
+        with count_host_syncs() as iteration:
+            metrics = recipe.train_iteration(0)
+    finally:
+        recipe.cleanup()
+    assert metrics["rollout/trained_edges"] == 4 * 8 * 6 and cfg.train.steps_per_iter == 2  # 2 micro-batches per step
+    assert counts == [cfg.train.steps_per_iter], counts
+    # the whole iteration, rollout and rewards included: 115 (the rollout checks each sampled step's
+    # inputs); 258 before the update became one sync per optimizer step (96 of them in the update)
+    assert iteration.total <= 120, iteration.summary()

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -282,13 +283,16 @@ def test_cli_version_and_listings(capsys):
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"flowalign {flowalign.__version__}"
     assert main(["ls", "advantages"]) == 0
     out = capsys.readouterr().out
-    for name in ("group", "branch", "tempflow", "dense", "vgpo"):
-        assert f"\n{name} " in out
+    for name, advantage in (("grpo", "group"), ("branch_grpo", "branch"), ("tempflow_grpo", "branch step"),
+                            ("dense_grpo", "dense"), ("vgpo", "value-anchored"), ("multi_reward", "decoupled")):
+        assert re.search(rf"\n{name} +rl +{advantage}", out), (name, out)
     assert main(["ls", "algorithms"]) == 0
     out = capsys.readouterr().out
-    for name in ("grpo", "branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_grpo", "awm", "pref_grpo",
-                 "multi_reward", "diffu_grpo", "coupled_grpo", "gdpo", "mdpo", "cj_grpo", "igpo", "just_grpo"):
+    names = ("grpo", "branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_grpo", "awm", "pref_grpo",
+             "multi_reward", "diffu_grpo", "coupled_grpo", "gdpo", "mdpo", "cj_grpo", "igpo", "just_grpo")
+    for name in names:
         assert f"\n{name} " in out, name
+    assert len(out.strip().splitlines()) == 2 + len(names) and "arXiv:2509.06040" in out  # header, rule, 16 rows
     assert main(["ls", "losses"]) == 0 and "ppo_clip" in capsys.readouterr().out
     assert main(["ls", "samplers"]) == 0 and "flow_grpo" in capsys.readouterr().out
 

@@ -31,7 +31,8 @@ def test_config_validates(path, monkeypatch):
     check_files = not (path.startswith("configs/dllm/") and "assets/dllm_quickstart" not in open(path).read())
     cfg = load_config(path, check_files=check_files)
     # BranchGRPO trees stay on one rank: each rank needs whole trees (prod(k) leaves per initial noise)
-    leaves_per_tree = math.prod(k for _, k in getattr(cfg.sampling, "splits", []))
+    splits = cfg.algorithm.branch_grpo.splits if cfg.algorithm.name == "branch_grpo" else []
+    leaves_per_tree = math.prod(k for _, k in splits)
     for world in (2, 4, 8):
         if cfg.sampling.group_size % (world * leaves_per_tree) == 0:
             load_config(path, world_size=world, check_files=check_files)

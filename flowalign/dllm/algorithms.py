@@ -1,12 +1,14 @@
-"""dLLM RL algorithms as *presets* of one loop (``flowalign.recipes.dllm_rl``), plus the small pure
-pieces the loop selects by name (verl-style): log-likelihood estimators with explicit random draws,
-the mapping of advantages onto the estimator's units, MDPO's step rewards and IGPO's hints.
+"""The pure pieces of the dLLM RL algorithms: log-likelihood estimators with explicit random draws,
+the mapping of advantages onto the estimator's units, the clipped loss on units, MDPO's step rewards
+and IGPO's hints. The methods themselves (their defaults, hooks and checks) are units of
+:mod:`flowalign.algorithms` (``diffu_grpo.py``, ..., ``just_grpo.py``, on the hooks of
+:mod:`flowalign.algorithms.dllm`); the loop is :mod:`flowalign.recipes.dllm_rl`.
 
 Every algorithm is the GRPO objective (Shao et al. 2024, DeepSeekMath Eq. 3: group-relative
 advantages, PPO's clipped ratio, optional KL to a reference) computed on different *units*:
 
 ==============  ===================  ===========  =======================================================
-preset          estimator            unit         paper
+algorithm       estimator            unit         paper
 ==============  ===================  ===========  =======================================================
 diffu_grpo      one_step             token        d1 (Zhao et al. 2025, arXiv:2504.12216, §3.2, Eq. 4-5)
 coupled_grpo    coupled              token        DiffuCoder (Gong et al. 2025, arXiv:2506.20639, §4)
@@ -29,7 +31,7 @@ new log-probs of that inner step, so the ratio at the first inner step is exactl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -40,12 +42,9 @@ from flowalign.losses import ppo_clip_loss
 
 __all__ = [
     "ESTIMATOR_UNITS",
-    "PRESETS",
-    "AlgorithmPreset",
     "LogProbEstimator",
     "RolloutBatch",
     "all_wrong_groups",
-    "get_preset",
     "hint_lengths",
     "k3_kl",
     "mdpo_step_advantages",
@@ -67,89 +66,6 @@ ESTIMATOR_UNITS: dict[str, str] = {
     "elbo_semi_deterministic": "sequence",
     "trajectory": "step",
 }
-
-
-# ------------------------------------------------------------------------------------------------
-# presets
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AlgorithmPreset:
-    """Defaults one algorithm gives the config, and the switches the loop reads.
-
-    Attributes:
-        name: the ``algorithm.name`` value.
-        paper: citation.
-        estimator: default ``algorithm.estimator``.
-        inner_steps: default ``algorithm.inner_steps`` (mu).
-        sampling: defaults of the ``sampling.*`` fields left null (``order``, ``step_schedule``,
-            ``eos_early_rejection``); ``steps`` is derived from ``gen_length`` by ``steps_rule``.
-        steps_rule: ``"gen_length"`` (one token per step) or ``"log2"`` (CJ-GRPO's fewer steps with
-            an ascending step size: ceil(log2(gen_length + 1)) steps).
-        step_rewards: MDPO -- advantages per denoising step from the intermediate decodes.
-        hints: IGPO -- inpaint reference prefixes into all-wrong groups.
-    """
-
-    name: str
-    paper: str
-    estimator: str
-    inner_steps: int
-    sampling: dict[str, Any] = field(default_factory=dict)
-    steps_rule: str = "gen_length"
-    step_rewards: bool = False
-    hints: bool = False
-
-    def default_steps(self, gen_length: int) -> int:
-        if self.steps_rule == "log2":
-            return max(1, min(gen_length, math.ceil(math.log2(gen_length + 1))))
-        return gen_length
-
-    def apply(self, cfg: Any) -> None:
-        """Fill the preset's values into the ``None`` fields of a :class:`DLLMConfig` (in place)."""
-        s, a = cfg.sampling, cfg.algorithm
-        if a.estimator is None:
-            a.estimator = self.estimator
-        if a.inner_steps is None:
-            a.inner_steps = self.inner_steps
-        base = {"order": "diffusion", "step_schedule": "uniform", "eos_early_rejection": 0.0}
-        for key, value in {**base, **self.sampling}.items():
-            if getattr(s, key) is None:
-                setattr(s, key, value)
-        if s.steps is None:
-            s.steps = self.default_steps(s.gen_length)
-
-
-PRESETS: dict[str, AlgorithmPreset] = {
-    # d1 §3.2: one-step per-token estimator (completion fully masked, prompt tokens masked with
-    # p_mask) in the token-level GRPO objective; mu inner updates, each with a fresh prompt mask.
-    "diffu_grpo": AlgorithmPreset("diffu_grpo", "Zhao et al. 2025, d1, arXiv:2504.12216", "one_step", inner_steps=4),
-    # DiffuCoder §4: coupled complementary masks -- every completion token is scored exactly once
-    # over the two forwards of a pair.
-    "coupled_grpo": AlgorithmPreset("coupled_grpo", "Gong et al. 2025, DiffuCoder, arXiv:2506.20639", "coupled", inner_steps=2),
-    # GDPO §4: sequence-level ratio exp(ELBO_theta - ELBO_old) with the semi-deterministic
-    # (quadrature in t) ELBO estimator, sequence-level advantages.
-    "gdpo": AlgorithmPreset("gdpo", "Rojas et al. 2025, GDPO, arXiv:2510.08554", "elbo_semi_deterministic", inner_steps=2),
-    # MDPO §3: denoising as an MDP; exact per-step log-probs of the sampled trajectory, rewards
-    # of the intermediate greedy predictions at every step.
-    "mdpo": AlgorithmPreset("mdpo", "He et al. 2025, MDPO, arXiv:2508.13148", "trajectory", inner_steps=1, step_rewards=True),
-    # CJ-GRPO §3: optimise the rollout's own trajectory (no skipped steps), decoded with EOS early
-    # rejection (the paper's gamma_min = 0.4, i.e. eos_early_rejection = 0.6) and an ascending step
-    # size so that few steps suffice.
-    "cj_grpo": AlgorithmPreset("cj_grpo", "Yang et al. 2025, CJ-GRPO, arXiv:2509.23924", "trajectory", inner_steps=1,
-                               sampling={"step_schedule": "ascending", "eos_early_rejection": 0.6}, steps_rule="log2"),
-    # IGPO §3: diffu-GRPO, plus reference prefixes inpainted into groups whose rollouts all fail.
-    "igpo": AlgorithmPreset("igpo", "Zhao et al. 2025, IGPO, arXiv:2509.10396", "one_step", inner_steps=4, hints=True),
-    # JustGRPO: generate left to right (AR order) so per-token log-probs are exact: plain GRPO.
-    "just_grpo": AlgorithmPreset("just_grpo", "Ni et al. 2026, The Flexibility Trap (JustGRPO), arXiv:2601.15165", "trajectory",
-                                 inner_steps=1, sampling={"order": "ar"}),
-}
-
-
-def get_preset(name: str) -> AlgorithmPreset:
-    """The preset named ``name``; unknown names raise ``ValueError`` listing the valid ones."""
-    try:
-        return PRESETS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown algorithm {name!r}; available: {sorted(PRESETS)}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,25 +172,42 @@ def policy_loss(
     clip_range: float,
     ref_log_prob: Tensor | None = None,
     kl_beta: float = 0.0,
-) -> tuple[Tensor, dict[str, float], float]:
+    units: Tensor | None = None,
+    check: bool = True,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """The clipped GRPO loss on units: :func:`flowalign.losses.ppo_clip_loss` over the units with
     positive weight (the weights mask hint tokens, post-EOS tokens and idle steps out of it).
 
     Args:
         log_prob, log_prob_old, advantages, weights: ``[n, U]``.
         ref_log_prob: ``[n, U]`` reference log-probs for the k3 KL (needed when ``kl_beta > 0``).
+        units: ``[m]`` long, the flat indices (into the ``n * U`` units, row-major) of the units
+            with positive weight; ``None`` finds them from ``weights`` (a data-dependent size: a
+            host sync). A training loop that reuses the same weights finds them once and passes them.
+        check: ``ppo_clip_loss``'s value checks (host syncs); a training loop that checks its
+            inputs once and the loss with the optimizer step passes ``False``.
 
     Returns:
-        ``(loss, metrics, weight_sum)``; the loss is the weighted *mean* over units, so a caller
-        accumulating micro-batches scales it by ``weight_sum / total weight``.
+        ``(loss, metrics, weight_sum)``: ``ppo_clip_loss``'s loss and metrics (0-dim tensors) and
+        the 0-dim sum of the selected weights; the loss is the weighted *mean* over units, so a
+        caller accumulating micro-batches scales it by ``weight_sum / total weight``.
+
+    Raises:
+        ValueError: no unit has a positive weight (nothing to train).
     """
-    sel = weights > 0
-    if not bool(sel.any()):
+    if units is None:
+        units = (weights > 0).reshape(-1).nonzero().squeeze(1)
+    if units.shape[0] == 0:
         raise ValueError("policy_loss: no unit has a positive weight (nothing to train)")
-    kl = k3_kl(log_prob[sel], ref_log_prob[sel]) if ref_log_prob is not None else None
-    loss, metrics = ppo_clip_loss(log_prob[sel], log_prob_old[sel], advantages[sel], clip_range=clip_range,
-                                  weights=weights[sel], kl=kl, kl_beta=kl_beta)
-    return loss, metrics, float(weights[sel].sum())
+
+    def pick(t: Tensor) -> Tensor:
+        return t.reshape(-1)[units]
+
+    lp, w = pick(log_prob), pick(weights)
+    kl = k3_kl(lp, pick(ref_log_prob)) if ref_log_prob is not None else None
+    loss, metrics = ppo_clip_loss(lp, pick(log_prob_old), pick(advantages), clip_range=clip_range,
+                                  weights=w, kl=kl, kl_beta=kl_beta, check=check)
+    return loss, metrics, w.sum()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 :func:`flowalign.config.load_config` (which dispatches on ``recipe: dllm``) and checked by
 :meth:`DLLMConfig.validate`.
 
-Algorithms are *presets* (``flowalign.dllm.algorithms.PRESETS``): fields left ``null`` here
-(``algorithm.estimator``, ``algorithm.inner_steps``, ``sampling.steps``, ``sampling.order``,
-``sampling.step_schedule``, ``sampling.eos_early_rejection``) take the value of the preset named by
-``algorithm.name``; a value set in the YAML or on the command line always wins. :meth:`DLLMConfig.resolved`
-returns the config with the preset applied, which is what the recipe runs.
+Algorithms are units of :mod:`flowalign.algorithms` (``recipe = "dllm"``, on the hooks of
+:mod:`flowalign.algorithms.dllm`): fields left ``null`` here (``algorithm.estimator``,
+``algorithm.inner_steps``, ``sampling.steps``, ``sampling.order``, ``sampling.step_schedule``,
+``sampling.eos_early_rejection``) take the defaults of the algorithm named by ``algorithm.name``; a
+value set in the YAML or on the command line always wins. :meth:`DLLMConfig.resolved` returns the
+config with those defaults applied, which is what the recipe runs. An algorithm's own fields live in
+its node (``algorithm.igpo.hint_fraction``).
 """
 
 from __future__ import annotations
@@ -17,16 +19,28 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flowalign.algorithms import algorithm_config_class, algorithm_names, get_algorithm
 from flowalign.config_checks import _require, _require_choice
 from flowalign.config_files import _looks_like_hub_id, _require_file, read_text_file
-from flowalign.config_schema import AUTO_THREADS_HELP, DEVICES, DTYPES, STD_MODES, LoggingConfig, OptimizerConfig, _f
-from flowalign.config_validation import validate_common
+from flowalign.config_schema import (
+    AUTO_THREADS_HELP,
+    DEVICES,
+    DTYPES,
+    STD_MODES,
+    TIME_BUDGET_HELP,
+    LoggingConfig,
+    LRSchedulerConfig,
+    OptimizerConfig,
+    _f,
+)
+from flowalign.config_validation import check_algorithm_nodes, validate_common
 from flowalign.errors import ConfigError
 
 if TYPE_CHECKING:
     from flowalign.dllm.sampling import SamplingSpec
 
 __all__ = [
+    "DLLMAlgorithmBase",
     "DLLMAlgorithmConfig",
     "DLLMConfig",
     "DLLMEvalConfig",
@@ -77,33 +91,39 @@ class DLLMSamplingConfig:
 
 
 @dataclass
-class DLLMAlgorithmConfig:
-    name: str = _f("diffu_grpo", "Algorithm preset: diffu_grpo | coupled_grpo | gdpo | mdpo | cj_grpo | igpo | just_grpo.")
-    estimator: str | None = _f(None, "Log-likelihood estimator: one_step | coupled | elbo_double_mc | elbo_semi_deterministic | trajectory; null = the preset's.")
+class DLLMAlgorithmBase:
+    """The fields every dLLM algorithm shares; ``name`` picks the algorithm, whose own fields (if
+    any) live in the node of the same name (``algorithm.igpo.hint_fraction``)."""
+
+    name: str = _f("diffu_grpo", "Algorithm: " + " | ".join(algorithm_names(("dllm",))) + " (`flowalign ls algorithms`).",
+                   choices=algorithm_names(("dllm",)))
+    estimator: str | None = _f(None, "Log-likelihood estimator: one_step | coupled | elbo_double_mc | elbo_semi_deterministic | trajectory; null = the algorithm's.")
     p_mask_prompt: float = _f(0.15, "one_step: probability of masking each prompt token (diffu-GRPO's p_mask).", ge=0, lt=1)
     num_mc: int = _f(2, "ELBO estimators: number of time points t (random for double MC, quadrature nodes for semi-deterministic).", ge=1)
     masks_per_t: int = _f(1, "ELBO estimators: random masks drawn per time point.", ge=1)
-    inner_steps: int | None = _f(None, "Optimizer steps per batch of rollouts (mu), each with fresh estimator masks; null = the preset's.", ge=1)
+    inner_steps: int | None = _f(None, "Optimizer steps per batch of rollouts (mu), each with fresh estimator masks; null = the algorithm's.", ge=1)
     clip_range: float = _f(0.2, "PPO ratio clip epsilon.", gt=0)
     kl_beta: float = _f(0.0, "Weight of the k3 KL estimate against the reference policy (LoRA off, or a frozen copy).", ge=0)
     std_mode: str = _f("group", "Advantage normalisation: group | global | none.", choices=STD_MODES)
     adv_clip: float = _f(0.0, "Clip advantages to [-adv_clip, adv_clip]; 0 disables.", ge=0)
     ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).", gt=0)
     skip_zero_signal: bool = _f(True, "Leave groups whose rewards are all equal out of the update (no gradient without kl_beta).")
-    hint_fraction: list[float] = _f(factory=lambda: [0.2, 0.6], help="IGPO: [min, max] fraction of the reference completion inpainted as a hint prefix.",
-                                    gt=0, lt=1)
-    hinted_rollouts: float = _f(0.5, "IGPO: fraction of an all-wrong group's rollouts regenerated with hints.", gt=0, le=1)
     correct_threshold: float = _f(1.0, "A rollout counts as correct when its reward >= this (accuracy, IGPO's all-wrong test).", gt=0, le=1,
                                   why="task rewards lie in [0, 1]")
+
+
+DLLMAlgorithmConfig = algorithm_config_class("DLLMAlgorithmConfig", DLLMAlgorithmBase, ("dllm",))
 
 
 @dataclass
 class DLLMTrainConfig:
     iterations: int = _f(60, "Sampling + update iterations.", ge=1)
     optimizer: OptimizerConfig = _f(factory=OptimizerConfig, help="Optimizer settings.")
+    lr_scheduler: LRSchedulerConfig = _f(factory=LRSchedulerConfig, help="Learning-rate schedule over all optimizer steps "
+                                                                       "(iterations x algorithm.inner_steps).")
     micro_batch_size: int = _f(64, "Sequences per forward/backward pass (gradient accumulation inside an inner step).", ge=1)
     grad_clip: float = _f(1.0, "Max gradient norm; 0 disables clipping.", ge=0)
-    time_budget_s: float = _f(0.0, "Stop after the iteration at which the training time (evaluation excluded) reaches this many seconds; 0 = no budget.", ge=0)
+    time_budget_s: float = _f(0.0, TIME_BUDGET_HELP, ge=0)
     checkpoint_every: int = _f(0, "Save an atomic checkpoint every N iterations (and at the end); 0 = only at the end.", ge=0)
     keep_checkpoints: int = _f(2, "Number of recent checkpoints kept on disk.", ge=1)
     resume: str = _f("auto", "auto (resume from output_dir if a checkpoint exists) | never | a checkpoint folder (checkpoints/step-*).")
@@ -132,31 +152,25 @@ class DLLMConfig:
     model: DLLMModelConfig = _f(factory=DLLMModelConfig, help="The masked diffusion LM.")
     task: DLLMTaskConfig = _f(factory=DLLMTaskConfig, help="Task and data.")
     sampling: DLLMSamplingConfig = _f(factory=DLLMSamplingConfig, help="Rollouts.")
-    algorithm: DLLMAlgorithmConfig = _f(factory=DLLMAlgorithmConfig, help="Algorithm preset, estimator, advantages and loss.")
+    algorithm: DLLMAlgorithmConfig = _f(factory=DLLMAlgorithmConfig, help="The algorithm (algorithm.name), estimator, advantages and loss.")
     train: DLLMTrainConfig = _f(factory=DLLMTrainConfig, help="Optimisation.")
     eval: DLLMEvalConfig = _f(factory=DLLMEvalConfig, help="Held-out evaluation.")
     logging: LoggingConfig = _f(factory=LoggingConfig, help="Logging.")
 
     # ------------------------------------------------------------------------------------------
     def resolved(self) -> "DLLMConfig":
-        """A copy with the algorithm preset's values filled into every ``null`` field.
+        """A copy with the defaults of the algorithm named by ``algorithm.name`` filled into every
+        ``null`` field (:meth:`flowalign.algorithms.dllm.DLLMAlgorithm.apply`).
 
         Raises:
-            ConfigError: ``algorithm.name`` is not a known preset.
+            ConfigError: ``algorithm.name`` is not a dLLM algorithm.
         """
-        from flowalign.config_checks import _did_you_mean
-        from flowalign.dllm.algorithms import PRESETS, get_preset
-
         cfg = copy.deepcopy(self)
-        try:
-            preset = get_preset(cfg.algorithm.name)
-        except ValueError as err:
-            raise ConfigError(f"algorithm.name: {err}{_did_you_mean(cfg.algorithm.name, PRESETS)}") from None
-        preset.apply(cfg)
+        get_algorithm(cfg.algorithm.name, recipes=("dllm",)).apply(cfg)
         return cfg
 
     def sampling_spec(self) -> SamplingSpec:
-        """The rollouts' :class:`~flowalign.dllm.sampling.SamplingSpec` (preset applied).
+        """The rollouts' :class:`~flowalign.dllm.sampling.SamplingSpec` (algorithm defaults applied).
 
         Raises:
             SamplingSpecError: the sampling fields do not make a valid decode (``err.field`` names it).
@@ -169,10 +183,12 @@ class DLLMConfig:
                             step_schedule=s.step_schedule, eos_early_rejection=s.eos_early_rejection)
 
     def validate(self, *, check_files: bool = True, world_size: int = 1) -> None:
-        """Semantic checks types cannot express, on the preset-resolved config: every field's range
-        and choices (:func:`flowalign.config.check_fields`), the optimizer, ``train.resume`` and
-        ``output_dir`` (:func:`flowalign.config.validate_common`), the decode, the estimator, and
-        with ``check_files`` the model folder and the task files (read with the task's loader).
+        """Semantic checks types cannot express, on the resolved config (algorithm defaults applied):
+        every field's range and choices (:func:`flowalign.config.check_fields`), the optimizer, the LR
+        schedule, ``train.resume`` and ``output_dir`` (:func:`flowalign.config.validate_common`), that
+        only the chosen algorithm's node is set, the decode, the estimator, the algorithm's own
+        :meth:`~flowalign.algorithms.registry.Algorithm.check`, and with ``check_files`` the model
+        folder and the task files (read with the task's loader).
 
         Raises:
             ConfigError: the message starts with the offending key.
@@ -184,7 +200,9 @@ class DLLMConfig:
         _require(self.recipe == "dllm", "recipe", f"DLLMConfig runs the 'dllm' recipe, got {self.recipe!r}")
         cfg = self.resolved()
         m, s, a = cfg.model, cfg.sampling, cfg.algorithm
-        validate_common(cfg, check_files=check_files)
+        algorithm = get_algorithm(a.name, recipes=("dllm",))
+        validate_common(cfg, check_files=check_files, optimizer_steps=cfg.train.iterations * a.inner_steps)
+        check_algorithm_nodes(a, a.name)
         _require(m.lora_target_modules is None or m.lora_rank > 0, "model.lora_target_modules", "only used with model.lora_rank > 0")
 
         _require_choice(cfg.task.name, sorted(TASKS), "task.name", "task")
@@ -202,17 +220,7 @@ class DLLMConfig:
                  "each rank samples whole groups of prompts_per_iter / world_size prompts")
 
         _require_choice(a.estimator, sorted(ESTIMATOR_UNITS), "algorithm.estimator", "estimator")
-        _require(a.inner_steps is not None, "algorithm.inner_steps", f"must be an integer >= 1, got {a.inner_steps}")
-        if a.name in ("mdpo", "cj_grpo", "just_grpo"):
-            _require(a.estimator == "trajectory", "algorithm.estimator",
-                     f"{a.name} trains exact trajectory log-probs: estimator must be 'trajectory', got {a.estimator!r}")
-        if a.name == "igpo":
-            _require(a.estimator != "trajectory", "algorithm.estimator",
-                     "igpo's hinted rollouts are decoded with a shorter window; use a mask-based estimator (one_step, coupled, elbo_*)")
-        if a.name == "just_grpo":
-            _require(s.order == "ar", "sampling.order", f"just_grpo generates left to right: order must be 'ar', got {s.order!r}")
-        _require(len(a.hint_fraction) == 2 and a.hint_fraction[0] <= a.hint_fraction[1], "algorithm.hint_fraction",
-                 f"must be [min, max] with 0 < min <= max < 1, got {a.hint_fraction}")
+        algorithm.check(cfg, world_size)
 
         if check_files:
             if not _looks_like_hub_id(m.pretrained):

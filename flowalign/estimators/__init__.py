@@ -1,6 +1,6 @@
 """Advantage estimators for tree, dense-reward, value and preference algorithms.
 
-Pure tensor functions, one module per family (not yet wired into the RL recipe):
+Pure tensor functions, one module per family, composed by the algorithms (:mod:`flowalign.algorithms`):
 
 * :mod:`flowalign.estimators.tree` -- BranchGRPO (reward fusion, depth-wise advantages, width and
   depth pruning) and TempFlow-GRPO (branch-step process advantages, noise-aware weights).

@@ -1,6 +1,7 @@
 """Policy losses (docs/ARCHITECTURE.md, "Advantages and losses"), selected by name from :data:`LOSSES`.
 
-Each loss returns ``(loss, metrics)``: a 0-dim tensor to backpropagate and a dict of python floats.
+Each loss returns ``(loss, metrics)``: a 0-dim tensor to backpropagate and a dict of 0-dim tensors
+(brought to the host once per optimizer step by the recipe).
 """
 
 from __future__ import annotations

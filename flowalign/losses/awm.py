@@ -76,6 +76,19 @@ def _weighted_mean(x: Tensor, weights: Tensor | None) -> Tensor:
     return (weights * x).sum() / weights.sum()
 
 
+def _check_values(target: Tensor, advantages: Tensor, weights: Tensor | None, v_ref: Tensor | None) -> None:
+    """Finite inputs, and weights >= 0 with a positive sum (host syncs: the public boundary only)."""
+    assert_finite(target, "target")
+    assert_finite(advantages, "advantages")
+    if weights is not None:
+        assert_finite(weights, "weights")
+        if bool((weights < 0).any()) or not float(weights.sum()) > 0:
+            raise ValueError(f"awm_loss: weights must be >= 0 with a positive sum, got min {float(weights.min())}, "
+                             f"sum {float(weights.sum())}")
+    if v_ref is not None:
+        assert_finite(v_ref, "v_ref")
+
+
 def awm_loss(
     v_pred: Tensor,
     target: Tensor,
@@ -84,7 +97,8 @@ def awm_loss(
     v_ref: Tensor | None = None,
     kl_beta: float = 0.0,
     weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+    check: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The AWM loss over ``N`` re-noised samples, plus an optional velocity-space KL.
 
     ``ℓ_i = mean_d (v_pred_i − target_i)²`` (the per-sample flow-matching error);
@@ -103,9 +117,12 @@ def awm_loss(
             required when ``kl_beta > 0``.
         kl_beta: β >= 0, weight of the velocity-space KL.
         weights: optional ``[N]`` non-negative per-sample weights with a positive sum.
+        check: check the values (finite inputs and loss, weights): host syncs, for the public
+            boundary. ``False`` (the recipe's hot path, whose inputs were checked once) checks
+            shapes and arguments only and makes no host sync.
 
     Returns:
-        ``(loss, metrics)``: a 0-dim float32 loss and python floats ``loss``, ``policy_loss``,
+        ``(loss, metrics)``: a 0-dim float32 loss and 0-dim float32 tensors ``loss``, ``policy_loss``,
         ``kl`` (0.0 without ``v_ref``), ``fm_loss`` (unweighted mean of ``ℓ``: the plain
         pretraining loss on these samples), ``fm_loss_pos`` / ``fm_loss_neg`` (mean ``ℓ`` over
         samples with positive / negative advantage; 0.0 when there are none).
@@ -114,7 +131,7 @@ def awm_loss(
         TypeError: an argument is not a tensor.
         ValueError: shapes disagree, ``kl_beta`` or ``weights`` are invalid, or ``kl_beta > 0``
             without ``v_ref``.
-        FloatingPointError: an input or the loss is NaN/Inf.
+        FloatingPointError: an input or the loss is NaN/Inf (``check=True``).
     """
     named = {"v_pred": v_pred, "target": target, "advantages": advantages}
     if v_ref is not None:
@@ -139,33 +156,32 @@ def awm_loss(
         raise ValueError(f"awm_loss: kl_beta={kl_beta} > 0 needs the reference velocity `v_ref`")
 
     device = v_pred.device
-    tgt = assert_finite(target.detach().to(device), "target")
-    adv = assert_finite(advantages.detach().to(device=device, dtype=torch.float32), "advantages")
-    w = None
-    if weights is not None:
-        w = assert_finite(weights.detach().to(device=device, dtype=torch.float32), "weights")
-        if bool((w < 0).any()) or not float(w.sum()) > 0:
-            raise ValueError(f"awm_loss: weights must be >= 0 with a positive sum, got min {float(w.min())}, sum {float(w.sum())}")
+    tgt, adv = target.detach().to(device), advantages.detach().to(device=device, dtype=torch.float32)
+    w = weights.detach().to(device=device, dtype=torch.float32) if weights is not None else None
+    ref = v_ref.detach().to(device) if v_ref is not None else None
+    if check:
+        _check_values(tgt, adv, w, ref)
 
     fm = _per_sample_sq(v_pred, tgt)  # [N] ℓ_i
     policy_loss = _weighted_mean(adv * fm, w)
     loss = policy_loss
     kl_mean = None
-    if v_ref is not None:
-        ref = assert_finite(v_ref.detach().to(device), "v_ref")
+    if ref is not None:
         kl_mean = _weighted_mean(_per_sample_sq(v_pred, ref), w)
         if kl_beta > 0:
             loss = loss + kl_beta * kl_mean
-    assert_finite(loss, "loss")
+    if check:
+        assert_finite(loss, "loss")
 
     with torch.no_grad():
-        pos, neg = adv > 0, adv < 0
+        pos, neg = (adv > 0).float(), (adv < 0).float()
+        zero = torch.zeros((), dtype=torch.float32, device=device)
         metrics = {
-            "loss": float(loss),
-            "policy_loss": float(policy_loss),
-            "kl": float(kl_mean) if kl_mean is not None else 0.0,
-            "fm_loss": float(fm.mean()),
-            "fm_loss_pos": float(fm[pos].mean()) if bool(pos.any()) else 0.0,
-            "fm_loss_neg": float(fm[neg].mean()) if bool(neg.any()) else 0.0,
+            "loss": loss.detach(),
+            "policy_loss": policy_loss.detach(),
+            "kl": kl_mean.detach() if kl_mean is not None else zero,
+            "fm_loss": fm.mean(),
+            "fm_loss_pos": (fm * pos).sum() / pos.sum().clamp_min(1.0),  # 0 without a positive advantage
+            "fm_loss_neg": (fm * neg).sum() / neg.sum().clamp_min(1.0),
         }
     return loss, metrics

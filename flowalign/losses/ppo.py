@@ -18,7 +18,7 @@ from flowalign.guards import assert_finite
 __all__ = ["kl_on_means", "ppo_clip_loss"]
 
 
-def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
+def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor, *, check: bool = True) -> Tensor:
     """Per-edge KL between the policy's and the reference's Gaussian transition kernels.
 
     Both kernels are ``N(mean, std² I)`` with the same ``std``, so
@@ -31,6 +31,8 @@ def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
         mean: ``[N, *D]`` the policy's transition means (gradients flow through it).
         mean_ref: ``[N, *D]`` the reference policy's means (treated as a constant: detached).
         std: ``[N]`` (or a 0-dim scalar) per-edge std of the transition, > 0 (detached).
+        check: refuse a ``std`` that is not positive and finite (a host sync); the trainer's
+            hot path, whose edges are the rollout's SDE edges, passes ``False``.
 
     Returns:
         ``[N]`` float32 KL per edge.
@@ -50,7 +52,7 @@ def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     if not (std.dim() == 0 or tuple(std.shape) == (n,)):
         raise ValueError(f"kl_on_means: std must have shape [{n}] or be a scalar, got {tuple(std.shape)}")
     s = std.detach().to(device=mean.device, dtype=torch.float32)
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+    if check and (not bool(torch.isfinite(s).all()) or not bool((s > 0).all())):
         bad = s.reshape(-1)[~(torch.isfinite(s.reshape(-1)) & (s.reshape(-1) > 0))][:5].tolist()
         raise ValueError(
             f"kl_on_means: std must be positive and finite (deterministic ODE edges have no KL), got {bad}"
@@ -66,6 +68,44 @@ def _weighted_mean(x: Tensor, weights: Tensor | None) -> Tensor:
     return (weights * x).sum() / weights.sum()
 
 
+def _check_arguments(named: dict[str, Tensor | None], clip_range: float, kl_beta: float) -> None:
+    """Types, shapes and the scalar arguments of :func:`ppo_clip_loss`: host metadata only, no sync."""
+    named = {name: t for name, t in named.items() if t is not None}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ppo_clip_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
+    log_prob = named["log_prob"]
+    if log_prob.dim() != 1 or log_prob.shape[0] == 0:
+        raise ValueError(f"ppo_clip_loss: log_prob must be 1-D [N] with N >= 1, got shape {tuple(log_prob.shape)}")
+    n = log_prob.shape[0]
+    for name, t in named.items():
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"ppo_clip_loss: {name} must have shape [{n}] like log_prob, got {tuple(t.shape)}")
+    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not (
+        math.isfinite(clip_range) and clip_range > 0
+    ):
+        raise ValueError(f"ppo_clip_loss: clip_range must be a positive finite number, got {clip_range!r}")
+    if isinstance(kl_beta, bool) or not isinstance(kl_beta, (int, float)) or not (
+        math.isfinite(kl_beta) and kl_beta >= 0
+    ):
+        raise ValueError(f"ppo_clip_loss: kl_beta must be a finite number >= 0, got {kl_beta!r}")
+    if kl_beta > 0 and "kl" not in named:
+        raise ValueError(f"ppo_clip_loss: kl_beta={kl_beta} > 0 needs the per-edge `kl` tensor")
+
+
+def _check_values(lp_old: Tensor, adv: Tensor, w: Tensor | None, loss: Tensor) -> None:
+    """The value checks of :func:`ppo_clip_loss` (each reads the device: a host sync), inputs first."""
+    assert_finite(lp_old, "log_prob_old")
+    assert_finite(adv, "advantages")
+    if w is not None:
+        assert_finite(w, "weights")
+        if bool((w < 0).any()) or not float(w.sum()) > 0:
+            raise ValueError(
+                f"ppo_clip_loss: weights must be >= 0 with a positive sum, got min {float(w.min())}, sum {float(w.sum())}"
+            )
+    assert_finite(loss, "loss")
+
+
 def ppo_clip_loss(
     log_prob: Tensor,
     log_prob_old: Tensor,
@@ -75,7 +115,8 @@ def ppo_clip_loss(
     weights: Tensor | None = None,
     kl: Tensor | None = None,
     kl_beta: float = 0.0,
-) -> tuple[Tensor, dict[str, float]]:
+    check: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The PPO clipped surrogate loss over ``N`` edges, plus an optional KL penalty.
 
     ``ratio = exp(log_prob − log_prob_old)``;
@@ -95,80 +136,55 @@ def ppo_clip_loss(
         weights: optional ``[N]`` non-negative per-edge weights with a positive sum.
         kl: optional ``[N]`` per-edge KL (e.g. :func:`kl_on_means`); required when ``kl_beta > 0``.
         kl_beta: β >= 0.
+        check: also check the *values* (finite inputs and loss, valid weights). Each value check
+            reads the device, a host sync (:mod:`flowalign.training.host_syncs`); ``check=False``
+            skips them all for the training hot path, where the call makes no host sync. Types,
+            shapes and the scalar arguments are checked either way.
 
     Returns:
-        ``(loss, metrics)``: a 0-dim float32 loss and python floats ``loss``, ``policy_loss``,
-        ``kl`` (weighted mean of ``kl``; 0.0 without it) and the unweighted diagnostics over all
-        ``N`` edges, as Flow-GRPO logs them: ``clip_frac`` = mean(|ratio−1| > ε),
-        ``approx_kl`` = ½·mean((log_prob − log_prob_old)²), ``ratio_mean`` = mean(ratio),
-        ``ratio_max_dev`` = max|ratio − 1| (0 on-policy: docs/ARCHITECTURE.md invariant 2).
+        ``(loss, metrics)``: a 0-dim float32 loss and 0-dim detached float32 tensors (on
+        ``log_prob``'s device, never python floats: reading them is the caller's sync)
+        ``loss``, ``policy_loss``, ``kl`` (weighted mean of ``kl``; 0 without it) and the
+        unweighted diagnostics over all ``N`` edges, as Flow-GRPO logs them: ``clip_frac`` =
+        mean(|ratio−1| > ε), ``approx_kl`` = ½·mean((log_prob − log_prob_old)²), ``ratio_mean``
+        = mean(ratio), ``ratio_max_dev`` = max|ratio − 1| (0 on-policy: docs/ARCHITECTURE.md
+        invariant 2).
 
     Raises:
-        ValueError: shapes disagree, ``clip_range``/``kl_beta``/``weights`` are invalid, or
-            ``kl_beta > 0`` without ``kl``.
-        FloatingPointError: an input or the loss is NaN/Inf (``assert_finite(loss, "loss")``).
+        TypeError: an input is not a tensor.
+        ValueError: shapes disagree, ``clip_range``/``kl_beta`` are invalid, ``kl_beta > 0``
+            without ``kl``, or (``check=True``) ``weights`` are negative or sum to 0.
+        FloatingPointError: (``check=True``) an input or the loss is NaN/Inf
+            (``assert_finite(loss, "loss")``).
     """
-    named = {"log_prob": log_prob, "log_prob_old": log_prob_old, "advantages": advantages}
-    if weights is not None:
-        named["weights"] = weights
-    if kl is not None:
-        named["kl"] = kl
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"ppo_clip_loss: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if log_prob.dim() != 1 or log_prob.shape[0] == 0:
-        raise ValueError(f"ppo_clip_loss: log_prob must be 1-D [N] with N >= 1, got shape {tuple(log_prob.shape)}")
-    n = log_prob.shape[0]
-    for name, t in named.items():
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"ppo_clip_loss: {name} must have shape [{n}] like log_prob, got {tuple(t.shape)}")
-    if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)) or not (
-        math.isfinite(clip_range) and clip_range > 0
-    ):
-        raise ValueError(f"ppo_clip_loss: clip_range must be a positive finite number, got {clip_range!r}")
-    if isinstance(kl_beta, bool) or not isinstance(kl_beta, (int, float)) or not (
-        math.isfinite(kl_beta) and kl_beta >= 0
-    ):
-        raise ValueError(f"ppo_clip_loss: kl_beta must be a finite number >= 0, got {kl_beta!r}")
-    if kl_beta > 0 and kl is None:
-        raise ValueError(f"ppo_clip_loss: kl_beta={kl_beta} > 0 needs the per-edge `kl` tensor")
-
+    _check_arguments(
+        {"log_prob": log_prob, "log_prob_old": log_prob_old, "advantages": advantages, "weights": weights, "kl": kl},
+        clip_range,
+        kl_beta,
+    )
     device = log_prob.device
-    lp = log_prob.float()
-    lp_old = assert_finite(log_prob_old.detach().to(device=device, dtype=torch.float32), "log_prob_old")
-    adv = assert_finite(advantages.detach().to(device=device, dtype=torch.float32), "advantages")
-    w = None
-    if weights is not None:
-        w = assert_finite(weights.detach().to(device=device, dtype=torch.float32), "weights")
-        if bool((w < 0).any()) or not float(w.sum()) > 0:
-            raise ValueError(
-                f"ppo_clip_loss: weights must be >= 0 with a positive sum, got min {float(w.min())}, sum {float(w.sum())}"
-            )
+    lp_old = log_prob_old.detach().to(device=device, dtype=torch.float32)
+    adv = advantages.detach().to(device=device, dtype=torch.float32)
+    w = None if weights is None else weights.detach().to(device=device, dtype=torch.float32)
 
-    log_ratio = lp - lp_old
+    log_ratio = log_prob.float() - lp_old
     ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_edge = torch.maximum(unclipped, clipped)  # [N]
+    per_edge = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))  # [N]
     policy_loss = _weighted_mean(per_edge, w)
-
-    loss = policy_loss
-    kl_mean = None
-    if kl is not None:
-        kl_mean = _weighted_mean(kl.to(device=device, dtype=torch.float32), w)
-        if kl_beta > 0:
-            loss = loss + kl_beta * kl_mean
-    assert_finite(loss, "loss")
+    kl_mean = None if kl is None else _weighted_mean(kl.to(device=device, dtype=torch.float32), w)
+    loss = policy_loss + kl_beta * kl_mean if kl_beta > 0 else policy_loss
+    if check:
+        _check_values(lp_old, adv, w, loss)
 
     with torch.no_grad():
         dev = (ratio - 1.0).abs()
         metrics = {
-            "loss": float(loss),
-            "policy_loss": float(policy_loss),
-            "kl": float(kl_mean) if kl_mean is not None else 0.0,
-            "clip_frac": float((dev > clip_range).float().mean()),
-            "approx_kl": float(0.5 * log_ratio.pow(2).mean()),
-            "ratio_mean": float(ratio.mean()),
-            "ratio_max_dev": float(dev.max()),
+            "loss": loss.detach(),
+            "policy_loss": policy_loss.detach(),
+            "kl": kl_mean.detach() if kl_mean is not None else torch.zeros((), dtype=torch.float32, device=device),
+            "clip_frac": (dev > clip_range).float().mean(),
+            "approx_kl": 0.5 * log_ratio.pow(2).mean(),
+            "ratio_mean": ratio.mean(),
+            "ratio_max_dev": dev.max(),
         }
     return loss, metrics

@@ -1,7 +1,8 @@
 """The matching-loss recipe: Advantage Weighted Matching (AWM, Xue et al. 2025, arXiv:2509.25050).
 
 Same loop as :class:`flowalign.recipes.rl.RLRecipe` -- rollout, rewards gathered over the global
-group, group-relative advantages -- with only the update step replaced. Instead of PPO on the
+group, the algorithm's advantages (``algorithm.name: awm``, :mod:`flowalign.algorithms.awm`) -- with
+only the update step replaced. Instead of PPO on the
 sampled transitions' log-probs, every sampled final ``x0`` is re-noised with the forward process
 at a fresh time ``σ ~ U(0, 1)`` and fresh noise ``ε`` and trained with the pretraining
 flow-matching loss weighted by its advantage (:func:`flowalign.losses.awm.awm_loss`), plus an
@@ -18,13 +19,12 @@ the pretraining objective, which trains the conditional velocity.
 
 from __future__ import annotations
 
-
 import torch
 
-from flowalign.config import ConfigError
-from flowalign.estimators.presets import EdgeTargets
+from flowalign.algorithms.flow import EdgeTargets
 from flowalign.losses.awm import awm_loss, flow_matching_pair
-from flowalign.recipes.rl import RLRecipe, stream_generator
+from flowalign.recipes.rl import RLRecipe
+from flowalign.training.rng import stream_generator
 from flowalign.types import Conditioning, RolloutTree
 
 __all__ = ["AWMRecipe", "awm_draws", "leaf_advantages_from_edges"]
@@ -72,15 +72,12 @@ def awm_draws(num_leaves: int, latent_shape: tuple[int, ...], generator: torch.G
 
 class AWMRecipe(RLRecipe):
     """AWM training: the RL recipe's rollout / rewards / advantages, an advantage-weighted
-    flow-matching update (``algorithm.loss: awm``; ``algorithm.kl_beta`` weights the KL)."""
+    flow-matching update (``algorithm.kl_beta`` weights the velocity KL)."""
 
-    def setup(self) -> None:
-        if self.cfg.algorithm.loss != "awm":
-            raise ConfigError(f"algorithm.loss: the AWM recipe trains the 'awm' loss, got {self.cfg.algorithm.loss!r}")
-        super().setup()
-
-    def _update(self, tree: RolloutTree, cond: Conditioning, targets: EdgeTargets, iteration: int) -> dict[str, float]:
-        """``train.steps_per_iter`` optimizer steps of the AWM loss over this rank's leaves."""
+    def _update(self, tree: RolloutTree, cond: Conditioning, targets: EdgeTargets, noise_levels: torch.Tensor,
+                iteration: int) -> dict[str, float]:
+        """``train.steps_per_iter`` optimizer steps of the AWM loss over this rank's leaves (the
+        rollout's noise levels play no part: AWM uses no log-probs)."""
         cfg = self.cfg
         leaf_adv = leaf_advantages_from_edges(targets.advantages, tree.leaf_edges)
         order, sigma, noise = awm_draws(tree.num_leaves, tuple(tree.leaf_latents.shape[1:]),
@@ -102,4 +99,4 @@ class AWMRecipe(RLRecipe):
         if cfg.algorithm.kl_beta > 0:
             with torch.no_grad(), self.adapter.disable_adapter(), acc.autocast():
                 v_ref = self.adapter.predict(x_s, s, c, 1.0)
-        return awm_loss(v.float(), target, leaf_adv[mb].to(v.device), v_ref=v_ref, kl_beta=cfg.algorithm.kl_beta)
+        return awm_loss(v.float(), target, leaf_adv[mb].to(v.device), v_ref=v_ref, kl_beta=cfg.algorithm.kl_beta, check=False)

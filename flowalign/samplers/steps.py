@@ -64,8 +64,9 @@ def _check_latent(name: str, tensor: Tensor, like: Tensor | None = None) -> None
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
 
 
-def _per_sample(name: str, value: float | Tensor, batch: int, device: torch.device) -> Tensor:
-    """A float or ``[B]`` (or one-element) tensor as a ``[B]`` fp32 tensor on ``device``."""
+def _per_sample(name: str, value: float | Tensor, batch: int, device: torch.device, check: bool = True) -> Tensor:
+    """A float or ``[B]`` (or one-element) tensor as a ``[B]`` fp32 tensor on ``device`` (``check``:
+    refuse non-finite values, a host sync for a tensor)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
     if not isinstance(value, Tensor):
@@ -77,7 +78,7 @@ def _per_sample(name: str, value: float | Tensor, batch: int, device: torch.devi
         t = t.reshape(()).expand(batch)
     elif t.shape != (batch,):
         raise ValueError(f"{name} must be a float or a [B={batch}] tensor, got shape {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
+    if check and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got {_show(t)}")
     return t.contiguous()
 
@@ -113,12 +114,15 @@ def _draw_noise(sample: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def _flow_schedule(
-    sample: Tensor, sigma: float | Tensor, sigma_next: float | Tensor, strict: bool
+    sample: Tensor, sigma: float | Tensor, sigma_next: float | Tensor, strict: bool, check: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """Validated ``[B]`` fp32 ``sigma`` and ``sigma_next`` (``sigma_next < sigma`` if ``strict``)."""
+    """``[B]`` fp32 ``sigma`` and ``sigma_next``, validated (``sigma_next < sigma`` if ``strict``)
+    unless ``check`` is False."""
     b, dev = sample.shape[0], sample.device
-    s = _per_sample("sigma", sigma, b, dev)
-    sn = _per_sample("sigma_next", sigma_next, b, dev)
+    s = _per_sample("sigma", sigma, b, dev, check)
+    sn = _per_sample("sigma_next", sigma_next, b, dev, check)
+    if not check:
+        return s, sn
     _require((s >= 0) & (s <= 1), "sigma must lie in [0, 1] (flow convention, 1 = noise)", ("sigma", s))
     _require((sn >= 0) & (sn <= 1), "sigma_next must lie in [0, 1] (flow convention, 1 = noise)", ("sigma_next", sn))
     if strict:
@@ -132,7 +136,7 @@ def _flow_schedule(
 # --------------------------------------------------------------------------------------------
 # log-density
 # --------------------------------------------------------------------------------------------
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor, *, check: bool = True) -> Tensor:
     """Per-sample Gaussian log-density, averaged over the non-batch dims.
 
     ``log N(x; mean, std^2) = -(x - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)`` per element
@@ -144,6 +148,7 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
         x: ``[B, *latent]`` the point at which to evaluate the density.
         mean: ``[B, *latent]`` the Gaussian mean.
         std: ``[B]`` tensor or scalar, one isotropic std per sample (>= 0).
+        check: refuse a negative or non-finite ``std`` (a host sync for a tensor).
 
     Returns:
         ``[B]`` fp32 log-probabilities.
@@ -151,8 +156,9 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
     _check_latent("x", x)
     _check_latent("mean", mean, like=x)
     b = x.shape[0]
-    s = _per_sample("std", std, b, x.device)
-    _require(s >= 0, "std must be >= 0", ("std", s))
+    s = _per_sample("std", std, b, x.device, check)
+    if check:
+        _require(s >= 0, "std must be >= 0", ("std", s))
     positive = s > 0
     # Use std = 1 where std == 0 so the unused branch of torch.where stays finite (no NaN gradient).
     s_safe = _bcast(torch.where(positive, s, torch.ones_like(s)), x.ndim)
@@ -180,8 +186,12 @@ def ode_step(model_output: Tensor, sigma: float | Tensor, sigma_next: float | Te
     _check_latent("sample", sample)
     _check_latent("model_output", model_output, like=sample)
     s, sn = _flow_schedule(sample, sigma, sigma_next, strict=False)
-    dt = _bcast(sn - s, sample.ndim)  # fp32, as diffusers (sigmas stored in fp32)
-    return sample.float() + dt * model_output.float()
+    return _euler(sample.float(), model_output.float(), s, sn)
+
+
+def _euler(x: Tensor, v: Tensor, s: Tensor, sn: Tensor) -> Tensor:
+    """``x + (sigma_next - sigma) v`` with ``[B]`` fp32 sigmas (as diffusers, which stores sigmas in fp32)."""
+    return x + _bcast(sn - s, x.ndim) * v
 
 
 def _sde_mean_std(kind: str, x: Tensor, v: Tensor, s: Tensor, sn: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,6 +239,7 @@ def sde_step(
     noise_level: float | Tensor,
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
+    check: bool = True,
 ) -> StepOutput:
     """One stochastic step of a flow-matching model and the log-density of its result.
 
@@ -262,6 +273,10 @@ def sde_step(
         noise_level: float or ``[B]``, ``>= 0`` (``a`` for flow_grpo / cps, ``eta`` for dance).
         generator: source of the noise; None uses the global RNG.
         prev_sample: ``[B, *latent]`` a previously sampled next latent to score instead of sampling.
+        check: check the values of ``sigma``, ``sigma_next`` and ``noise_level`` (each check reads
+            the device: a host sync). The trainer, which rescores transitions the rollout sampled
+            (and checked) with the same schedule, passes ``False``; shapes and kinds are checked
+            either way.
 
     Returns:
         :class:`StepOutput` with fp32 ``prev_sample``, ``log_prob [B]``, ``mean``, ``std [B]``.
@@ -272,16 +287,17 @@ def sde_step(
     _check_latent("model_output", model_output, like=sample)
     if prev_sample is not None:
         _check_latent("prev_sample", prev_sample, like=sample)
-    s, sn = _flow_schedule(sample, sigma, sigma_next, strict=True)
-    a = _per_sample("noise_level", noise_level, sample.shape[0], sample.device)
-    _require(a >= 0, "noise_level must be >= 0", ("noise_level", a))
-    if kind == "cps":
+    s, sn = _flow_schedule(sample, sigma, sigma_next, strict=True, check=check)
+    a = _per_sample("noise_level", noise_level, sample.shape[0], sample.device, check)
+    if check:
+        _require(a >= 0, "noise_level must be >= 0", ("noise_level", a))
+    if check and kind == "cps":
         _require(a <= 1, "noise_level must be <= 1 for kind='cps' (std = sigma_next * sin(noise_level * pi / 2))",
                  ("noise_level", a))
 
     x, v = sample.float(), model_output.float()
     mean, std = _sde_mean_std(kind, x, v, s, sn, a)
-    ode = ode_step(v, s, sn, x)
+    ode = _euler(x, v, s, sn)
     # noise_level 0 => std is exactly 0 for every kind; make the mean (hence the sample) the ODE
     # step bit-for-bit, which the algebraically equal SDE means are not in floating point.
     mean = torch.where(_bcast(a == 0, x.ndim), ode, mean)
@@ -291,7 +307,7 @@ def sde_step(
         prev = mean + _bcast(std, x.ndim) * noise  # == ode exactly where deterministic (std 0)
     else:
         prev = prev_sample.float()
-    log_prob = gaussian_log_prob(prev.detach(), mean, std)
+    log_prob = gaussian_log_prob(prev.detach(), mean, std, check=check)
     return StepOutput(prev_sample=prev, log_prob=log_prob, mean=mean, std=std)
 
 

@@ -1,4 +1,11 @@
-"""Capture and restore every global random-number generator, for exact resume.
+"""Random streams of a run: named per-purpose generators, and the global generators' state.
+
+:func:`stream_generator` derives one CPU generator per named stream and indices (``("rollout",
+iteration, rank)``), so what a run draws never depends on what ran before it: a resumed run replays
+exactly what an uninterrupted one would have done. :func:`prompt_indices` picks an iteration's
+prompts from such a stream.
+
+Capture and restore every global random-number generator, for exact resume.
 
 The state covers Python's ``random``, NumPy's global generator, torch's CPU generator and, when
 CUDA is available, the generator of every visible CUDA device. Explicit ``torch.Generator`` objects
@@ -18,9 +25,25 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+__all__ = ["capture_rng_state", "prompt_indices", "restore_rng_state", "stream_generator"]
 
 _KEYS = ("python", "numpy", "torch", "cuda")
+
+
+def stream_generator(seed: int, stream: str, *indices: int) -> torch.Generator:
+    """A CPU generator for one named random stream, e.g. ``("rollout", iteration, rank)``."""
+    words = [seed, *(ord(c) for c in stream), *indices]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
+
+
+def prompt_indices(num_prompts: int, per_iter: int, iteration: int, seed: int) -> list[int]:
+    """Prompts of one iteration: consecutive slices of a fresh seeded permutation per epoch."""
+    out = []
+    for position in range(iteration * per_iter, (iteration + 1) * per_iter):
+        epoch, offset = divmod(position, num_prompts)
+        perm = torch.randperm(num_prompts, generator=stream_generator(seed, "prompts", epoch))
+        out.append(int(perm[offset]))
+    return out
 
 
 def capture_rng_state() -> dict[str, Any]:

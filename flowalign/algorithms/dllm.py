@@ -1,0 +1,146 @@
+"""The hooks of the masked-diffusion LM loop (``dllm`` recipe) and their diffu-GRPO defaults.
+
+Every dLLM algorithm is the GRPO objective (Shao et al. 2024, DeepSeekMath Eq. 3: group-relative
+advantages, PPO's clipped ratio, optional k3 KL to a reference) computed by
+:class:`flowalign.recipes.dllm_rl.DLLMRecipe` on the *units* of a log-likelihood estimator
+(:data:`flowalign.dllm.algorithms.ESTIMATOR_UNITS`: tokens, sequences or denoising steps). A
+method subclasses :class:`DLLMAlgorithm` and declares or overrides what it changes:
+
+* **defaults** -- class attributes ``estimator``, ``inner_steps``, ``sampling`` (decode settings),
+  ``steps_rule``; :meth:`~DLLMAlgorithm.apply` fills them into the fields a config leaves ``null``
+  (a value set in the YAML or on the command line always wins);
+* **rollouts** -- :meth:`~DLLMAlgorithm.augment_rollouts`: change the scored rollouts before the
+  advantages (IGPO re-decodes all-wrong groups with reference hints);
+* **advantages** -- :meth:`~DLLMAlgorithm.advantages`: per sequence ``[N]`` (group-relative) or per
+  estimator unit ``[N, U]`` (MDPO: per denoising step, from the intermediate predictions);
+* **checks** -- :meth:`~DLLMAlgorithm.check`: validation of the config, naming the key.
+
+The hooks reach the model, the decoder settings and the reward through the recipe they are given
+(its ``logits_fn``, ``score``, ``mean``, ``model``, ``spec``, ``mask_id``, ``eos_id``, ``rank``);
+data moves only through arguments and return values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from flowalign.advantages import group_advantages
+from flowalign.algorithms.registry import Algorithm
+from flowalign.config_checks import _require
+
+__all__ = ["DLLMAlgorithm", "DLLMRollouts", "require_trajectory_estimator"]
+
+#: decode settings every algorithm starts from (``sampling.*`` fields left null).
+SAMPLING_DEFAULTS: dict[str, Any] = {"order": "diffusion", "step_schedule": "uniform", "eos_early_rejection": 0.0}
+
+
+@dataclass
+class DLLMRollouts:
+    """One iteration's scored rollouts on this rank: ``N = B x G`` rows, the ``G`` rollouts of each
+    of this rank's ``B`` prompts next to each other.
+
+    Attributes:
+        prompt_ids: ``[N, P]`` long, left-padded prompt tokens (the model's device).
+        prompt_mask: ``[N, P]`` long, 0 on the padding.
+        trajectory: the :class:`~flowalign.dllm.sampling.Trajectory` of the decode, as sampled.
+        sequences: ``[N, P + Lg]`` long, prompt then completion: what the update trains on.
+        rewards: ``[N]`` float32 task rewards of ``sequences`` (CPU).
+        fixed: ``[N, Lg]`` bool, completion tokens that were given, not generated (IGPO's hints):
+            never trained.
+        group_ids: ``[N]`` long prompt group of each row, ``0 .. B-1`` (CPU).
+        examples: the ``N`` task examples of the rows (:class:`~flowalign.dllm.tasks.TaskExample`).
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    trajectory: Any
+    sequences: Tensor
+    rewards: Tensor
+    fixed: Tensor
+    group_ids: Tensor
+    examples: list
+
+
+def require_trajectory_estimator(cfg: Any) -> None:
+    """``algorithm.estimator`` must be ``trajectory``: the method trains the rollout's exact per-step log-probs."""
+    a = cfg.algorithm
+    _require(a.estimator == "trajectory", "algorithm.estimator",
+             f"{a.name} trains exact trajectory log-probs: estimator must be 'trajectory', got {a.estimator!r}")
+
+
+class DLLMAlgorithm(Algorithm):
+    """A masked-diffusion LM algorithm; the defaults are diffu-GRPO's (d1, Zhao et al. 2025,
+    arXiv:2504.12216, §3.2): the one-step per-token estimator, the rollouts as decoded, and
+    group-relative advantages per sequence.
+
+    Class attributes (besides :class:`~flowalign.algorithms.registry.Algorithm`'s):
+        estimator: default ``algorithm.estimator`` (a key of
+            :data:`flowalign.dllm.algorithms.ESTIMATOR_UNITS`).
+        inner_steps: default ``algorithm.inner_steps`` (mu, optimizer steps per batch of rollouts).
+        sampling: the method's defaults of the ``sampling.*`` fields left null (``order``,
+            ``step_schedule``, ``eos_early_rejection``), over :data:`SAMPLING_DEFAULTS`.
+        steps_rule: how ``sampling.steps`` follows from ``gen_length`` when null: ``"gen_length"``
+            (one token per step) or ``"log2"`` (``ceil(log2(gen_length + 1))`` steps, CJ-GRPO).
+        advantage: how advantages are computed, in words for ``flowalign ls advantages`` (empty:
+            group-relative per sequence, on the estimator's log-probs).
+    """
+
+    recipe = "dllm"
+    estimator: ClassVar[str] = "one_step"
+    inner_steps: ClassVar[int] = 1
+    sampling: ClassVar[dict[str, Any]] = {}
+    steps_rule: ClassVar[str] = "gen_length"
+    advantage: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.opts = self.options(cfg)
+
+    # ------------------------------------------------------------------------------------------
+    # defaults
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def default_steps(cls, gen_length: int) -> int:
+        """Denoising steps of a ``gen_length``-token completion when ``sampling.steps`` is null."""
+        if cls.steps_rule == "log2":
+            return max(1, min(gen_length, math.ceil(math.log2(gen_length + 1))))
+        return gen_length
+
+    @classmethod
+    def apply(cls, cfg: Any) -> None:
+        """Fill this algorithm's defaults into the ``None`` fields of a :class:`~flowalign.dllm.config.DLLMConfig` (in place)."""
+        s, a = cfg.sampling, cfg.algorithm
+        if a.estimator is None:
+            a.estimator = cls.estimator
+        if a.inner_steps is None:
+            a.inner_steps = cls.inner_steps
+        for key, value in {**SAMPLING_DEFAULTS, **cls.sampling}.items():
+            if getattr(s, key) is None:
+                setattr(s, key, value)
+        if s.steps is None:
+            s.steps = cls.default_steps(s.gen_length)
+
+    # ------------------------------------------------------------------------------------------
+    # hooks of the loop
+    # ------------------------------------------------------------------------------------------
+    def augment_rollouts(self, recipe: Any, iteration: int, rollouts: DLLMRollouts) -> tuple[DLLMRollouts, dict[str, float]]:
+        """The rollouts the advantages and the update see, and metrics to log; by default the
+        rollouts as decoded (same object), no metrics.
+
+        Args:
+            recipe: the running :class:`~flowalign.recipes.dllm_rl.DLLMRecipe` (decoder, reward).
+            iteration: 0-based iteration (names the random streams a method draws from).
+            rollouts: this rank's scored rollouts.
+        """
+        return rollouts, {}
+
+    def advantages(self, recipe: Any, rollouts: DLLMRollouts) -> tuple[Tensor, dict[str, float]]:
+        """``(advantages, metrics)``: ``[N]`` float32 per-sequence advantages (broadcast over the
+        estimator's units) or ``[N, U]`` per-unit ones; by default GRPO's group-relative advantage
+        of each rollout's reward within its prompt group (``algorithm.std_mode``, ``adv_clip``)."""
+        a = self.cfg.algorithm
+        return group_advantages(rollouts.rewards, rollouts.group_ids, std_mode=a.std_mode, clip=a.adv_clip or None), {}

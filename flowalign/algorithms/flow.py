@@ -1,0 +1,241 @@
+"""The hooks of the image / video loops (``rl`` and ``awm`` recipes) and their GRPO defaults.
+
+An image algorithm subclasses :class:`FlowAlgorithm` and overrides what it changes:
+
+* **rollout shape** -- :meth:`~FlowAlgorithm.rollout_spec` (a :class:`~flowalign.rollout.BranchSpec`:
+  a flat group, a shared-prefix tree, an SDE window, a single branch step), usually through
+  :meth:`~FlowAlgorithm.sde_window` or :meth:`~FlowAlgorithm.splits`;
+* **advantage estimator** -- :meth:`~FlowAlgorithm.targets`: the scored rollout -> per-edge
+  advantages, the trained edges, loss weights (:class:`EdgeTargets`); it may spend model
+  evaluations through the :class:`RolloutContext` (DenseGRPO's ODE look-aheads);
+* **state** -- :meth:`~FlowAlgorithm.state_dict` / :meth:`~FlowAlgorithm.load_state_dict`: what
+  a checkpoint keeps (DenseGRPO's calibrated noise levels);
+* **checks** -- :meth:`~FlowAlgorithm.check`: validation of the config, naming the key.
+
+The loss is the recipe's: PPO-clip on the trained edges' log-probs (``rl``) or advantage-weighted
+flow matching on the sampled finals (``awm``). Data moves only through arguments and return values.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from flowalign.advantages import edge_advantages, group_advantages
+from flowalign.algorithms.registry import Algorithm
+from flowalign.rollout import BranchSpec, integrate_ode, lookahead_sigmas
+from flowalign.types import Conditioning, RolloutTree
+
+__all__ = ["EdgeTargets", "FlowAlgorithm", "RolloutContext", "ScoredRollout", "lookahead_values", "num_trained_steps"]
+
+
+def num_trained_steps(sampling: Any, window_size: int | None = None) -> int:
+    """How many of the SDE steps are trained: the first ``ceil(timestep_fraction x #SDE steps)``
+    (Flow-GRPO's ``timestep_fraction``). ``window_size`` is the number of SDE steps (default:
+    ``sampling.sde_window``'s, or every step)."""
+    if window_size is None:
+        start, end = sampling.sde_window if sampling.sde_window is not None else (0, sampling.num_steps)
+        window_size = end - start
+    return max(1, math.ceil(sampling.timestep_fraction * window_size))
+
+
+@dataclass
+class EdgeTargets:
+    """What the update trains on one rollout tree, and what computing it cost.
+
+    Attributes:
+        advantages: ``[E]`` float32 advantage of every edge (0 where untrained).
+        trainable: ``[E]`` bool, the edges that get a policy-gradient term (after pruning).
+        weights: optional ``[E]`` non-negative loss weights (``ppo_clip_loss`` divides by their sum).
+        loss_scale: a factor on the whole iteration's policy loss (TempFlow's noise-aware weight of
+            the iteration's single branch step).
+        nfe: model evaluations spent computing the targets (look-aheads), added to ``rollout/nfe``.
+        metrics: scalars to log (e.g. DenseGRPO's calibrated noise levels).
+    """
+
+    advantages: Tensor
+    trainable: Tensor
+    weights: Tensor | None = None
+    loss_scale: float = 1.0
+    nfe: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ScoredRollout:
+    """The rewards of one iteration's rollout, on this rank and gathered from every rank.
+
+    Attributes:
+        scores: ``[L]`` float32 weighted reward of this rank's leaves (CPU).
+        valid: ``[L]`` bool, False where a reward could not score the sample.
+        components: reward name -> ``[L]`` its own score of this rank's leaves (CPU).
+        weights: reward name -> its weight in ``scores``.
+        all_scores, all_groups, all_valid: ``[world * L]`` the same gathered from every rank, in
+            rank order (groups span ranks; CPU).
+        rank, world: this process and the number of processes.
+        gather: ``[L] -> [world * L]`` gathers a per-leaf tensor from every rank (CPU).
+    """
+
+    scores: Tensor
+    valid: Tensor
+    components: dict[str, Tensor]
+    weights: dict[str, float]
+    all_scores: Tensor
+    all_groups: Tensor
+    all_valid: Tensor
+    rank: int
+    world: int
+    gather: Callable[[Tensor], Tensor]
+
+    def local(self, all_values: Tensor) -> Tensor:
+        """This rank's slice ``[L]`` of a gathered ``[world * L]`` tensor."""
+        return all_values.view(self.world, -1)[self.rank]
+
+
+@dataclass
+class RolloutContext:
+    """What an estimator may use to spend model evaluations on the rollout's nodes.
+
+    Attributes:
+        adapter: the pipeline adapter (``predict``, ``decode``) in eval mode.
+        cond: the conditioning of the iteration's prompts (indexed by ``tree.prompt_idx``).
+        guidance_scale: classifier-free guidance scale of the rollout.
+        autocast: a zero-argument factory of the mixed-precision context.
+        score: ``(media [N, ...], prompt_idx list[int]) -> [N]`` float32 rewards on CPU (the
+            training reward, checked finite).
+    """
+
+    adapter: Any
+    cond: Conditioning
+    guidance_scale: float
+    autocast: Callable[[], AbstractContextManager]
+    score: Callable[[Tensor, list[int]], Tensor]
+
+
+@torch.no_grad()
+def lookahead_values(tree: RolloutTree, ctx: RolloutContext, steps: int) -> tuple[Tensor, int]:
+    """Score the ODE look-ahead from every node before each step (DenseGRPO, Deng et al. 2026,
+    arXiv:2601.20218, Eqs. 8-9; with ``steps=1`` VGPO's one-step projection).
+
+    The first step of each look-ahead reuses the velocity the rollout computed at that ``x_t``
+    (same weights, same point), so a one-step projection costs no model evaluation.
+
+    Args:
+        tree: a rollout that kept its velocities (``keeps_velocities``) or not.
+        ctx: the model, conditioning and reward.
+        steps: ODE steps from a node to its clean image (0 = all remaining steps).
+
+    Returns:
+        ``([E] float32 reward of the look-ahead from each edge's x_t, model evaluations spent)``.
+    """
+    values = torch.zeros(tree.num_edges, dtype=torch.float32)
+    nfe = 0
+    for depth in range(len(tree.sigmas) - 1):
+        edges = (tree.step == depth).nonzero().squeeze(1)
+        sigmas = lookahead_sigmas(tree.sigmas, depth, steps)
+        with ctx.autocast():
+            x0 = integrate_ode(ctx.adapter, ctx.cond[tree.prompt_idx[edges]], tree.x_t[edges], sigmas,
+                               guidance_scale=ctx.guidance_scale,
+                               first_velocity=tree.velocity[edges] if tree.velocity is not None else None)
+            media = ctx.adapter.decode(x0)
+        values[edges.cpu()] = ctx.score(media, tree.prompt_idx[edges].tolist())
+        nfe += len(edges) * (len(sigmas) - 1 - (tree.velocity is not None))
+    return values, nfe
+
+
+class FlowAlgorithm(Algorithm):
+    """An image / video algorithm; the defaults are Flow-GRPO / DanceGRPO (Liu et al. 2025,
+    arXiv:2505.05470; Xue et al. 2025, arXiv:2505.07818): a flat group per prompt sampled with the
+    SDE in ``sampling.sde_window``, the first ``timestep_fraction`` of those steps trained, and
+    group-relative advantages over groups gathered from every rank.
+
+    Class attributes (besides :class:`~flowalign.algorithms.registry.Algorithm`'s):
+        advantage: how advantages are computed, in words for ``flowalign ls algorithms``.
+        loss: the loss the recipe trains (``ppo_clip`` or ``awm``).
+        keeps_velocities: the rollout keeps each step's velocity (look-ahead estimators reuse it).
+    """
+
+    recipe = "rl"
+    advantage = "group"
+    loss = "ppo_clip"
+    keeps_velocities = False
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.opts = self.options(cfg)
+        #: per-step SDE noise level a_t of the next rollouts
+        self.noise_level_schedule = [cfg.sampling.noise_level] * cfg.sampling.num_steps
+
+    # ------------------------------------------------------------------------------------------
+    # rollout shape
+    # ------------------------------------------------------------------------------------------
+    def sde_window(self, iteration: int) -> tuple[int, int]:
+        """``[start, end)`` steps sampled with the SDE (ODE elsewhere)."""
+        s = self.cfg.sampling
+        return tuple(s.sde_window) if s.sde_window is not None else (0, s.num_steps)
+
+    def splits(self) -> tuple[tuple[int, int], ...]:
+        """``(step, k)``: after ``step`` every node spawns ``k`` children (none: a flat group)."""
+        return ()
+
+    def split_noise_level(self, step: int) -> float:
+        return self.noise_level_schedule[step]
+
+    def rollout_spec(self, iteration: int, world: int) -> BranchSpec:
+        """What iteration ``iteration`` samples on one of ``world`` ranks (each samples
+        ``group_size / world`` leaves of every prompt's group)."""
+        s = self.cfg.sampling
+        T, per_rank = s.num_steps, s.group_size // world
+        levels = self.noise_level_schedule
+        start, end = self.sde_window(iteration)
+        noise = [levels[t] if start <= t < end else 0.0 for t in range(T)]
+        splits = self.splits()
+        for step, _ in splits:
+            noise[step] = self.split_noise_level(step)
+        trained = tuple(range(start, start + num_trained_steps(s, end - start)))
+        return BranchSpec(T, noise, samples_per_prompt=per_rank // math.prod(k for _, k in splits), splits=splits,
+                          sampler=s.sampler, train_steps=trained, guidance_scale=s.guidance_scale)
+
+    # ------------------------------------------------------------------------------------------
+    # advantages
+    # ------------------------------------------------------------------------------------------
+    def leaf_advantages(self, scored: ScoredRollout) -> Tensor:
+        """``[world * L]`` advantages of every rank's leaves: group-relative (GRPO, Shao et al. 2024,
+        DeepSeekMath §4.1.2) over the gathered groups."""
+        a = self.cfg.algorithm
+        return group_advantages(scored.all_scores, scored.all_groups, std_mode=a.std_mode, clip=a.adv_clip or None,
+                                valid=scored.all_valid)
+
+    def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
+        """Per-edge targets of this rank's tree: each leaf's advantage spread onto its path's edges."""
+        leaf_adv = scored.local(self.leaf_advantages(scored))
+        return EdgeTargets(edge_advantages(leaf_adv, tree.leaf_edges, tree.num_edges), tree.trainable)
+
+    @staticmethod
+    def require_all_scored(scored: ScoredRollout, what: str) -> Tensor:
+        """This rank's leaf rewards, refusing any sample a reward marked invalid (``what`` names the setting)."""
+        if not bool(scored.valid.all()):
+            raise FloatingPointError(f"{what} needs every leaf scored, but the reward marked "
+                                     f"{int((~scored.valid).sum())} samples invalid")
+        return scored.scores
+
+    # ------------------------------------------------------------------------------------------
+    # state and checks
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps (JSON)."""
+        return {"noise_level_schedule": list(self.noise_level_schedule)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.noise_level_schedule = list(state.get("noise_level_schedule", self.noise_level_schedule))
+
+    @classmethod
+    def trained_units(cls, cfg: Any) -> tuple[int, str]:
+        """``(units per sample the update trains, their name)``: the steps_per_iter check's arithmetic."""
+        return num_trained_steps(cfg.sampling), "edges"
+

@@ -1,0 +1,55 @@
+"""VGPO (arXiv:2512.12387; Eqs. 9-13 as described in its ICLR 2026 reviews, see
+:func:`flowalign.estimators.dense.vgpo_advantages`): one-step projection values as instant
+rewards, discounted action values, temporal weights, and a value-anchored group normalisation that
+keeps a signal when a group's rewards collapse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from flowalign.algorithms.dense_grpo import leaf_steps_to_edges, lookahead_table
+from flowalign.algorithms.flow import EdgeTargets, FlowAlgorithm, RolloutContext, ScoredRollout, lookahead_values
+from flowalign.algorithms.registry import register_algorithm
+from flowalign.config_fields import _f
+from flowalign.estimators.dense import vgpo_advantages
+from flowalign.types import RolloutTree
+
+
+@dataclass
+class VGPOConfig:
+    lookahead_steps: int = _f(1, "ODE steps from a node to its clean image (1 = VGPO's one-step projection; 0 = all remaining).", ge=0)
+    discount: float = _f(0.9, "Discount gamma of the action values Q_t (our choice; the paper's value is not public).", ge=0, le=1)
+    value_anchor: float = _f(0.5, "k in alpha = k * std, the absolute-value anchor that survives collapsed groups.", ge=0)
+    anchor_steps: int | None = _f(None, "The anchor applies to the first N steps only (VGPO uses 5 of 10); null = all.", ge=0)
+
+
+def vgpo_targets(table: Tensor, tree: RolloutTree, leaf_rewards: Tensor, opts: VGPOConfig, adv_clip: float) -> EdgeTargets:
+    """VGPO's value-anchored advantages from the look-ahead ``table`` ``[L, T + 1]`` (the projections
+    are the instant rewards), clipped to ``adv_clip`` (0 = off), on the tree's edges."""
+    advantages = vgpo_advantages(table[:, :-1], leaf_rewards, tree.leaf_group, gamma=opts.discount,
+                                 alpha=opts.value_anchor, anchor_steps=opts.anchor_steps)
+    if adv_clip:
+        advantages = advantages.clamp(-adv_clip, adv_clip)
+    return EdgeTargets(advantages=leaf_steps_to_edges(tree, advantages), trainable=tree.trainable.clone())
+
+
+@register_algorithm
+class VGPO(FlowAlgorithm):
+    name = "vgpo"
+    summary = "one-step projections as process values, discounted action values, value-anchored advantages"
+    paper = "VGPO 2025, arXiv:2512.12387"
+    advantage = "value-anchored"
+    Config = VGPOConfig
+    keeps_velocities = True
+    config_file = "configs/vgpo/quickstart.yaml"
+
+    def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
+        rewards = self.require_all_scored(scored, "algorithm.name=vgpo")
+        lookahead, nfe = lookahead_values(tree, ctx, self.opts.lookahead_steps)
+        targets = vgpo_targets(lookahead_table(lookahead, tree, rewards), tree, rewards, self.opts, self.cfg.algorithm.adv_clip)
+        targets.nfe = nfe
+        return targets
+
