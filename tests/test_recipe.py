@@ -4,6 +4,7 @@ resume, NaN guard, Python-callable rewards, and a 2-process accelerate run whose
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -259,3 +260,38 @@ def test_one_host_sync_per_optimizer_step_on_the_quickstart(tmp_path, monkeypatc
     # the whole iteration, rollout and rewards included: 115 (the rollout checks each sampled step's
     # inputs); 258 before the update became one sync per optimizer step (96 of them in the update)
     assert iteration.total <= 120, iteration.summary()
+
+
+def test_cosine_schedule_with_warmup_steps_every_optimizer_step_and_resumes_exactly(tiny_config, tmp_path):
+    """train.lr_scheduler is stepped once per optimizer step (2 per iteration here), logged as
+    train/lr, and a crash + resume continues the schedule where it stopped: same weights, same records."""
+    lr = 1e-3
+    tiny_config["train"]["optimizer"] = {"lr": lr}
+    tiny_config["train"].update(iterations=4, checkpoint_every=2,
+                                lr_scheduler={"_component_": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1})
+    straight = dict(tiny_config, output_dir=str(tmp_path / "straight"))
+    flowalign.train(straight, rewards=_CrashingReward(None))
+    logged = [r["train/lr"] for r in read_metrics(os.path.join(straight["output_dir"], "metrics.jsonl")) if "train/lr" in r]
+    steps = tiny_config["train"]["steps_per_iter"]
+    total = 4 * steps
+    # the lr in use after each iteration's last step (Loshchilov & Hutter 2017 with linear warmup, floor 0.1)
+    expected = [lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k * steps - 2) / (total - 2)))) for k in range(1, 5)]
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+    resumed = dict(tiny_config, output_dir=str(tmp_path / "resumed"))
+    with pytest.raises(KeyboardInterrupt):
+        flowalign.train(resumed, rewards=_CrashingReward(crash_on_call=4))
+    flowalign.train(resumed, rewards=_CrashingReward(None))
+    a, b = _weights(straight["output_dir"]), _weights(resumed["output_dir"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(straight["output_dir"]) == _records(resumed["output_dir"])
+
+
+def test_time_budget_stops_the_image_recipe_after_the_iteration_that_spends_it(tiny_config):
+    tiny_config["train"].update(iterations=5, time_budget_s=1e-6)
+    summary = flowalign.train(tiny_config)
+    records = read_metrics(os.path.join(tiny_config["output_dir"], "metrics.jsonl"))
+    assert summary["iterations"] == 1 and [r["step"] for r in records if "train/loss" in r] == [1]
+    assert summary["train_seconds"] > 1e-6 and os.path.isdir(os.path.join(tiny_config["output_dir"], "checkpoints", "step-000001"))
+    again = flowalign.train(tiny_config)  # the budget is spent: nothing more is trained
+    assert again["iterations"] == 1
