@@ -41,18 +41,13 @@ from flowalign.training.plots import format_table, save_curves  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: method -> config (relative to configs/); "pretrain" is the continued-pretraining control.
-METHODS = {
-    "grpo": "quickstart.yaml",
-    "branch_grpo": "branch_grpo/quickstart.yaml",
-    "tempflow_grpo": "tempflow_grpo/quickstart.yaml",
-    "dense_grpo": "dense_grpo/quickstart.yaml",
-    "vgpo": "vgpo/quickstart.yaml",
-    "mix_grpo": "mix_grpo/quickstart.yaml",
-    "pref_grpo": "pref_grpo/quickstart.yaml",
-    "multi_reward": "multi_reward/quickstart.yaml",
-    "awm": "awm/quickstart.yaml",
-    "pretrain": "quickstart.yaml",
-}
+from flowalign.algorithms import ALGORITHMS  # noqa: E402
+
+#: method -> its shipped config (relative to the repository): every image / video algorithm of the
+#: registry, and ``pretrain``, the control (continued pretraining on the same flawed data).
+METHODS = {"grpo": "configs/quickstart.yaml",
+           **{name: cls.config_file for name, cls in ALGORITHMS.items() if cls.recipe != "dllm" and name != "grpo"},
+           "pretrain": "configs/quickstart.yaml"}
 
 
 def continued_pretraining_step(recipe: Any, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
@@ -78,7 +73,7 @@ def continued_pretraining_step(recipe: Any, images: torch.Tensor, labels: torch.
 def run_method(name: str, budget: float, eval_every: int, eval_samples: int, seed: int, out: str, metric: str,
                overrides: dict[str, str]) -> dict[str, Any]:
     """Train one method for ``budget`` seconds of training time; returns its curve and rates."""
-    cfg = load_config(os.path.join(ROOT, "configs", METHODS[name]), {
+    cfg = load_config(os.path.join(ROOT, METHODS[name]), {
         "seed": seed, "output_dir": os.path.join(out, name), "train.resume": "never", "train.iterations": 100_000,
         "num_threads": torch.get_num_threads(),  # --threads, not the config's
         "eval.samples_per_prompt": eval_samples, "logging.progress": False, "logging.tensorboard": False, **overrides})
