@@ -51,6 +51,16 @@ def leaf_steps_to_edges(tree: RolloutTree, per_step: Tensor) -> Tensor:
     return out.index_put_((tree.leaf_edges.reshape(-1).to(per_step.device),), per_step.reshape(-1).float())
 
 
+def scored_lookahead_table(tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, steps: int,
+                           name: str) -> tuple[Tensor, Tensor, int]:
+    """Score the ODE look-ahead (``steps`` ODE steps; 0 = to the end) from every node of a flat
+    tree: ``(table [L, T + 1], leaf rewards [L], model evaluations spent)``. Every leaf must be
+    scored (``name`` is the algorithm that needs it, for the error)."""
+    rewards = FlowAlgorithm.require_all_scored(scored, f"algorithm.name={name}")
+    lookahead, nfe = lookahead_values(tree, ctx, steps)
+    return lookahead_table(lookahead, tree, rewards), rewards, nfe
+
+
 def dense_targets(table: Tensor, tree: RolloutTree, adv_clip: float) -> EdgeTargets:
     """Each step's reward gain (Eq. 7) from the look-ahead ``table`` ``[L, T + 1]``, normalised per
     timestep within the group (Eq. 10, clipped to ``adv_clip``; 0 = off), on the tree's edges."""
@@ -69,9 +79,7 @@ class DenseGRPO(FlowAlgorithm):
     config_file = "configs/dense_grpo/quickstart.yaml"
 
     def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
-        rewards = self.require_all_scored(scored, "algorithm.name=dense_grpo")
-        lookahead, nfe = lookahead_values(tree, ctx, self.opts.lookahead_steps)
-        table = lookahead_table(lookahead, tree, rewards)
+        table, _, nfe = scored_lookahead_table(tree, scored, ctx, self.opts.lookahead_steps, self.name)
         targets = dense_targets(table, tree, self.cfg.algorithm.adv_clip)
         targets.nfe = nfe
         if self.opts.calibrate_noise:  # ψ(t) of the NEXT rollouts; this iteration's update uses the rollout's levels

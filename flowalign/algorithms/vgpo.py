@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from flowalign.algorithms.dense_grpo import leaf_steps_to_edges, lookahead_table
-from flowalign.algorithms.flow import EdgeTargets, FlowAlgorithm, RolloutContext, ScoredRollout, lookahead_values
+from flowalign.algorithms.dense_grpo import leaf_steps_to_edges, scored_lookahead_table
+from flowalign.algorithms.flow import EdgeTargets, FlowAlgorithm, RolloutContext, ScoredRollout
 from flowalign.algorithms.registry import register_algorithm
 from flowalign.config_fields import _f
 from flowalign.estimators.dense import vgpo_advantages
@@ -47,9 +47,8 @@ class VGPO(FlowAlgorithm):
     config_file = "configs/vgpo/quickstart.yaml"
 
     def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
-        rewards = self.require_all_scored(scored, "algorithm.name=vgpo")
-        lookahead, nfe = lookahead_values(tree, ctx, self.opts.lookahead_steps)
-        targets = vgpo_targets(lookahead_table(lookahead, tree, rewards), tree, rewards, self.opts, self.cfg.algorithm.adv_clip)
+        table, rewards, nfe = scored_lookahead_table(tree, scored, ctx, self.opts.lookahead_steps, self.name)
+        targets = vgpo_targets(table, tree, rewards, self.opts, self.cfg.algorithm.adv_clip)
         targets.nfe = nfe
         return targets
 
