@@ -31,8 +31,9 @@ def _default_of(f: Any) -> Any:
 
 
 def explain(config: Any = RLConfig, prefix: str = "") -> list[ExplainRow]:
-    """One :class:`ExplainRow` per key, recursively: for a config class its defaults; for a loaded
-    config its effective values (a DLLMConfig's with its algorithm's defaults applied) beside them."""
+    """One :class:`ExplainRow` per key, recursively: for a config class its defaults (every
+    algorithm's own node included); for a loaded config its effective values (a DLLMConfig's with
+    its algorithm's defaults applied) beside them, and only its own algorithm's node."""
     if isinstance(config, type):
         return _explain_rows(config, None, None, prefix)
     effective = config
@@ -49,6 +50,8 @@ def _explain_rows(cls: type, raw: Any, effective: Any, prefix: str) -> list[Expl
     for f in fields(cls):
         key, default, doc = f"{prefix}{f.name}", _default_of(f), f.metadata.get("help", "")
         if is_dataclass(default):
+            if prefix == "algorithm." and raw is not None and f.name != raw.name:
+                continue  # another algorithm's own settings: not used by this config
             rows.append(ExplainRow(key, "", "", doc))
             rows.extend(_explain_rows(type(default), getattr(raw, f.name, None), getattr(effective, f.name, None), key + "."))
         elif raw is None:

@@ -29,9 +29,9 @@ from flowalign.training.rng import stream_generator
 
 @dataclass
 class IGPOConfig:
-    hint_fraction: list[float] = _f(factory=lambda: [0.2, 0.6], help="IGPO: [min, max] fraction of the reference completion inpainted as a hint prefix.",
+    hint_fraction: list[float] = _f(factory=lambda: [0.2, 0.6], help="[min, max] fraction of the reference completion inpainted as a hint prefix.",
                                     gt=0, lt=1)
-    hinted_rollouts: float = _f(0.5, "IGPO: fraction of an all-wrong group's rollouts regenerated with hints.", gt=0, le=1)
+    hinted_rollouts: float = _f(0.5, "Fraction of an all-wrong group's rollouts regenerated with hints.", gt=0, le=1)
 
 
 @register_algorithm
