@@ -165,7 +165,7 @@ class LoggingConfig:
 
 @dataclass
 class RLConfig:
-    """A sampled-trajectory policy-gradient run (Flow-GRPO / DanceGRPO and presets built on them)."""
+    """A sampled-trajectory policy-gradient run (Flow-GRPO / DanceGRPO and the algorithms built on them)."""
 
     recipe: str = _f("rl", "Training loop: rl (policy gradient on sampled transitions) | awm (advantage-weighted flow matching on the "
                            "sampled finals) | dllm (masked-diffusion LMs; its own schema, flowalign.dllm.config). Left out, it "

@@ -78,14 +78,14 @@ class DLLMTaskConfig:
 @dataclass
 class DLLMSamplingConfig:
     gen_length: int = _f(5, "Completion window length in tokens (answer, then EOS fill).", ge=1)
-    steps: int | None = _f(None, "Denoising steps per rollout; null = the algorithm preset's (gen_length, fewer for cj_grpo).", ge=1)
+    steps: int | None = _f(None, "Denoising steps per rollout; null = the algorithm's default (gen_length, fewer for cj_grpo).", ge=1)
     block_length: int | None = _f(None, "Semi-autoregressive block length (must divide gen_length); null = one block.", ge=1)
     temperature: float = _f(1.0, "Rollout sampling temperature (> 0: RL needs exploration).", gt=0,
                             why="rollouts must explore: greedy rollouts give identical groups")
     remasking: str = _f("low_confidence", "Which masked positions are committed each step: low_confidence | random.", choices=REMASKING)
-    order: str | None = _f(None, "diffusion | ar (left to right, JustGRPO); null = the algorithm preset's.", choices=ORDERS)
-    step_schedule: str | None = _f(None, "Tokens per step: uniform | ascending (CJ-GRPO's ASS); null = the preset's.", choices=STEP_SCHEDULES)
-    eos_early_rejection: float | None = _f(None, "EOS early rejection strength (CJ-GRPO's EOSER; 0 = off); null = the preset's.", ge=0, lt=1)
+    order: str | None = _f(None, "diffusion | ar (left to right, JustGRPO); null = the algorithm's default.", choices=ORDERS)
+    step_schedule: str | None = _f(None, "Tokens per step: uniform | ascending (CJ-GRPO's ASS); null = the algorithm's default.", choices=STEP_SCHEDULES)
+    eos_early_rejection: float | None = _f(None, "EOS early rejection strength (CJ-GRPO's EOSER; 0 = off); null = the algorithm's default.", ge=0, lt=1)
     group_size: int = _f(8, "Rollouts per prompt (G).", ge=2, why="group-relative advantages need several rollouts")
     prompts_per_iter: int = _f(8, "Distinct prompts per iteration, global across ranks (whole groups live on one rank).", ge=1)
 
