@@ -43,13 +43,16 @@ def group_advantages(
     clip: float | None = None,
     eps: float = 1e-4,
     valid: Tensor | None = None,
+    unbiased: bool = False,
 ) -> Tensor:
     """Group-relative advantages ``A_i = (r_i - mean_g) / (std + eps)``.
 
     GRPO's outcome-supervision advantage (Shao et al. 2024, DeepSeekMath §4.1.2, used in the
     GRPO objective Eq. 3) as adopted by Flow-GRPO (Liu et al. 2025, arXiv:2505.05470, §4.1; the
     reference implementation is ``flow_grpo/stat_tracking.py``: population ``np.std``, eps 1e-4,
-    ``global_std`` option) and DanceGRPO (Xue et al. 2025).
+    ``global_std`` option) and DanceGRPO (Xue et al. 2025). DanceGRPO, MixGRPO, Pref-GRPO and
+    BranchGRPO divide by the *unbiased* ``torch.Tensor.std()`` + 1e-8 instead (``unbiased=True,
+    eps=1e-8``; docs/FIDELITY.md).
 
     Args:
         rewards: ``[N]`` real scores (any float or integer dtype).
@@ -62,6 +65,9 @@ def group_advantages(
         eps: added to the std (>= 0).
         valid: optional ``[N]`` bool; ``False`` samples are left out of every statistic and get
             advantage 0. Their rewards are never read, so they may be NaN.
+        unbiased: divide by the unbiased std (ddof 1, ``torch.std``'s default) instead of the
+            population std (ddof 0, ``np.std``'s) in ``"group"`` and ``"global"`` modes; a group
+            with one valid member gets 0 either way.
 
     Returns:
         ``[N]`` float32 advantages on ``rewards.device``. A group whose valid rewards are all equal
@@ -87,6 +93,9 @@ def group_advantages(
         raise ValueError(f"clip must be a positive finite number or None, got {clip!r}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(unbiased, bool):
+        raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
+    ddof = 1.0 if unbiased else 0.0
     if valid is None:
         valid = torch.ones(n, dtype=torch.bool, device=rewards.device)
     else:
@@ -108,13 +117,14 @@ def group_advantages(
     centered = (r - mean[inv]) * w  # [N]; 0 where invalid
 
     if std_mode == "group":
-        # Population variance (ddof=0) by two passes, as np.std in Flow-GRPO's stat tracker.
-        var = torch.zeros_like(count).index_add_(0, inv, centered**2) / count.clamp_min(1.0)
+        # Population variance (ddof=0) by two passes, as np.std in Flow-GRPO's stat tracker; ddof=1
+        # (unbiased) as torch.std in DanceGRPO & co. A one-member group has no spread: 0 below.
+        var = torch.zeros_like(count).index_add_(0, inv, centered**2) / (count - ddof).clamp_min(1.0)
         denom = var.sqrt()[inv] + eps  # [N]
     elif std_mode == "global":
         n_valid = w.sum().clamp_min(1.0)
         global_mean = r.sum() / n_valid
-        global_std = ((((r - global_mean) * w) ** 2).sum() / n_valid).sqrt()
+        global_std = ((((r - global_mean) * w) ** 2).sum() / (n_valid - ddof).clamp_min(1.0)).sqrt()
         denom = (global_std + eps).expand(n)
     else:
         denom = torch.ones(n, dtype=torch.float64, device=r.device)

@@ -78,6 +78,10 @@ class SamplingConfig:
     negative_prompt: str = _f("", "Negative prompt used for classifier-free guidance when guidance_scale > 1.")
     sde_window: list[int] | None = _f(None, "[start, end) steps that use the SDE, ODE elsewhere (MixGRPO, BranchGRPO-Mix); null = all steps.", ge=0)
     timestep_fraction: float = _f(1.0, "Fraction of SDE steps trained (the first ones), as Flow-GRPO's timestep_fraction.", gt=0, le=1)
+    cps_log_prob: str = _f("exact", "sampler cps: the transition log-prob of rollout and update. exact = the Gaussian "
+                                    "log-density (mean over latent dims); flow_grpo = Flow-GRPO's -mean((x - mean)^2) with "
+                                    "constants and the 1/(2 std^2) factor removed (docs/FIDELITY.md).",
+                           choices=("exact", "flow_grpo"))
 
 
 @dataclass
@@ -91,6 +95,17 @@ class AlgorithmBase:
     adv_clip: float = _f(5.0, "Clip advantages to [-adv_clip, adv_clip]; 0 disables.", ge=0)
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon (Flow-GRPO uses 1e-4 for SD3.5).", gt=0)
     kl_beta: float = _f(0.0, "Weight of the KL to the reference policy (PPO: on transition means; awm: on velocities).", ge=0)
+    kl_form: str = _f("exact", "rl recipe: the KL on transition means. exact = the per-dimension Gaussian KL between the "
+                               "policy's and the reference's transition kernels; flow_grpo = Flow-GRPO's train_sd3.py form "
+                               "(divided by the SDE std before its sqrt(dt): exact x dt for the flow_grpo / dance samplers, "
+                               "equal to exact for cps). Use flow_grpo with a kl_beta copied from Flow-GRPO (docs/FIDELITY.md).",
+                      choices=("exact", "flow_grpo"))
+    std_estimator: str | None = _f(None, "Std of the advantage normalisation (std_mode group / global): population (ddof 0, "
+                                         "Flow-GRPO) | unbiased (ddof 1, DanceGRPO / MixGRPO / Pref-GRPO / BranchGRPO); "
+                                         "null = the algorithm's reference. Used by the group-normalising estimators (grpo, mix_grpo, "
+                                         "pref_grpo, branch_grpo); the others keep their own.", choices=("population", "unbiased"))
+    std_eps: float | None = _f(None, "Added to the std of the advantage normalisation (Flow-GRPO 1e-4; DanceGRPO / MixGRPO / "
+                                     "Pref-GRPO / BranchGRPO 1e-8); null = the algorithm's reference.", ge=0)
     ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).", gt=0)
 
 

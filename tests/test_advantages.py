@@ -313,3 +313,38 @@ def test_joint_ids_one_id_per_combination():
     assert torch.equal(same, expected) and len(set(ids.tolist())) == 3
     with pytest.raises(ValueError, match="joint_ids"):
         joint_ids(group, step[:3])
+
+
+# --------------------------------------------------------------------------------------------
+# std estimator: population (Flow-GRPO np.std + 1e-4) vs unbiased (DanceGRPO & co. torch.std + 1e-8)
+# --------------------------------------------------------------------------------------------
+def test_unbiased_and_population_std_against_numpy():
+    r = np.array([1.0, 2.0, 4.0, 0.5, 3.0, 7.0, -1.0])
+    g = np.array([0, 0, 0, 1, 1, 1, 2])  # group 2 has one member
+    for unbiased, eps in ((False, 1e-4), (True, 1e-8)):
+        adv = group_advantages(torch.tensor(r), torch.tensor(g), unbiased=unbiased, eps=eps).numpy()
+        expected = np.zeros_like(r)
+        for k in (0, 1):
+            m = g == k
+            expected[m] = (r[m] - r[m].mean()) / (np.std(r[m], ddof=int(unbiased)) + eps)
+        np.testing.assert_allclose(adv, expected, rtol=1e-6)
+        assert adv[6] == 0.0  # a group with one valid member gets 0
+    # hand example: [1, 2, 4] mean 7/3, population var 14/9, unbiased var 7/3
+    a_pop = group_advantages(torch.tensor([1.0, 2.0, 4.0]), torch.zeros(3, dtype=torch.long), eps=0.0)
+    a_unb = group_advantages(torch.tensor([1.0, 2.0, 4.0]), torch.zeros(3, dtype=torch.long), eps=0.0, unbiased=True)
+    assert a_pop[2].item() == pytest.approx((4 - 7 / 3) / math.sqrt(14 / 9), rel=1e-6)
+    assert a_unb[2].item() == pytest.approx((4 - 7 / 3) / math.sqrt(7 / 3), rel=1e-6)
+
+
+def test_unbiased_global_std_and_invalid_members():
+    r = torch.tensor([1.0, 2.0, float("nan"), 5.0])
+    valid = torch.tensor([True, True, False, True])
+    adv = group_advantages(r, torch.tensor([0, 0, 0, 1]), std_mode="global", eps=1e-8, unbiased=True, valid=valid)
+    x = np.array([1.0, 2.0, 5.0])
+    expected = np.array([(1 - 2.5) / (np.std(x, ddof=1) + 1e-8), 0.0, 0.0, (5 - 5.0) / (np.std(x, ddof=1) + 1e-8)])
+    # group 1 has one member: 0; group 0's valid members [1, 2] against their own mean 1.5
+    expected[0] = (1 - 1.5) / (np.std(x, ddof=1) + 1e-8)
+    expected[1] = (2 - 1.5) / (np.std(x, ddof=1) + 1e-8)
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-6)
+    with pytest.raises(TypeError, match="unbiased"):
+        group_advantages(r, torch.zeros(4, dtype=torch.long), unbiased=1, valid=valid)

@@ -308,3 +308,46 @@ def test_cuda_matches_cpu():
         kl_on_means(mean.cuda(), (mean + 1).cuda(), torch.full((4,), 0.3).cuda()).cpu(),
         kl_on_means(mean, mean + 1, torch.full((4,), 0.3)),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# algorithm.kl_form: exact vs Flow-GRPO's train_sd3.py form (docs/FIDELITY.md, "KL scale")
+# --------------------------------------------------------------------------------------------
+def test_kl_forms_differ_by_exactly_dt_and_flow_grpo_matches_the_reference_formula():
+    from flowalign.losses import kl_form_scale
+    from flowalign.samplers import sde_step
+
+    torch.manual_seed(0)
+    x, v, v_ref = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    sigma, sigma_next, a = torch.tensor([1.0, 0.7, 0.3]), torch.tensor([0.7, 0.4, 0.1]), 0.7
+    new = sde_step(v, sigma, sigma_next, x, kind="flow_grpo", noise_level=a, generator=torch.Generator().manual_seed(1))
+    ref = sde_step(v_ref, sigma, sigma_next, x, kind="flow_grpo", noise_level=a, prev_sample=new.prev_sample)
+    dt = sigma - sigma_next
+    exact = kl_on_means(new.mean, ref.mean, new.std, scale=kl_form_scale("exact", "flow_grpo", dt))
+    flow = kl_on_means(new.mean, ref.mean, new.std, scale=kl_form_scale("flow_grpo", "flow_grpo", dt))
+    torch.testing.assert_close(flow, exact * dt, rtol=1e-6, atol=0)
+    # Independent transcription of the reference: std_dev_t = sqrt(sigma / (1 - sigma)) * a, with
+    # sigmas[1] (here sigma_next of the first step) replacing sigma at sigma == 1 (sd3_sde_with_logprob.py
+    # line 47), and kl = ((mean - mean_ref) ** 2).mean(dims) / (2 * std_dev_t ** 2) (train_sd3.py line 895).
+    sigma_max = 0.7
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, torch.tensor(sigma_max), sigma))) * a
+    reference = ((new.mean - ref.mean) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)
+    torch.testing.assert_close(flow, reference, rtol=1e-5, atol=0)
+    # exact is the true per-dimension Gaussian KL between the transition kernels
+    d = 2 * 4 * 4
+    true_kl = torch.stack([kl_divergence(Normal(new.mean[i].flatten(), new.std[i]),
+                                         Normal(ref.mean[i].flatten(), new.std[i])).sum() / d for i in range(3)])
+    torch.testing.assert_close(exact, true_kl, rtol=1e-5, atol=0)
+
+
+def test_kl_form_hand_example_and_cps_unscaled():
+    from flowalign.losses import kl_form_scale
+
+    mean, mean_ref = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 1.0]])  # mean sq diff = (1 + 4) / 2 = 2.5
+    std, dt = torch.tensor([0.5]), torch.tensor([0.1])  # exact = 2.5 / (2 * 0.25) = 5
+    assert kl_on_means(mean, mean_ref, std).item() == pytest.approx(5.0)
+    assert kl_on_means(mean, mean_ref, std, scale=kl_form_scale("flow_grpo", "dance", dt)).item() == pytest.approx(0.5)
+    assert kl_form_scale("flow_grpo", "cps", dt) is None  # CPS's reference std is the transition std
+    assert kl_form_scale("exact", "flow_grpo", dt) is None
+    with pytest.raises(ValueError, match="kl_form"):
+        kl_form_scale("bogus", "flow_grpo", dt)

@@ -295,3 +295,26 @@ def test_time_budget_stops_the_image_recipe_after_the_iteration_that_spends_it(t
     assert summary["train_seconds"] > 1e-6 and os.path.isdir(os.path.join(tiny_config["output_dir"], "checkpoints", "step-000001"))
     again = flowalign.train(tiny_config)  # the budget is spent: nothing more is trained
     assert again["iterations"] == 1
+
+
+def test_cps_flow_grpo_log_prob_and_kl_form_stay_on_policy(tiny_config):
+    """sampling.cps_log_prob reaches both the rollout and the update (ratio exactly 1 before any
+    update), and algorithm.kl_form: flow_grpo trains (docs/FIDELITY.md)."""
+    tiny_config["model"]["lora_rank"] = 4
+    tiny_config["sampling"].update(sampler="cps", cps_log_prob="flow_grpo")
+    tiny_config["algorithm"].update(kl_beta=0.04, kl_form="flow_grpo")
+    tiny_config["train"]["iterations"] = 2
+    flowalign.train(tiny_config)
+    records = read_metrics(os.path.join(tiny_config["output_dir"], "metrics.jsonl"))
+    devs = [r["train/ratio_first_step_dev"] for r in records if "train/ratio_first_step_dev" in r]
+    assert devs and max(devs) <= 1e-6
+    assert all(math.isfinite(r["train/kl"]) and r["train/kl"] >= 0 for r in records if "train/kl" in r)
+
+
+def test_fidelity_options_name_the_key(tiny_config):
+    from flowalign.config import ConfigError
+
+    for section, key in (("algorithm", "kl_form"), ("algorithm", "std_estimator"), ("sampling", "cps_log_prob")):
+        cfg = {**tiny_config, section: {**tiny_config[section], key: "bogus"}}
+        with pytest.raises(ConfigError, match=f"{section}.{key}"):
+            flowalign.load_config(cfg)

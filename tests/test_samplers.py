@@ -412,3 +412,44 @@ def test_clear_errors_name_the_offending_argument():
         ddim_step(x, 0.5, 0.4, x, eta=0.0)
     with pytest.raises(ValueError, match="noise_level must be finite"):
         sde_step(x, 0.5, 0.4, x, kind="dance", noise_level=float("nan"))
+
+
+# --------------------------------------------------------------------------------------------
+# sampling.cps_log_prob: Flow-GRPO's constant-free CPS log-prob (docs/FIDELITY.md, "CPS log-prob")
+# --------------------------------------------------------------------------------------------
+def test_cps_flow_grpo_log_prob_matches_the_reference_form():
+    from flowalign.samplers import cps_flow_grpo_log_prob
+
+    torch.manual_seed(3)
+    x, v = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    sigma, sigma_next, a = torch.tensor([1.0, 0.8, 0.5, 0.2]), torch.tensor([0.8, 0.5, 0.2, 0.0]), 0.6
+    exact = sde_step(v, sigma, sigma_next, x, kind="cps", noise_level=a, generator=torch.Generator().manual_seed(0))
+    ref_form = sde_step(v, sigma, sigma_next, x, kind="cps", noise_level=a, generator=torch.Generator().manual_seed(0),
+                        cps_log_prob="flow_grpo")
+    # same sample, mean and std: only the log-prob changes
+    assert torch.equal(exact.prev_sample, ref_form.prev_sample) and torch.equal(exact.mean, ref_form.mean)
+    # independent transcription of the reference's cps branch: std_dev_t = sigma_prev sin(a pi / 2),
+    # mean = (x - s v)(1 - s') + (x + (1 - s) v) sqrt(s'^2 - std^2), log_prob = -mean((x' - mean)^2)
+    s, sp = sigma.view(-1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1)
+    std_dev_t = sp * math.sin(a * math.pi / 2)
+    mean = (x - s * v) * (1 - sp) + (x + v * (1 - s)) * torch.sqrt(sp**2 - std_dev_t**2)
+    expected = -((ref_form.prev_sample - mean) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(ref_form.log_prob[:3], expected[:3], rtol=1e-5, atol=1e-6)
+    assert ref_form.log_prob[3].item() == 0.0  # CPS into sigma_next = 0 is deterministic
+    direct = cps_flow_grpo_log_prob(ref_form.prev_sample, ref_form.mean)
+    torch.testing.assert_close(direct, -((ref_form.prev_sample - ref_form.mean) ** 2).mean(dim=(1, 2, 3)))
+    # the two forms: exact = flow_grpo / (2 std^2) - log std - log sqrt(2 pi)
+    st = exact.std[:3]
+    torch.testing.assert_close(exact.log_prob[:3],
+                               ref_form.log_prob[:3] / (2 * st**2) - torch.log(st) - 0.5 * math.log(2 * math.pi),
+                               rtol=1e-5, atol=1e-5)
+    # rescoring the stored sample with the same form gives the same log-prob (ratio 1)
+    again = sde_step(v, sigma, sigma_next, x, kind="cps", noise_level=a, prev_sample=ref_form.prev_sample,
+                     cps_log_prob="flow_grpo")
+    assert torch.equal(again.log_prob, ref_form.log_prob)
+    # other kinds ignore the option
+    fg = sde_step(v, sigma, sigma_next, x, kind="flow_grpo", noise_level=a, prev_sample=x, cps_log_prob="flow_grpo")
+    fg_exact = sde_step(v, sigma, sigma_next, x, kind="flow_grpo", noise_level=a, prev_sample=x)
+    assert torch.equal(fg.log_prob, fg_exact.log_prob)
+    with pytest.raises(ValueError, match="cps_log_prob"):
+        sde_step(v, sigma, sigma_next, x, kind="cps", noise_level=a, cps_log_prob="bogus")

@@ -39,17 +39,19 @@ class BranchGRPOConfig:
     depth_prune_stride: int = _f(1, "Steps the depth-pruning window moves per iteration.", ge=1)
 
 
-def branch_targets(tree: RolloutTree, leaf_rewards: Tensor, opts: BranchGRPOConfig, adv_clip: float, iteration: int) -> EdgeTargets:
+def branch_targets(tree: RolloutTree, leaf_rewards: Tensor, opts: BranchGRPOConfig, adv_clip: float, iteration: int, *,
+                   std_eps: float = 1e-4, unbiased: bool = False) -> EdgeTargets:
     """Fused node values (``opts.fusion``), depth-wise advantages (clipped to ``adv_clip``; 0 = off),
     width pruning and sliding depth pruning of the trained edges of one tree batch.
 
     Args:
         tree: the rollout trees of this rank.
         leaf_rewards: ``[L]`` float rewards of its leaves.
+        std_eps, unbiased: the depth-wise normalisation's std (:func:`depthwise_advantages`).
     """
     values = fuse_node_rewards(tree, leaf_rewards, mode=opts.fusion, temperature=opts.fusion_temperature)
     tree_id = edge_group_ids(tree)
-    advantages = depthwise_advantages(values, tree.step, tree_id, clip=adv_clip or None)
+    advantages = depthwise_advantages(values, tree.step, tree_id, clip=adv_clip or None, eps=std_eps, unbiased=unbiased)
     trainable = tree.trainable.clone()
     if opts.prune == "best_worst":
         trainable &= width_prune(tree, leaf_rewards, mode="best_worst", num_keep=max(1, int(opts.prune_keep)))
@@ -69,6 +71,9 @@ class BranchGRPO(FlowAlgorithm):
     advantage = "branch (depth-wise)"
     Config = BranchGRPOConfig
     config_file = "configs/branch_grpo/quickstart.yaml"
+    # the reference normalises with torch's unbiased std + 1e-8 (docs/FIDELITY.md, "Group std")
+    std_estimator = "unbiased"
+    std_eps = 1e-8
 
     def splits(self) -> tuple[tuple[int, int], ...]:
         return tuple((step, k) for step, k in self.opts.splits)
@@ -79,7 +84,8 @@ class BranchGRPO(FlowAlgorithm):
 
     def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
         rewards = self.require_all_scored(scored, "algorithm.name=branch_grpo")
-        return branch_targets(tree, rewards, self.opts, self.cfg.algorithm.adv_clip, iteration)
+        unbiased, eps = self.group_std()
+        return branch_targets(tree, rewards, self.opts, self.cfg.algorithm.adv_clip, iteration, std_eps=eps, unbiased=unbiased)
 
     @classmethod
     def check(cls, cfg: Any, world_size: int) -> None:

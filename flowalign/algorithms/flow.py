@@ -158,12 +158,18 @@ class FlowAlgorithm(Algorithm):
         advantage: how advantages are computed, in words for ``flowalign ls algorithms``.
         loss: the loss the recipe trains (``ppo_clip`` or ``awm``).
         keeps_velocities: the rollout keeps each step's velocity (look-ahead estimators reuse it).
+        std_estimator, std_eps: the std of the reference's advantage normalisation (``population``
+            or ``unbiased``) and the constant added to it, used where ``algorithm.std_estimator`` /
+            ``algorithm.std_eps`` are null (:meth:`group_std`; docs/FIDELITY.md). Flow-GRPO's
+            ``np.std`` + 1e-4 by default.
     """
 
     recipe = "rl"
     advantage = "group"
     loss = "ppo_clip"
     keeps_velocities = False
+    std_estimator = "population"
+    std_eps = 1e-4
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -199,17 +205,26 @@ class FlowAlgorithm(Algorithm):
             noise[step] = self.split_noise_level(step)
         trained = tuple(range(start, start + num_trained_steps(s, end - start)))
         return BranchSpec(T, noise, samples_per_prompt=per_rank // math.prod(k for _, k in splits), splits=splits,
-                          sampler=s.sampler, train_steps=trained, guidance_scale=s.guidance_scale)
+                          sampler=s.sampler, train_steps=trained, guidance_scale=s.guidance_scale,
+                          cps_log_prob=s.cps_log_prob)
 
     # ------------------------------------------------------------------------------------------
     # advantages
     # ------------------------------------------------------------------------------------------
+    def group_std(self) -> tuple[bool, float]:
+        """``(unbiased, eps)`` of the advantage normalisation: ``algorithm.std_estimator`` /
+        ``algorithm.std_eps``, or this algorithm's reference where they are null."""
+        a = self.cfg.algorithm
+        estimator = a.std_estimator if a.std_estimator is not None else self.std_estimator
+        return estimator == "unbiased", float(a.std_eps if a.std_eps is not None else self.std_eps)
+
     def leaf_advantages(self, scored: ScoredRollout) -> Tensor:
         """``[world * L]`` advantages of every rank's leaves: group-relative (GRPO, Shao et al. 2024,
         DeepSeekMath §4.1.2) over the gathered groups."""
         a = self.cfg.algorithm
+        unbiased, eps = self.group_std()
         return group_advantages(scored.all_scores, scored.all_groups, std_mode=a.std_mode, clip=a.adv_clip or None,
-                                valid=scored.all_valid)
+                                valid=scored.all_valid, eps=eps, unbiased=unbiased)
 
     def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
         """Per-edge targets of this rank's tree: each leaf's advantage spread onto its path's edges."""

@@ -38,6 +38,9 @@ class MixGRPO(FlowAlgorithm):
     paper = "Li et al. 2025, MixGRPO, arXiv:2507.21802"
     Config = MixGRPOConfig
     config_file = "configs/mix_grpo/quickstart.yaml"
+    # the reference normalises with torch's unbiased std + 1e-8 (docs/FIDELITY.md, "Group std")
+    std_estimator = "unbiased"
+    std_eps = 1e-8
 
     def sde_window(self, iteration: int) -> tuple[int, int]:
         w = self.opts

@@ -24,6 +24,9 @@ class PrefGRPO(FlowAlgorithm):
     summary = "rewards are win rates of a pairwise preference judge within the group, then GRPO"
     paper = "Wang et al. 2025, Pref-GRPO, arXiv:2508.20751"
     config_file = "configs/pref_grpo/quickstart.yaml"
+    # the reference normalises with torch's unbiased std + 1e-8 (docs/FIDELITY.md, "Group std")
+    std_estimator = "unbiased"
+    std_eps = 1e-8
 
     @classmethod
     def check(cls, cfg: Any, world_size: int) -> None:

@@ -46,7 +46,7 @@ class TempFlowGRPO(FlowAlgorithm):
         k = self.opts.branch_steps[iteration % len(self.opts.branch_steps)]
         noise = [self.noise_level_schedule[t] if t == k else 0.0 for t in range(s.num_steps)]
         return BranchSpec(s.num_steps, noise, samples_per_prompt=1, splits=((k, s.group_size // world),), sampler=s.sampler,
-                          guidance_scale=s.guidance_scale)
+                          guidance_scale=s.guidance_scale, cps_log_prob=s.cps_log_prob)
 
     def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
         rewards = self.require_all_scored(scored, "algorithm.name=tempflow_grpo")

@@ -218,12 +218,13 @@ def depthwise_advantages(
     eps: float = 1e-4,
     clip: float | None = None,
     valid: Tensor | None = None,
+    unbiased: bool = False,
 ) -> Tensor:
     """Depth-wise normalised advantages ``A_e = (v_e - mu_{tree,d}) / (sigma_{tree,d} + eps)``.
 
     BranchGRPO depth-wise advantage (Li et al. 2025, §3): node values are standardised among the
-    nodes of the same tree at the same depth ``d = step[e]`` (population std); the edge
-    parent->child is trained with the child's advantage, i.e. ``A_e`` is the advantage of the
+    nodes of the same tree at the same depth ``d = step[e]`` (population std unless
+    ``unbiased``); the edge parent->child is trained with the child's advantage, i.e. ``A_e`` is the advantage of the
     node ``e`` leads to. Implemented as :func:`flowalign.advantages.group_advantages` with one group
     per (tree, depth) pair; a (tree, depth) whose values all coincide (e.g. a depth above the
     first split, which has a single node) gets exactly 0.
@@ -232,7 +233,8 @@ def depthwise_advantages(
         node_values: ``[E]`` float, e.g. :func:`fuse_node_rewards`.
         step: ``[E]`` long depth (sigma-schedule step) of each edge.
         tree_id: ``[E]`` long tree / group id of each edge (e.g. :func:`edge_group_ids`).
-        eps, clip, valid: as in ``group_advantages``.
+        eps, clip, valid, unbiased: as in ``group_advantages`` (BranchGRPO's reference code
+            divides by the unbiased ``torch.std`` + 1e-8: ``unbiased=True, eps=1e-8``).
 
     Returns:
         ``[E]`` float32.
@@ -245,7 +247,8 @@ def depthwise_advantages(
     tree_id = _int_vector(tree_id, "tree_id", E).to(node_values.device)
     if E == 0:
         return torch.zeros(0, dtype=torch.float32, device=node_values.device)
-    return group_advantages(node_values, joint_ids(tree_id, step), std_mode="group", clip=clip, eps=eps, valid=valid)
+    return group_advantages(node_values, joint_ids(tree_id, step), std_mode="group", clip=clip, eps=eps, valid=valid,
+                            unbiased=unbiased)
 
 
 def width_prune(

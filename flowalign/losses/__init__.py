@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Callable
 
 from flowalign.losses.awm import awm_loss
-from flowalign.losses.ppo import kl_on_means, ppo_clip_loss
+from flowalign.losses.ppo import KL_FORMS, kl_form_scale, kl_on_means, ppo_clip_loss
 
-__all__ = ["LOSSES", "awm_loss", "get_loss", "kl_on_means", "ppo_clip_loss"]
+__all__ = ["KL_FORMS", "LOSSES", "awm_loss", "get_loss", "kl_form_scale", "kl_on_means", "ppo_clip_loss"]
 
 #: Static name -> loss table.
 LOSSES: dict[str, Callable] = {

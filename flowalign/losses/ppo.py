@@ -15,22 +15,34 @@ from torch import Tensor
 
 from flowalign.guards import assert_finite
 
-__all__ = ["kl_on_means", "ppo_clip_loss"]
+__all__ = ["KL_FORMS", "kl_form_scale", "kl_on_means", "ppo_clip_loss"]
+
+#: forms of the KL penalty on transition means (``algorithm.kl_form``)
+KL_FORMS: tuple[str, ...] = ("exact", "flow_grpo")
 
 
-def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor, *, check: bool = True) -> Tensor:
+def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor, *, scale: Tensor | float | None = None,
+                check: bool = True) -> Tensor:
     """Per-edge KL between the policy's and the reference's Gaussian transition kernels.
 
     Both kernels are ``N(mean, std² I)`` with the same ``std``, so
     ``KL(N(μθ, s²I) || N(μref, s²I)) = ||μθ − μref||² / (2 s²)`` (the Gaussian KL with equal
-    covariances; Flow-GRPO §4.1 / ``train_sd3.py``: ``((μθ−μref)²).mean(dims) / (2 std²)``).
-    Like the log-prob convention of the samplers, the squared distance is averaged (not summed)
-    over the latent dims, i.e. this is the KL *per dimension*.
+    covariances). Like the log-prob convention of the samplers, the squared distance is averaged
+    (not summed) over the latent dims, i.e. this is the KL *per dimension*, multiplied by
+    ``scale`` when given.
+
+    With ``std`` the transition std (``StepOutput.std``) and no ``scale`` this is the exact KL.
+    It is **not** Flow-GRPO's penalty: ``train_sd3.py`` divides ``((μθ−μref)²).mean(dims)`` by
+    ``2·std_dev_t²`` with ``std_dev_t`` the SDE's diffusion coefficient *before* the ``√Δt``
+    factor of the transition std, i.e. Flow-GRPO's KL is the exact one times ``Δt``;
+    :func:`kl_form_scale` gives that factor (``algorithm.kl_form: flow_grpo``; docs/FIDELITY.md).
 
     Args:
         mean: ``[N, *D]`` the policy's transition means (gradients flow through it).
         mean_ref: ``[N, *D]`` the reference policy's means (treated as a constant: detached).
         std: ``[N]`` (or a 0-dim scalar) per-edge std of the transition, > 0 (detached).
+        scale: optional ``[N]`` (or scalar) per-edge factor on the KL (detached), e.g.
+            :func:`kl_form_scale`; None = 1.
         check: refuse a ``std`` that is not positive and finite (a host sync); the trainer's
             hot path, whose edges are the rollout's SDE edges, passes ``False``.
 
@@ -59,7 +71,35 @@ def kl_on_means(mean: Tensor, mean_ref: Tensor, std: Tensor, *, check: bool = Tr
         )
     diff = mean.float() - mean_ref.detach().float()
     sq = diff.pow(2).reshape(n, -1).mean(dim=1)  # [N] mean over latent dims
-    return sq / (2.0 * s.pow(2))
+    kl = sq / (2.0 * s.pow(2))
+    if scale is not None:
+        kl = kl * torch.as_tensor(scale).detach().to(device=mean.device, dtype=torch.float32)
+    return kl
+
+
+def kl_form_scale(form: str, kind: str, delta: Tensor) -> Tensor | None:
+    """The factor :func:`kl_on_means` applies for ``algorithm.kl_form`` (None = 1: the exact KL).
+
+    * ``"exact"``: the per-dimension Gaussian KL between the transition kernels (no factor).
+    * ``"flow_grpo"``: Flow-GRPO's penalty. ``scripts/train_sd3.py`` (yifan123/flow_grpo @ ac4c86e,
+      line 895) computes ``((mean − mean_ref)²).mean(dims) / (2 · std_dev_t²)``, where ``std_dev_t``
+      is what ``sde_step_with_logprob`` returns (``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``
+      line 47: ``sqrt(sigma / (1 - sigma)) · noise_level``), the diffusion coefficient before the
+      ``sqrt(-dt)`` of the transition std (lines 59 / 62). Dividing by ``std_t²`` instead of
+      ``std_t² · Δt`` makes it the exact KL times ``Δt = sigma − sigma_next`` for the SDE kinds
+      ``flow_grpo`` and ``dance``. For ``cps`` the std the reference returns is already the
+      transition std (``sigma_next · sin(a π/2)``, no ``Δt``), so the two forms coincide.
+
+    Args:
+        form: one of :data:`KL_FORMS`.
+        kind: the ``sde_step`` kind (``sampling.sampler``).
+        delta: ``[N]`` ``sigma − sigma_next`` of each edge.
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"kl_form must be one of {list(KL_FORMS)}, got {form!r}")
+    if form == "exact" or kind == "cps":
+        return None
+    return delta.detach().float()
 
 
 def _weighted_mean(x: Tensor, weights: Tensor | None) -> Tensor:

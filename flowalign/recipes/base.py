@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,7 +40,33 @@ from flowalign.training.metrics import MetricsLogger, discard_stale_metrics, rea
 from flowalign.training.plots import before_after_table
 from flowalign.training.rundir import record_run, write_folder_atomically
 
-__all__ = ["Recipe", "scalars"]
+__all__ = ["Recipe", "accumulate", "average_steps", "scalars"]
+
+#: a step value that is the iteration's first micro-batch's, not a sum over micro-batches
+FIRST_STEP_DEV = "ratio_first_step_dev"
+
+
+def accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    """Add a micro-batch's 0-dim tensor ``metrics`` into ``sums`` (on the device: no host sync)."""
+    for name, value in metrics.items():
+        sums[name] = sums[name] + value if name in sums else value
+
+
+def average_steps(steps: list[dict[str, float]], num_micro_batches: int) -> dict[str, float]:
+    """The ``train/*`` metrics of an update from what :meth:`Recipe.optimizer_step` returned per
+    step: each summed metric averaged over the ``num_micro_batches`` micro-batches, the gradient
+    norm averaged over the steps, and ``ratio_first_step_dev`` (the on-policy check) as measured."""
+    out: dict[str, float] = {}
+    for values in steps:
+        for name, value in values.items():
+            if name not in ("grad_norm", FIRST_STEP_DEV):
+                out[f"train/{name}"] = out.get(f"train/{name}", 0.0) + value / num_micro_batches
+    if steps:
+        out["train/grad_norm"] = sum(v["grad_norm"] for v in steps) / len(steps)
+    first = [v[FIRST_STEP_DEV] for v in steps if FIRST_STEP_DEV in v]
+    if first:
+        out[f"train/{FIRST_STEP_DEV}"] = first[0]
+    return out
 
 
 def scalars(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -202,37 +228,41 @@ class Recipe:
         budget = self.cfg.train.time_budget_s
         return bool(budget) and self.train_seconds >= budget
 
-    def optimizer_step(self, check: Sequence[tuple[str, torch.Tensor]] = (),
-                       before_step: Callable[[list[float]], None] | None = None) -> list[float]:
-        """Clip the accumulated gradients (``train.grad_clip``), refuse a non-finite gradient norm,
-        step the optimizer and the LR schedule, zero the gradients.
+    def optimizer_step(self, values: dict[str, torch.Tensor] | None = None,
+                       before_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Clip the accumulated gradients (``train.grad_clip``), refuse a non-finite gradient norm
+        or loss, step the optimizer and the LR schedule, zero the gradients.
 
-        ``check`` holds further 0-dim tensors of this step (the micro-batches' summed metrics, the
-        first micro-batch's ratio deviation...): they come to the host together with the gradient
-        norm in ONE transfer, the step's only host sync, before the weights change;
-        ``before_step(values)`` may refuse them (raise) before the optimizer steps. Returns
-        ``[grad_norm, *values of check]`` as floats.
+        ``values`` holds the step's 0-dim tensors (the micro-batches' summed metrics, the first
+        micro-batch's ratio deviation...): they come to the host together with the gradient norm
+        in ONE transfer, the step's only host sync, before the weights change;
+        ``before_step(floats)`` may refuse them (raise) before the optimizer steps.
+
+        Returns:
+            ``{"grad_norm": float, **values as floats}``.
 
         Raises:
-            FloatingPointError: the gradient norm or a value named ``loss`` in ``check`` is NaN/Inf;
+            FloatingPointError: the gradient norm or a value whose name ends in ``loss`` is NaN/Inf;
                 the weights are left unchanged.
         """
+        values = values or {}
         clip = self.cfg.train.grad_clip
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, clip if clip > 0 else math.inf)
-        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32)
-        values = torch.stack([grad_norm.to(self.accelerator.device).reshape(()),
-                              *(t.detach().float().to(self.accelerator.device).reshape(()) for _, t in check)]).tolist()
-        for name, value in zip(["gradient norm", *(name for name, _ in check)], values):
-            if (name == "gradient norm" or name.endswith("loss")) and not math.isfinite(value):
+        grad_norm = torch.as_tensor(self.accelerator.clip_grad_norm_(self.params, clip if clip > 0 else math.inf),
+                                    dtype=torch.float32)
+        device = self.accelerator.device
+        stacked = torch.stack([grad_norm.to(device).reshape(()), *(t.detach().float().to(device).reshape(()) for t in values.values())])
+        floats = dict(zip(["grad_norm", *values], stacked.tolist()))
+        for name, value in floats.items():
+            if (name == "grad_norm" or name.endswith("loss")) and not math.isfinite(value):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"{name} contains NaN/Inf ({value}); the optimizer step was refused "
+                raise FloatingPointError(f"{name.replace('_', ' ')} contains NaN/Inf ({value}); the optimizer step was refused "
                                          "(lower train.optimizer.lr, or check the rewards and the model's dtype)")
         if before_step is not None:
-            before_step(values)
+            before_step(floats)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return values
+        return floats
 
     # ------------------------------------------------------------------------------------------
     # evaluation

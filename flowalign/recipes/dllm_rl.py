@@ -54,7 +54,7 @@ from flowalign.dllm.sampling import generate
 from flowalign.dllm.tasks import get_task
 from flowalign.errors import loading
 from flowalign.guards import assert_finite, assert_on_policy
-from flowalign.recipes.base import Recipe
+from flowalign.recipes.base import FIRST_STEP_DEV, Recipe, accumulate, average_steps
 from flowalign.training.plots import save_reward_curve
 from flowalign.training.rng import prompt_indices, stream_generator
 
@@ -245,11 +245,11 @@ class DLLMRecipe(Recipe):
         weights = unit_weights(self.estimator.unit, batch.trained, batch.trajectory) if n else torch.zeros(0, 1)
         unit_adv = unit_advantages(advantages.to(weights.device), tuple(unit_shape)) if n else torch.zeros(0, 1)
         units, chunk_weights, total_weight = self._update_inputs(weights, chunks, old, ref)
-        sums: dict[str, float] = {}
-        grad_norms, first_dev, n_micro = [], 0.0, 0
+        steps: list[dict[str, float]] = []
+        n_micro = 0
         for k in range(a.inner_steps):
             d = k % k_draws
-            step_sums: dict[str, torch.Tensor] = {}
+            sums: dict[str, torch.Tensor] = {}
             first_devs: list[torch.Tensor] = []
             for c, u, w in zip(chunks, units, chunk_weights):
                 if len(u) == 0:  # no trained unit in this micro-batch
@@ -262,28 +262,18 @@ class DLLMRecipe(Recipe):
                 acc.backward(loss * (w / total_weight))
                 if k == 0:
                     first_devs.append(m["ratio_max_dev"])
-                for name, value in m.items():
-                    step_sums[name] = step_sums[name] + value if name in step_sums else value
+                accumulate(sums, m)
                 n_micro += 1
             self._all_reduce_gradients()
-            check: list[tuple[str, torch.Tensor]] = []
-            before_step = None
+            on_policy = None
             if k == 0:  # the first inner step: on-policy check before the weights change
                 dev = torch.stack(first_devs).max() if first_devs else torch.zeros((), device=acc.device)
                 if self.world > 1:  # every rank refuses together
                     dev = acc.gather(dev.reshape(1).to(acc.device)).max()
-                check.append(("ratio_first_step_dev", dev))
-                before_step = lambda values: self._check_on_policy(values[1])  # noqa: E731  values = [grad_norm, dev, ...]
-            names = list(step_sums)
-            values = self.optimizer_step(check + [(name, step_sums[name]) for name in names], before_step=before_step)
-            grad_norms.append(values[0])
-            if k == 0:
-                first_dev = values[1]
-            for name, value in zip(names, values[1 + len(check):]):
-                sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value
-        out = {name: total / max(n_micro, 1) for name, total in sums.items()}
-        out["train/ratio_first_step_dev"] = first_dev
-        out["train/grad_norm"] = float(np.mean(grad_norms))
+                sums[FIRST_STEP_DEV] = dev
+                on_policy = lambda values: self._check_on_policy(values[FIRST_STEP_DEV])  # noqa: E731
+            steps.append(self.optimizer_step(sums, before_step=on_policy))
+        out = average_steps(steps, max(n_micro, 1))
         out["train/trained_rows"] = float(n)
         return out
 

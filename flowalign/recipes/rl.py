@@ -35,9 +35,9 @@ from flowalign.config import ConfigError, RLConfig, build_optimizer, read_prompt
 from flowalign.diversity import embedding_source, group_diversity
 from flowalign.errors import loading
 from flowalign.guards import assert_finite, assert_on_policy
-from flowalign.losses import kl_on_means, ppo_clip_loss
+from flowalign.losses import kl_form_scale, kl_on_means, ppo_clip_loss
 from flowalign.pipelines import load_adapter_class
-from flowalign.recipes.base import Recipe, scalars
+from flowalign.recipes.base import FIRST_STEP_DEV, Recipe, accumulate, average_steps, scalars
 from flowalign.rewards.registry import build_rewards
 from flowalign.rollout import rollout, sample_ode
 from flowalign.samplers import sde_step
@@ -236,40 +236,26 @@ class RLRecipe(Recipe):
         ``ratio_max_dev`` before any weight changes. Returns the metrics averaged over micro-batches
         and the mean gradient norm."""
         cfg, acc = self.cfg, self.accelerator
-        sums: dict[str, float] = {}
-        grad_norms: list[float] = []
-        first_dev, n_micro = None, 0
+        steps: list[dict[str, float]] = []
+        n_micro = 0
         for k, chunk in enumerate(items.tensor_split(cfg.train.steps_per_iter)):
             micro_batches = chunk.split(cfg.train.micro_batch_size)
-            step_sums: dict[str, torch.Tensor] = {}
-            check: list[tuple[str, torch.Tensor]] = []
+            sums: dict[str, torch.Tensor] = {}
             for j, mb in enumerate(micro_batches):
                 sync = nullcontext() if j == len(micro_batches) - 1 else acc.no_sync(self.wrapped)
                 with sync:
                     loss, m = micro_loss(mb)
                     acc.backward(loss * (len(mb) / len(chunk)))
                 if n_micro == 0 and check_first is not None:
-                    check.append(("ratio_first_step_dev", m["ratio_max_dev"]))
-                for name, value in m.items():
-                    step_sums[name] = step_sums[name] + value if name in step_sums else value
+                    sums[FIRST_STEP_DEV] = m["ratio_max_dev"]
+                accumulate(sums, m)
                 n_micro += 1
-            names = list(step_sums)
-            before_step = None
-            if check:  # the first micro-batch of the iteration: on-policy check before the weights change
-                before_step = lambda values: check_first(values[1])  # noqa: E731  values = [grad_norm, first dev, ...]
-            values = self.optimizer_step(check + [(name, step_sums[name]) for name in names], before_step=before_step)
-            grad_norms.append(values[0])
-            if check:
-                first_dev = values[1]
-            for name, value in zip(names, values[1 + len(check):]):
-                sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + value
+            # the first step carries the on-policy check, made before the weights change
+            on_policy = (lambda values: check_first(values[FIRST_STEP_DEV])) if FIRST_STEP_DEV in sums else None  # noqa: E731
+            steps.append(self.optimizer_step(sums, before_step=on_policy))
             if self.ema is not None:
                 self.ema.update(self.module, step=iteration * cfg.train.steps_per_iter + k)
-        out = {name: total / n_micro for name, total in sums.items()}
-        out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        if first_dev is not None:
-            out["train/ratio_first_step_dev"] = first_dev
-        return out
+        return average_steps(steps, n_micro)
 
     def _edge_loss(self, tree: RolloutTree, cond: Conditioning, targets: EdgeTargets, noise_levels: torch.Tensor,
                    mb: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -280,7 +266,7 @@ class RLRecipe(Recipe):
         x_t = tree.x_t[mb].to(self.adapter.dtype)
         c = cond[tree.prompt_idx[mb]]
         kwargs = dict(kind=cfg.sampling.sampler, noise_level=noise_levels[step].to(x_t.device), prev_sample=tree.x_next[mb],
-                      check=False)  # the rollout checked this schedule
+                      cps_log_prob=cfg.sampling.cps_log_prob, check=False)  # the rollout checked this schedule
         with acc.autocast():
             v = self.adapter.predict(x_t, sigma, c, cfg.sampling.guidance_scale)
         new = sde_step(v.float(), sigma, sigma_next, tree.x_t[mb], **kwargs)
@@ -289,7 +275,9 @@ class RLRecipe(Recipe):
             with torch.no_grad(), self.adapter.disable_adapter(), acc.autocast():
                 v_ref = self.adapter.predict(x_t, sigma, c, cfg.sampling.guidance_scale)
             ref = sde_step(v_ref.float(), sigma, sigma_next, tree.x_t[mb], **kwargs)
-            kl = kl_on_means(new.mean, ref.mean, new.std, check=False)
+            # algorithm.kl_form: exact, or Flow-GRPO's train_sd3.py form (exact x dt; losses.ppo.kl_form_scale)
+            scale = kl_form_scale(cfg.algorithm.kl_form, cfg.sampling.sampler, (sigma - sigma_next).to(new.std.device))
+            kl = kl_on_means(new.mean, ref.mean, new.std, scale=scale, check=False)
         weights = targets.weights[mb] if targets.weights is not None else None
         loss, metrics = ppo_clip_loss(new.log_prob, tree.log_prob_old[mb], targets.advantages[mb], clip_range=cfg.algorithm.clip_range,
                                       weights=weights, kl=kl, kl_beta=cfg.algorithm.kl_beta, check=False)

@@ -174,7 +174,8 @@ def rollout(
             std = torch.zeros(m, device=device)
             mean = x_next
         else:
-            out = sde_step(v, sigma, sigma_next, x, kind=spec.sampler, noise_level=a, generator=generator)
+            out = sde_step(v, sigma, sigma_next, x, kind=spec.sampler, noise_level=a, generator=generator,
+                           cps_log_prob=spec.cps_log_prob)
             x_next, log_prob, std, mean = out.prev_sample.float(), out.log_prob.float(), out.std.float(), out.mean.float()
 
         std = std.expand(m) if std.ndim == 0 else std.reshape(m)

@@ -25,7 +25,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Iterable
 
-from flowalign.samplers.steps import SDE_KINDS
+from flowalign.samplers.steps import CPS_LOG_PROBS, SDE_KINDS
 
 
 def _is_int(value: object) -> bool:
@@ -66,6 +66,8 @@ class BranchSpec:
             step whose noise level is 0 simply has no trainable edges (an ODE edge has no
             log-probability). Pruning never changes what is sampled.
         guidance_scale: classifier-free guidance scale passed to ``adapter.predict``.
+        cps_log_prob: the ``sde_step`` log-prob form of the ``"cps"`` sampler: ``"exact"`` or
+            ``"flow_grpo"`` (``sampling.cps_log_prob``; the update must rescore with the same).
 
     Lists (e.g. from an OmegaConf config) are accepted and stored as tuples.
     """
@@ -77,6 +79,7 @@ class BranchSpec:
     sampler: str = "flow_grpo"
     train_steps: tuple[int, ...] | None = None
     guidance_scale: float = 1.0
+    cps_log_prob: str = "exact"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -136,6 +139,9 @@ class BranchSpec:
         if not _is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
             raise ValueError(f"BranchSpec.guidance_scale must be a finite number, got {self.guidance_scale!r}")
         set_("guidance_scale", float(self.guidance_scale))
+
+        if not isinstance(self.cps_log_prob, str) or self.cps_log_prob not in CPS_LOG_PROBS:
+            raise ValueError(f"BranchSpec.cps_log_prob must be one of {CPS_LOG_PROBS}, got {self.cps_log_prob!r}")
 
     # -- derived quantities ---------------------------------------------------------------------
     @property

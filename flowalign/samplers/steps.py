@@ -25,9 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SDE_KINDS", "StepOutput", "gaussian_log_prob", "ode_step", "sde_step", "ddim_step"]
+__all__ = ["CPS_LOG_PROBS", "SDE_KINDS", "StepOutput", "cps_flow_grpo_log_prob", "gaussian_log_prob", "ode_step", "sde_step",
+           "ddim_step"]
 
 SDE_KINDS = ("flow_grpo", "dance", "cps")
+#: forms of the CPS transition log-prob (``sampling.cps_log_prob``)
+CPS_LOG_PROBS = ("exact", "flow_grpo")
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -168,6 +171,19 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor, *, check: bo
     return torch.where(positive, per_sample, torch.zeros_like(per_sample))
 
 
+def cps_flow_grpo_log_prob(x: Tensor, mean: Tensor) -> Tensor:
+    """Flow-GRPO's CPS "log-prob": ``-mean((x - mean)^2)`` over the non-batch dims (fp32, ``[B]``).
+
+    The reference's ``sde_type == "cps"`` branch (``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``;
+    IamCreateAI/FlowCPS @ b402c7a, line 67, ``# remove all constants``) drops ``-log std - log sqrt(2 pi)``
+    and the ``1 / (2 std^2)`` factor of the Gaussian log-density, so its policy ratios are the exact
+    ones raised to the power ``2 std^2``. Not a density: only differences of it (ratios) are used.
+    """
+    _check_latent("x", x)
+    _check_latent("mean", mean, like=x)
+    return -(x.float() - mean.float()).pow(2).reshape(x.shape[0], -1).mean(dim=1)
+
+
 # --------------------------------------------------------------------------------------------
 # flow-matching steps
 # --------------------------------------------------------------------------------------------
@@ -239,6 +255,7 @@ def sde_step(
     noise_level: float | Tensor,
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
+    cps_log_prob: str = "exact",
     check: bool = True,
 ) -> StepOutput:
     """One stochastic step of a flow-matching model and the log-density of its result.
@@ -273,6 +290,9 @@ def sde_step(
         noise_level: float or ``[B]``, ``>= 0`` (``a`` for flow_grpo / cps, ``eta`` for dance).
         generator: source of the noise; None uses the global RNG.
         prev_sample: ``[B, *latent]`` a previously sampled next latent to score instead of sampling.
+        cps_log_prob: ``kind="cps"`` only: ``"exact"`` (the Gaussian log-density) or ``"flow_grpo"``
+            (:func:`cps_flow_grpo_log_prob`, Flow-GRPO's constant-free form; 0 where the step is
+            deterministic). Rollout and update must use the same form (ratio exactly 1 on-policy).
         check: check the values of ``sigma``, ``sigma_next`` and ``noise_level`` (each check reads
             the device: a host sync). The trainer, which rescores transitions the rollout sampled
             (and checked) with the same schedule, passes ``False``; shapes and kinds are checked
@@ -283,6 +303,8 @@ def sde_step(
     """
     if kind not in SDE_KINDS:
         raise ValueError(f"unknown SDE kind={kind!r}; valid kinds are {', '.join(map(repr, SDE_KINDS))}")
+    if cps_log_prob not in CPS_LOG_PROBS:
+        raise ValueError(f"unknown cps_log_prob={cps_log_prob!r}; valid forms are {', '.join(map(repr, CPS_LOG_PROBS))}")
     _check_latent("sample", sample)
     _check_latent("model_output", model_output, like=sample)
     if prev_sample is not None:
@@ -307,7 +329,10 @@ def sde_step(
         prev = mean + _bcast(std, x.ndim) * noise  # == ode exactly where deterministic (std 0)
     else:
         prev = prev_sample.float()
-    log_prob = gaussian_log_prob(prev.detach(), mean, std, check=check)
+    if kind == "cps" and cps_log_prob == "flow_grpo":
+        log_prob = torch.where(std > 0, cps_flow_grpo_log_prob(prev.detach(), mean), torch.zeros_like(std))
+    else:
+        log_prob = gaussian_log_prob(prev.detach(), mean, std, check=check)
     return StepOutput(prev_sample=prev, log_prob=log_prob, mean=mean, std=std)
 
 
