@@ -96,10 +96,6 @@ class DLLMAlgorithm(Algorithm):
     steps_rule: ClassVar[str] = "gen_length"
     advantage: ClassVar[str] = ""
 
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.opts = self.options(cfg)
-
     # ------------------------------------------------------------------------------------------
     # defaults
     # ------------------------------------------------------------------------------------------

@@ -172,8 +172,7 @@ class FlowAlgorithm(Algorithm):
     std_eps = 1e-4
 
     def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.opts = self.options(cfg)
+        super().__init__(cfg)
         #: per-step SDE noise level a_t of the next rollouts
         self.noise_level_schedule = [cfg.sampling.noise_level] * cfg.sampling.num_steps
 

@@ -46,6 +46,11 @@ class Algorithm:
     Config: ClassVar[type | None] = None
     config_file: ClassVar[str] = ""
 
+    def __init__(self, cfg: Any):
+        """An instance runs one config: ``cfg`` and its own node ``opts`` (``None`` without a ``Config``)."""
+        self.cfg = cfg
+        self.opts = self.options(cfg)
+
     @classmethod
     def check(cls, cfg: Any, world_size: int) -> None:
         """Semantic checks of a config that runs this algorithm; raise ``ConfigError`` naming the key."""
