@@ -77,11 +77,22 @@ class SamplingConfig:
                                why="1 turns guidance off, > 1 strengthens the prompt")
     negative_prompt: str = _f("", "Negative prompt used for classifier-free guidance when guidance_scale > 1.")
     sde_window: list[int] | None = _f(None, "[start, end) steps that use the SDE, ODE elsewhere (MixGRPO, BranchGRPO-Mix); null = all steps.", ge=0)
-    timestep_fraction: float = _f(1.0, "Fraction of SDE steps trained (the first ones), as Flow-GRPO's timestep_fraction.", gt=0, le=1)
+    timestep_fraction: float = _f(1.0, "Fraction of SDE steps trained: the first int(#SDE steps x timestep_fraction), at least 1 "
+                                   "(Flow-GRPO's timestep_fraction and its rounding: 10 steps x 0.99 -> 9).", gt=0, le=1)
     cps_log_prob: str = _f("exact", "sampler cps: the transition log-prob of rollout and update. exact = the Gaussian "
                                     "log-density (mean over latent dims); flow_grpo = Flow-GRPO's -mean((x - mean)^2) with "
                                     "constants and the 1/(2 std^2) factor removed (docs/FIDELITY.md).",
                            choices=("exact", "flow_grpo"))
+    train_steps: str = _f("first", "Which SDE steps are trained: first = the first int(#SDE steps x timestep_fraction), the same for "
+                                   "every sample (Flow-GRPO); random_subset = DanceGRPO's: the last SDE step is never trained and "
+                                   "each sample trains its own random int((#SDE steps - 1) x timestep_fraction) of the others "
+                                   "(a flat group only; drawn from the ('train_steps', iteration, rank) stream).",
+                          choices=("first", "random_subset"))
+    init_same_noise: bool = _f(False, "One initial noise shared by the whole group of a prompt (DanceGRPO's --init_same_noise); "
+                                      "false = independent noises (Flow-GRPO).")
+    final_sample: str = _f("sde", "What is decoded and rewarded: sde = the sample after the last SDE step (Flow-GRPO); "
+                                  "predicted_x0 = the last step's prediction x - sigma v (DanceGRPO).",
+                           choices=("sde", "predicted_x0"))
 
 
 @dataclass
@@ -101,11 +112,11 @@ class AlgorithmBase:
                                "equal to exact for cps). Use flow_grpo with a kl_beta copied from Flow-GRPO (docs/FIDELITY.md).",
                       choices=("exact", "flow_grpo"))
     std_estimator: str | None = _f(None, "Std of the advantage normalisation (std_mode group / global): population (ddof 0, "
-                                         "Flow-GRPO) | unbiased (ddof 1, DanceGRPO / MixGRPO / Pref-GRPO / BranchGRPO); "
+                                         "Flow-GRPO) | unbiased (ddof 1, DanceGRPO / MixGRPO / Pref-GRPO / BranchGRPO / GDPO's multi-reward); "
                                          "null = the algorithm's reference. Used by the group-normalising estimators (grpo, mix_grpo, "
-                                         "pref_grpo, branch_grpo); the others keep their own.", choices=("population", "unbiased"))
+                                         "pref_grpo, branch_grpo, multi_reward); the others keep their own.", choices=("population", "unbiased"))
     std_eps: float | None = _f(None, "Added to the std of the advantage normalisation (Flow-GRPO 1e-4; DanceGRPO / MixGRPO / "
-                                     "Pref-GRPO / BranchGRPO 1e-8); null = the algorithm's reference.", ge=0)
+                                     "Pref-GRPO / BranchGRPO 1e-8; GDPO's multi-reward 1e-4); null = the algorithm's reference.", ge=0)
     ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).", gt=0)
 
 

@@ -54,6 +54,27 @@ def check_algorithm_nodes(algorithm: Any, name: str) -> None:
                                   f"algorithm is {name!r}; set algorithm.name={f.name} or remove the key")
 
 
+def _check_flat_rollout_options(cfg: RLConfig, algorithm: Any) -> None:
+    """DanceGRPO's rollout options (``sampling.train_steps: random_subset``, ``init_same_noise``,
+    ``final_sample: predicted_x0``) shape the flat groups of :meth:`FlowAlgorithm.rollout_spec`; an
+    algorithm that builds its own rollouts (TempFlow-GRPO) would ignore them, and a per-sample step
+    subset has no meaning on shared-prefix trees (BranchGRPO's splits)."""
+    from flowalign.algorithms.flow import FlowAlgorithm
+
+    s = cfg.sampling
+    if not issubclass(algorithm, FlowAlgorithm):
+        return
+    used = [key for key, on in (("sampling.train_steps", s.train_steps != "first"),
+                                ("sampling.init_same_noise", bool(s.init_same_noise)),
+                                ("sampling.final_sample", s.final_sample != "sde")) if on]
+    if used and algorithm.rollout_spec is not FlowAlgorithm.rollout_spec:
+        _require(False, used[0], f"{algorithm.name} builds its own rollouts and would ignore {', '.join(used)}; "
+                                 "these DanceGRPO options apply to flat groups (grpo, mix_grpo, dense_grpo, ...)")
+    if s.train_steps == "random_subset":
+        _require(algorithm.splits is FlowAlgorithm.splits, "sampling.train_steps",
+                 f"random_subset draws steps per sample of a flat group; {algorithm.name} samples shared-prefix trees")
+
+
 def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int = 1) -> None:
     """Semantic checks that types cannot express; each error names its key."""
     from flowalign.algorithms import get_algorithm
@@ -71,6 +92,7 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
     _require(s.group_size % world_size == 0, "sampling.group_size",
              f"group_size={s.group_size} must be divisible by the number of processes ({world_size}): each rank samples group_size / world_size per prompt")
     algorithm.check(cfg, world_size)
+    _check_flat_rollout_options(cfg, algorithm)
     per_sample, unit = algorithm.trained_units(cfg)
     trained_per_rank = cfg.data.prompts_per_iter * (s.group_size // world_size) * per_sample
     _require(trained_per_rank >= t.steps_per_iter, "train.steps_per_iter",

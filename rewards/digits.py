@@ -7,7 +7,10 @@
   with Platt-scaled probabilities) fitted on scikit-learn's 8x8 digits with their correct labels.
   The policy never trains on it: where reward and judge disagree, the policy hacked the CNN.
 
-Both take media ``[B, 3, H, W]`` in [0, 1] (grey = channel mean) and the target digit from
+* :class:`DigitPairwiseJudge` / :class:`DigitAspectJudge` -- scripted pairwise judges for Pref-GRPO;
+  the second also gives verdicts per dimension (correctness, sharpness, centering).
+
+All take media ``[B, 3, H, W]`` in [0, 1] (grey = channel mean) and the target digit from
 ``metadata[i]["digit"]`` when given, else from the prompt (:func:`flowalign.data.digits.parse_digit`).
 """
 
@@ -208,3 +211,49 @@ class DigitPairwiseJudge:
         p_a = self.classifier(media_a, prompts).scores.float()
         p_b = self.classifier(media_b, prompts).scores.float()
         return torch.sigmoid((p_a - p_b) / self.temperature)
+
+
+class DigitAspectJudge(DigitPairwiseJudge):
+    """:class:`DigitPairwiseJudge` with verdicts per dimension, the toy counterpart of Pref-GRPO's
+    UnifiedReward-Flex categories (CodeGoat24/Pref-GRPO @ 3e787f6, ``fastvideo/rewards/unifiedreward_flex.py``;
+    protocol: :data:`flowalign.rewards.groupwise.DIMENSIONS_PROTOCOL`).
+
+    The overall verdict is :class:`DigitPairwiseJudge`'s (which image the CNN finds more like the
+    prompted digit), so without the dimensions this judge trains exactly as that one. The dimensions,
+    each a Bradley-Terry verdict ``sigmoid((s_a − s_b) / temperature)`` on its own score ``s`` in [0, 1]
+    (equal scores tie at ½):
+
+    * ``correctness`` -- 1 if the CNN's most likely digit is the prompted one, else 0 (a pass / fail
+      verdict: two correct or two wrong images tie, unlike the graded overall verdict);
+    * ``sharpness`` -- mean ``|2g − 1|`` over the grey image ``g``: 1 for pure black and white strokes,
+      0 for uniform mid-grey blur;
+    * ``centering`` -- ``1 − d / d_max``, ``d`` the distance of the ink's centre of mass (grey as mass)
+      from the image centre, ``d_max`` the centre-to-corner distance (an image without ink scores 0).
+    """
+
+    name = "digit_aspects"
+    dimensions = ("correctness", "sharpness", "centering")
+
+    def aspect_scores(self, media: Tensor, prompts: Sequence[str]) -> Tensor:
+        """``[B, 3]`` the scores of the three dimensions, in [0, 1]."""
+        out = self.classifier(media, prompts)
+        correct = out.components["accuracy"].float().cpu()
+        grey = media.detach().float().mean(dim=1).cpu()  # [B, H, W]
+        sharp = (2 * grey - 1).abs().flatten(1).mean(1)
+        height, width = grey.shape[-2:]
+        ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+        xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+        mass = grey.flatten(1).sum(1)
+        cy = (grey * ys).flatten(1).sum(1) / mass.clamp_min(1e-12)
+        cx = (grey * xs).flatten(1).sum(1) / mass.clamp_min(1e-12)
+        d_max = ((height - 1) ** 2 / 4 + (width - 1) ** 2 / 4) ** 0.5
+        dist = ((cy - (height - 1) / 2) ** 2 + (cx - (width - 1) / 2) ** 2).sqrt()
+        centred = torch.where(mass > 0, 1 - dist / max(d_max, 1e-12), torch.zeros_like(dist)).clamp(0, 1)
+        return torch.stack([correct, sharp, centred], dim=1)
+
+    @torch.no_grad()
+    def compare_dimensions(self, media_a: Tensor, media_b: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(P(a ≻ b) [P], per-dimension P(a ≻ b) [P, 3])`` for image pairs ``[P, 3, H, W]``."""
+        overall = self.compare(media_a, media_b, prompts)
+        diff = self.aspect_scores(media_a, prompts) - self.aspect_scores(media_b, prompts)
+        return overall, torch.sigmoid(diff / self.temperature)

@@ -12,6 +12,8 @@ its win rate ``(1 / (G - 1)) Σ_{j≠i} 1[x_i ≻ x_j]``; a tie counts one half)
   diversity bonus to add to a task reward).
 * :class:`PairwiseAsPointwise` wraps a pairwise judge (``compare(media_a, media_b, prompts) -> P(a ≻ b)``)
   into per-sample win rates over all pairs of a group; failed comparisons count ½, as in Pref-GRPO.
+  A judge may also give verdicts per dimension (:data:`DIMENSIONS_PROTOCOL`); the wrapper then
+  reports each dimension's win rate as a component, which ``pref_grpo`` blends with the overall one.
 
 Groups come from ``metadata[i][group_key]`` (any hashable id) or, without it, from consecutive
 chunks of ``group_size`` samples (the recipe's layout: prompt-major, G samples per prompt).
@@ -26,7 +28,19 @@ from torch import Tensor
 
 from .base import RewardOutput, as_reward_output
 
-__all__ = ["group_ids", "win_rates", "GroupwiseRank", "PairwiseAsPointwise", "GroupDiversity"]
+__all__ = ["group_ids", "win_rates", "GroupwiseRank", "PairwiseAsPointwise", "GroupDiversity", "OVERALL",
+           "DIM_PREFIX", "DIM_COUNT_PREFIX", "judge_dimensions"]
+
+#: component names of a dimensioned judge's win rates (see :class:`PairwiseAsPointwise`)
+OVERALL, DIM_PREFIX, DIM_COUNT_PREFIX = "overall", "dim/", "dim_n/"
+
+DIMENSIONS_PROTOCOL = """\
+Optional per-dimension protocol of a pairwise judge (Pref-GRPO's UnifiedReward-Flex categories,
+CodeGoat24/Pref-GRPO @ 3e787f6, fastvideo/rewards/unifiedreward_flex.py lines 110-169): the judge has
+``dimensions``, a non-empty tuple of distinct names, and ``compare_dimensions(media_a, media_b, prompts)``
+returning ``(overall, per_dim)``: ``overall`` what ``compare`` returns (P(a ≻ b) [P], a tensor or a
+RewardOutput whose ``valid`` marks failures) and ``per_dim`` a [P, D] float tensor, P(a ≻ b) in each
+dimension (½ a tie, NaN no verdict in that dimension). A judge without ``dimensions`` is asked ``compare`` only."""
 
 
 def group_ids(batch: int, group_size: int | None, metadata: Sequence[dict[str, Any]] | None,
@@ -69,6 +83,21 @@ def win_rates(scores: Tensor, groups: Tensor, valid: Tensor | None = None) -> Te
     others = same.sum(1)
     out = torch.where(others > 0, wins / others.clamp(min=1), torch.full_like(s, 0.5))
     return torch.where(v, out, torch.full_like(s, 0.5))
+
+
+def judge_dimensions(judge: Any) -> tuple[str, ...]:
+    """The dimension names of a pairwise judge (:data:`DIMENSIONS_PROTOCOL`); ``()`` for a judge without."""
+    dims = getattr(judge, "dimensions", None)
+    if not dims:
+        return ()
+    if isinstance(dims, str) or not all(isinstance(d, str) and d and "/" not in d for d in dims) \
+            or len(set(dims)) != len(dims):
+        raise ValueError(f"judge {type(judge).__name__}: dimensions must be distinct non-empty names without '/', "
+                         f"got {dims!r}")
+    if not callable(getattr(judge, "compare_dimensions", None)):
+        raise TypeError(f"judge {type(judge).__name__} declares dimensions {tuple(dims)} but has no "
+                        "compare_dimensions(media_a, media_b, prompts) -> (overall, per_dim [P, D])")
+    return tuple(dims)
 
 
 def _check_group_size(group_size: int | None) -> None:
@@ -127,6 +156,13 @@ class PairwiseAsPointwise:
         decision: ``"hard"`` (Pref-GRPO: a win is ``p > ½``, ``p = ½`` a tie) or ``"prob"`` (expected win ``p``).
         symmetric: also judge ``(b, a)`` and average ``p`` with ``1 − p(b, a)`` (cancels position bias).
         batch_size: pairs per ``compare`` call (None: all at once).
+
+    A judge with dimensions (:data:`DIMENSIONS_PROTOCOL`) adds the components ``overall`` (the overall
+    win rate, equal to ``scores``), ``dim/<name>`` (the win rate in each dimension, ½ where the sample
+    has no verdict in it) and ``dim_n/<name>`` (how many of its pairs had a verdict in it), by the same
+    ``decision`` and ``symmetric`` rules (:func:`flowalign.estimators.preference.dimension_win_rates`).
+    ``scores`` stay the overall win rates: ``pref_grpo`` blends in the dimensions
+    (``algorithm.pref_grpo.overall_weight`` / ``dim_weight`` / ``dimension_weights`` / ``blend_on``).
     """
 
     def __init__(self, judge: Any, group_size: int | None = None, group_key: str = "group", decision: str = "hard",
@@ -143,15 +179,29 @@ class PairwiseAsPointwise:
         self.decision, self.symmetric, self.batch_size = decision, symmetric, batch_size
         self.name = f"{getattr(judge, 'name', type(judge).__name__)}_winrate"
         self.modality = getattr(judge, "modality", "image")
+        self.dimensions = judge_dimensions(judge)
 
-    def _judge(self, media: Tensor, a: Tensor, b: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """``(p [P], ok [P])`` for pairs ``(a[k], b[k])``, chunked by ``batch_size``."""
+    def _judge(self, media: Tensor, a: Tensor, b: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(p [P], ok [P], dims [P, D])`` for pairs ``(a[k], b[k])``, chunked by ``batch_size``
+        (``D = 0`` for a judge without dimensions; NaN: no verdict in that dimension)."""
         step = self.batch_size or max(len(a), 1)
+        n_dims = len(self.dimensions)
         ps, oks = [torch.zeros(0)], [torch.zeros(0, dtype=torch.bool)]  # no pairs (groups of one): empty results
+        dims = [torch.zeros(0, n_dims)]
         for k in range(0, len(a), step):
             ia, ib = a[k:k + step], b[k:k + step]
-            out = as_reward_output(self.judge.compare(media[ia.to(media.device)], media[ib.to(media.device)],
-                                                      [prompts[i] for i in ia.tolist()]))
+            args = (media[ia.to(media.device)], media[ib.to(media.device)], [prompts[i] for i in ia.tolist()])
+            if n_dims:
+                overall, per_dim = self.judge.compare_dimensions(*args)
+                d = torch.as_tensor(per_dim).detach().float().cpu()
+                if d.shape != (len(ia), n_dims):
+                    raise ValueError(f"judge {self.name}: compare_dimensions returned per-dimension verdicts of shape "
+                                     f"{tuple(d.shape)} for {len(ia)} pairs and dimensions {self.dimensions}")
+                d = torch.where(torch.isfinite(d) & (d >= 0) & (d <= 1), d, torch.full_like(d, float("nan")))
+                dims.append(d)
+            else:
+                overall = self.judge.compare(*args)
+            out = as_reward_output(overall)
             p = out.scores.detach().float().cpu()
             if p.shape != ia.shape:
                 raise ValueError(f"judge {self.name}: compare returned shape {tuple(p.shape)} for {len(ia)} pairs")
@@ -160,7 +210,7 @@ class PairwiseAsPointwise:
                 ok &= out.valid.cpu().bool()
             ps.append(torch.where(ok, p, torch.full_like(p, 0.5)))
             oks.append(ok)
-        return torch.cat(ps), torch.cat(oks)
+        return torch.cat(ps), torch.cat(oks), torch.cat(dims)
 
     def __call__(self, media: Tensor, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
                  ) -> RewardOutput:
@@ -172,12 +222,14 @@ class PairwiseAsPointwise:
         a, b = torch.triu_indices(batch, batch, offset=1)
         keep = groups[a] == groups[b]
         a, b = a[keep], b[keep]
-        p, ok = self._judge(media, a, b, prompts)
+        p, ok, dims = self._judge(media, a, b, prompts)
         if self.symmetric:
-            p_rev, ok_rev = self._judge(media, b, a, prompts)
+            p_rev, ok_rev, dims_rev = self._judge(media, b, a, prompts)
             both = ok & ok_rev
             p = torch.where(both, (p + 1 - p_rev) / 2, torch.where(ok_rev, 1 - p_rev, p))
             ok = ok | ok_rev
+            # per dimension the same: the mean of the orders that gave a verdict (NaN if neither did)
+            dims = torch.stack([dims, 1 - dims_rev]).nanmean(0)
         w = p if self.decision == "prob" else (p > 0.5).float() + 0.5 * (p == 0.5).float()
         w = torch.where(ok, w, torch.full_like(w, 0.5))  # Pref-GRPO: ties / failures count ½
         wins = torch.zeros(batch).index_add_(0, a, w).index_add_(0, b, 1 - w)
@@ -187,7 +239,16 @@ class PairwiseAsPointwise:
         failed_frac = torch.where(count > 0, failed / count.clamp(min=1), torch.zeros(batch))
         valid = (count == 0) | (failed < count)  # invalid only if every comparison of the sample failed
         dev = media.device
-        return RewardOutput(scores=scores.to(dev), components={"failed_frac": failed_frac.to(dev)}, valid=valid.to(dev))
+        components = {"failed_frac": failed_frac.to(dev)}
+        if self.dimensions:
+            from flowalign.estimators.preference import dimension_win_rates
+
+            rates, counts = dimension_win_rates(a, b, dims, batch, decision=self.decision)
+            components[OVERALL] = scores.to(dev)
+            for k, name in enumerate(self.dimensions):
+                components[DIM_PREFIX + name] = rates[:, k].to(dev)
+                components[DIM_COUNT_PREFIX + name] = counts[:, k].to(dev)
+        return RewardOutput(scores=scores.to(dev), components=components, valid=valid.to(dev))
 
 
 class GroupDiversity:

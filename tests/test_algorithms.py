@@ -27,30 +27,45 @@ ALGORITHM_CONFIGS = ["branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_
 # MixGRPO window schedules
 # ------------------------------------------------------------------------------------------------
 def test_progressive_window_hand_example():
-    # T = 6, w = 3: starts 0..3, 2 iterations each, then roll back
+    # T = 6, w = 3: starts 0..3, 2 iterations each, then roll back. Default geometry (MixGRPO's,
+    # window_end="reference"): windows cut at T - 2 = 4 -> [0,3) [1,4) [2,4) [3,4); "full": [2,5) [3,6)
     starts = [mix_window(i, 6, strategy="progressive", size=3, shift_every=2)[0] for i in range(10)]
     assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
-    assert mix_window(5, 6, strategy="progressive", size=3, shift_every=2) == (2, 5)
+    assert [mix_window(i, 6, strategy="progressive", size=3, shift_every=2, window_end="full")[0] for i in range(10)] == starts
+    assert mix_window(5, 6, strategy="progressive", size=3, shift_every=2) == (2, 4)
+    assert mix_window(5, 6, strategy="progressive", size=3, shift_every=2, window_end="full") == (2, 5)
     stay = [mix_window(i, 6, strategy="progressive", size=3, shift_every=2, roll_back=False)[0] for i in range(10)]
     assert stay == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
-    assert [mix_window(i, 6, strategy="progressive", size=2, shift_every=1, stride=2)[0] for i in range(4)] == [0, 2, 4, 0]
+    # stride 2: the reference's cursor 4 = T - 2 has an empty window and is skipped; "full" goes to 4
+    assert [mix_window(i, 6, strategy="progressive", size=2, shift_every=1, stride=2)[0] for i in range(4)] == [0, 2, 0, 2]
+    assert [mix_window(i, 6, strategy="progressive", size=2, shift_every=1, stride=2, window_end="full")[0]
+            for i in range(4)] == [0, 2, 4, 0]
 
 
 def test_decay_windows_spend_fewer_iterations_on_later_positions():
-    # linear decay from 4 (start 0) to 1 (last start 3): intervals 4, 3, 2, 1
-    starts = [mix_window(i, 5, strategy="decay", size=2, shift_every=4, min_shift_every=1)[0] for i in range(11)]
+    # geometry "full", decay from shift_every (max_shift_every=None): linear decay from 4 (start 0) to 1
+    # (last start 3): intervals 4, 3, 2, 1 (the reference geometry: tests/test_fidelity_mix_window.py)
+    starts = [mix_window(i, 5, strategy="decay", size=2, shift_every=4, min_shift_every=1, window_end="full",
+                         max_shift_every=None)[0] for i in range(11)]
     assert starts == [0] * 4 + [1] * 3 + [2] * 2 + [3] + [0]
-    # exponential: round(8 exp(-1 * max(0, s - 1))) = 8, 8, 3, 1 (floored at min 1)
+    # exponential, MixGRPO's ceil (grpo_states.py line 83): ceil(8 exp(-1 * max(0, s - 1))) = 8, 8, 3, 2
     starts = [mix_window(i, 4, strategy="exp_decay", size=1, shift_every=8, min_shift_every=1, decay_rate=1.0,
-                         decay_start=1)[0] for i in range(20)]
-    expected = [round(8 * math.exp(-max(0, s - 1))) for s in range(4)]
-    assert expected == [8, 8, 3, 1] and starts == [0] * 8 + [1] * 8 + [2] * 3 + [3]
+                         decay_start=1, window_end="full")[0] for i in range(21)]
+    expected = [math.ceil(8 * math.exp(-max(0, s - 1))) for s in range(4)]
+    assert expected == [8, 8, 3, 2] and starts == [0] * 8 + [1] * 8 + [2] * 3 + [3] * 2
+    # the former rounding, still offered: round(...) = 8, 8, 3, 1
+    starts = [mix_window(i, 4, strategy="exp_decay", size=1, shift_every=8, min_shift_every=1, decay_rate=1.0,
+                         decay_start=1, rounding="round", window_end="full")[0] for i in range(20)]
+    assert starts == [0] * 8 + [1] * 8 + [2] * 3 + [3]
 
 
 def test_random_window_is_reproducible_and_in_range():
-    draw = lambda seed: mix_window(0, 10, strategy="random", size=4, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed, end="reference": mix_window(0, 10, strategy="random", size=4, window_end=end,  # noqa: E731
+                                                    generator=torch.Generator().manual_seed(seed))
     assert draw(3) == draw(3)
-    assert {draw(s)[0] for s in range(60)} == set(range(7))
+    # MixGRPO: rng.integers(0, max_timesteps - group_size + 1) with max_timesteps = T - 2 = 8 -> starts 0..4
+    assert {draw(s)[0] for s in range(60)} == set(range(5)) and all(e - s == 4 for s, e in map(draw, range(20)))
+    assert {draw(s, "full")[0] for s in range(60)} == set(range(7))
     with pytest.raises(ValueError, match="window size"):
         mix_window(0, 3, strategy="progressive", size=4)
     with pytest.raises(ValueError, match="unknown window strategy"):
@@ -239,7 +254,8 @@ def test_every_algorithm_runs_two_iterations_on_policy(name, tmp_path, monkeypat
 
 
 def test_tempflow_noise_aware_weights_scale_the_loss(tmp_path, monkeypatch):
-    """The iteration's loss is scaled by its branch step's std·√Δ relative to the schedule's mean."""
+    """The iteration's loss is scaled by its branch step's std·√Δ relative to the schedule's mean over steps
+    0..T-2 (TempFlow-GRPO's 2.25 = 1 / that mean; tests/test_fidelity_multi_tempflow.py)."""
     from flowalign.recipes.rl import RLRecipe
 
     monkeypatch.chdir(REPO)
@@ -248,9 +264,9 @@ def test_tempflow_noise_aware_weights_scale_the_loss(tmp_path, monkeypatch):
     recipe.setup()
     try:
         sigmas = recipe.adapter.sigmas(10)
-        sig, nxt = sigmas[:6], sigmas[1:7]
+        sig, nxt = sigmas[:9], sigmas[1:10]
         stds = 0.7 * torch.sqrt(sig / (1 - torch.where(sig == 1, sigmas[1], sig))) * torch.sqrt(sig - nxt)  # Flow-GRPO std
-        expected = noise_aware_weights(stds)
+        expected = noise_aware_weights(stds)[:6]  # normalised over every branchable step 0..8, branch_steps 0..5 trained
         from flowalign.rollout import rollout
 
         weights = []

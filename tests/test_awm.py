@@ -195,14 +195,17 @@ def test_awm_draws_are_reproducible():
     from flowalign.recipes.awm import awm_draws
     from flowalign.training.rng import stream_generator
 
-    a = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 3, 0))
-    b = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 3, 0))
-    c = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 4, 0))
+    grid = torch.linspace(1.0, 0.0, 11)  # a 10-step rollout grid
+    a = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 3, 0), grid=grid)
+    b = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 3, 0), grid=grid)
+    c = awm_draws(6, (1, 2, 2), stream_generator(0, "awm", 4, 0), grid=grid)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[2], c[2])
     order, sigma, noise = a
-    assert sorted(order.tolist()) == list(range(6)) and bool(((sigma >= 0) & (sigma < 1)).all())
-    assert noise.shape == (6, 1, 2, 2)
+    # the reference's defaults: 6 times per leaf on the grid, steps 1 .. int(10 x 0.9) = 9 excluded
+    assert sorted(order.tolist()) == list(range(6)) and sigma.shape == (6, 6)
+    assert bool(((sigma <= grid[1]) & (sigma > grid[9])).all())
+    assert noise.shape == (6, 6, 1, 2, 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_algorithm_defaults_are_defaults_that_explicit_settings_override():
     cfg = DLLMConfig()
     cfg.algorithm.name = "cj_grpo"
     r = cfg.resolved()
-    assert (r.sampling.step_schedule, r.sampling.eos_early_rejection, r.sampling.steps) == ("ascending", 0.6, 3)
+    assert (r.sampling.step_schedule, r.sampling.eos_early_rejection, r.sampling.steps) == ("ascending", 0.99, 2)
     cfg.sampling.step_schedule, cfg.sampling.steps, cfg.sampling.eos_early_rejection = "uniform", 5, 0.0
     r = cfg.resolved()
     assert (r.sampling.step_schedule, r.sampling.eos_early_rejection, r.sampling.steps) == ("uniform", 0.0, 5)

@@ -93,8 +93,11 @@ def test_igpo_hints_only_all_wrong_groups_and_keep_the_reference_prefix(tmp_path
     from flowalign.recipes.dllm_rl import DLLMRecipe
 
     monkeypatch.chdir(REPO)
-    cfg = load_config({"recipe": "dllm", "algorithm": {"name": "igpo", "igpo": {"hinted_rollouts": 0.5}}},
-                      {k: v for k, v in tiny_overrides(tmp_path).items()})
+    # replacement=all, hint tokens never trained: every re-decode replaces its original (the
+    # correct-only default is tested in tests/test_fidelity_igpo.py)
+    cfg = load_config({"recipe": "dllm", "algorithm": {"name": "igpo", "igpo": {
+        "hinted_rollouts": 0.5, "replacement": "all", "hint_entropy_top": 0.0}}},
+        {k: v for k, v in tiny_overrides(tmp_path).items()})
     assert isinstance(cfg, DLLMConfig)
     recipe = DLLMRecipe(cfg)
     recipe.setup()
@@ -215,7 +218,8 @@ def test_on_policy_check_runs_before_the_first_optimizer_step_and_once_per_updat
     from flowalign.recipes.dllm_rl import DLLMRecipe
 
     monkeypatch.chdir(REPO)
-    cfg = load_config("configs/dllm/quickstart.yaml", tiny_overrides(tmp_path, **{"sampling.prompts_per_iter": 4}))
+    cfg = load_config("configs/dllm/quickstart.yaml", tiny_overrides(tmp_path, **{"sampling.prompts_per_iter": 4,
+                                                                          "algorithm.inner_steps": 4}))
     recipe = DLLMRecipe(cfg, rewards=digit_credit)
     recipe.setup()
     try:
@@ -254,6 +258,8 @@ def test_two_process_run_keeps_ranks_in_lockstep_when_one_has_no_rows(tmp_path):
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flowalign", "train",
            os.path.join(REPO, "configs", "dllm", "quickstart.yaml"), f"output_dir={out_dir}", "train.iterations=4",
            "sampling.prompts_per_iter=2", "eval.max_examples=20", "eval.every=0", "logging.progress=false",
+           # without a KL term a group with no reward spread has no row to train (d1's beta 0.04 trains every row)
+           "algorithm.kl_beta=0",
            "logging.tensorboard=false"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]

@@ -100,7 +100,8 @@ def test_eos_factor_rises_linearly_to_one():
     assert gammas == pytest.approx([0.4, 0.55, 0.7, 0.85, 1.0])
     assert eos_confidence_factor(0, SamplingSpec(gen_length=8, steps=5)) == 1.0
     asc = SamplingSpec(gen_length=7, steps=3, step_schedule="ascending", eos_early_rejection=0.5)
-    assert [eos_confidence_factor(s, asc) for s in range(3)] == pytest.approx([0.5 + 0.5 / 7, 0.5 + 0.5 * 3 / 7, 1.0])
+    # the CJ-GRPO reference's ass_sampling: progress (2^(s+1) - 1) / 2^S, S the total steps
+    assert [eos_confidence_factor(s, asc) for s in range(3)] == pytest.approx([0.5 + 0.5 / 8, 0.5 + 0.5 * 3 / 8, 0.5 + 0.5 * 7 / 8])
 
 
 @pytest.mark.parametrize(

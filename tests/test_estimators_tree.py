@@ -100,12 +100,14 @@ def test_fuse_mean_hand_worked():
     assert torch.allclose(v, edge_advantages(R, LEAF_EDGES, E), atol=1e-6)
 
 
-def test_fuse_logprob_softmax_hand_worked():
+def test_fuse_path_logprob_softmax_hand_worked():
+    # flowalign's earlier whole-path softmax, kept as fusion="path_logprob_softmax" (the reference's
+    # bottom-up form is "logprob_softmax": tests/test_fidelity_branch.py).
     # Path log-probs: ln 3 on the step-3 edges of even leaves, 0 elsewhere, so within a pair the
     # even leaf weighs 3/4 and the odd one 1/4; over a quad (even, odd, even, odd) -> 3/8, 1/8, 3/8, 1/8.
     logp = torch.zeros(E)
     logp[14 + torch.arange(0, 16, 2)] = math.log(3.0)
-    v = fuse_node_rewards(parts(log_prob_old=logp), R, mode="logprob_softmax")
+    v = fuse_node_rewards(parts(log_prob_old=logp), R, mode="path_logprob_softmax")
     step2 = [0.75 * R[2 * j] + 0.25 * R[2 * j + 1] for j in range(8)]
     assert torch.allclose(v[6:14], torch.tensor([1.5, 0.5, 5.0, 5.0, 2.0, 4.5, 8.5, 1.0]))
     assert torch.allclose(v[6:14], torch.stack(step2))
@@ -113,12 +115,12 @@ def test_fuse_logprob_softmax_hand_worked():
     assert torch.allclose(v[14:], R)  # a leaf's own value is its reward
     assert torch.allclose(v.double(), loop_fuse(LEAF_EDGES, R, E, logp), atol=1e-6)
     # temperature 2: the even leaf's weight is sqrt(3) / (sqrt(3) + 1)
-    v2 = fuse_node_rewards(parts(log_prob_old=logp), R, mode="logprob_softmax", temperature=2.0)
+    v2 = fuse_node_rewards(parts(log_prob_old=logp), R, mode="path_logprob_softmax", temperature=2.0)
     w = math.sqrt(3) / (math.sqrt(3) + 1)
     assert torch.allclose(v2[6], torch.tensor(w * 1 + (1 - w) * 3))
     assert torch.allclose(v2.double(), loop_fuse(LEAF_EDGES, R, E, logp, 2.0), atol=1e-6)
     # Equal path log-probs -> uniform weights -> the mean fusion.
-    same = fuse_node_rewards(parts(log_prob_old=torch.full((E,), -2.0)), R, mode="logprob_softmax")
+    same = fuse_node_rewards(parts(log_prob_old=torch.full((E,), -2.0)), R, mode="path_logprob_softmax")
     assert torch.allclose(same, fuse_node_rewards(parts(), R))
 
 
@@ -126,19 +128,19 @@ def test_fuse_logprob_shared_prefix_cancels():
     # A constant added to an ancestor edge's log-prob shifts every descendant path equally: no change.
     g = torch.Generator().manual_seed(0)
     logp = torch.randn(E, generator=g)
-    base = fuse_node_rewards(parts(log_prob_old=logp), R, mode="logprob_softmax")
+    base = fuse_node_rewards(parts(log_prob_old=logp), R, mode="path_logprob_softmax")
     shifted = logp.clone()
     shifted[0] += 50.0  # edge 0 is on the path of every leaf under itself: cancels everywhere
     shifted[3] -= 7.0  # edge 3 is shared by all leaves of the nodes under it: only its ancestor 0 moves
-    out = fuse_node_rewards(parts(log_prob_old=shifted), R, mode="logprob_softmax")
+    out = fuse_node_rewards(parts(log_prob_old=shifted), R, mode="path_logprob_softmax")
     assert torch.allclose(out[1:], base[1:], atol=1e-6)
     assert not torch.allclose(out[0], base[0])
     # ...but changing a leaf edge's log-prob does change its ancestors' values.
     moved = logp.clone()
     moved[14] += 3.0
-    assert not torch.allclose(fuse_node_rewards(parts(log_prob_old=moved), R, mode="logprob_softmax")[6], base[6])
+    assert not torch.allclose(fuse_node_rewards(parts(log_prob_old=moved), R, mode="path_logprob_softmax")[6], base[6])
     # Extreme log-probs stay finite (per-node max subtraction).
-    big = fuse_node_rewards(parts(log_prob_old=logp * 1e4), R, mode="logprob_softmax")
+    big = fuse_node_rewards(parts(log_prob_old=logp * 1e4), R, mode="path_logprob_softmax")
     assert torch.isfinite(big).all()
 
 
@@ -334,7 +336,7 @@ def test_branchgrpo_on_real_rollout_tree(toy):
     r = tree.leaf_latents.flatten(1).mean(1)  # a real per-leaf score
     groups = edge_group_ids(tree)
     assert torch.equal(groups, torch.tensor([5, 9])[tree.prompt_idx])
-    for mode in ("mean", "logprob_softmax"):
+    for mode in ("mean", "path_logprob_softmax"):
         v = fuse_node_rewards(tree, r, mode=mode)
         logp = tree.log_prob_old if mode != "mean" else None
         assert torch.allclose(v.double(), loop_fuse(tree.leaf_edges, r, E, logp), atol=1e-5), mode

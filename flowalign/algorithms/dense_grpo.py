@@ -4,6 +4,11 @@ Before each step the latent is carried to a clean image by the ODE and scored (E
 step is trained with its own reward gain ``ΔR_t`` (Eq. 7) between the look-aheads before and after
 it, normalised per timestep within the prompt's group (Eq. 10). Optionally (Alg. 1) each step's
 noise level ψ(t) is calibrated from the gains' balance every iteration.
+
+A prompt's group spans ranks (each rank samples ``group_size / world`` of it), so the look-ahead
+tables of every rank are gathered first: Eq. 10's group statistics and Algorithm 1's counts pool
+all of the iteration's trajectories (the paper counts "all sampled trajectories"), and every rank
+computes the same ψ(t) from the same gathered table. With one process nothing changes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class DenseGRPOConfig:
                                       "iteration and logged (the paper calibrates before training, then fixes it).")
     calibration_rate: float = _f(0.01, "psi(t) step per iteration (DenseGRPO's epsilon_2).", gt=0)
     calibration_margin: float = _f(2.0, "|#gains>0 - #gains<0| below this counts as balanced -> raise psi(t) (epsilon_1).", gt=0)
+    calibration_iterations: int = _f(0, "Calibrate psi(t) during the first N iterations only, then keep it fixed (the paper "
+                                        "calibrates, then trains with a fixed psi; its N is not given); 0 = every iteration.", ge=0)
 
 
 def lookahead_table(lookahead: Tensor, tree: RolloutTree, leaf_rewards: Tensor) -> Tensor:
@@ -61,10 +68,19 @@ def scored_lookahead_table(tree: RolloutTree, scored: ScoredRollout, ctx: Rollou
     return lookahead_table(lookahead, tree, rewards), rewards, nfe
 
 
-def dense_targets(table: Tensor, tree: RolloutTree, adv_clip: float) -> EdgeTargets:
-    """Each step's reward gain (Eq. 7) from the look-ahead ``table`` ``[L, T + 1]``, normalised per
-    timestep within the group (Eq. 10, clipped to ``adv_clip``; 0 = off), on the tree's edges."""
-    advantages = dense_step_advantages(table, tree.leaf_group, clip=adv_clip or None)
+def dense_targets(table: Tensor, tree: RolloutTree, adv_clip: float, scored: ScoredRollout | None = None) -> EdgeTargets:
+    """Each step's reward gain (Eq. 7) from the look-ahead table, normalised per timestep within the
+    group (Eq. 10, clipped to ``adv_clip``; 0 = off), on this rank's tree's edges.
+
+    Args:
+        table: ``[L, T + 1]`` this rank's table, or with ``scored`` the ``[world * L, T + 1]`` table
+            gathered from every rank in rank order (``scored.gather``), normalised over
+            ``scored.all_groups`` -- the whole group, whichever rank sampled its members.
+    """
+    groups = tree.leaf_group if scored is None else scored.all_groups
+    advantages = dense_step_advantages(table, groups, clip=adv_clip or None)  # [rows, T]
+    if scored is not None:
+        advantages = advantages.view(scored.world, -1, advantages.shape[1])[scored.rank]  # this rank's leaves
     return EdgeTargets(advantages=leaf_steps_to_edges(tree, advantages), trainable=tree.trainable.clone())
 
 
@@ -80,16 +96,28 @@ class DenseGRPO(FlowAlgorithm):
 
     def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
         table, _, nfe = scored_lookahead_table(tree, scored, ctx, self.opts.lookahead_steps, self.name)
-        targets = dense_targets(table, tree, self.cfg.algorithm.adv_clip)
+        targets = self.table_targets(table, tree, scored, iteration)
         targets.nfe = nfe
+        return targets
+
+    def table_targets(self, table: Tensor, tree: RolloutTree, scored: ScoredRollout, iteration: int) -> EdgeTargets:
+        """The targets from this rank's look-ahead ``table`` ``[L, T + 1]``: every rank's table is
+        gathered (``scored.gather``, the recipe's ``accelerator.gather``), the advantages normalised over
+        the whole groups and ψ(t) calibrated on all trajectories, the same on every rank."""
+        all_table = scored.gather(table)  # [world * L, T + 1], rank order (all_groups' order)
+        targets = dense_targets(all_table, tree, self.cfg.algorithm.adv_clip, scored)
         if self.opts.calibrate_noise:  # ψ(t) of the NEXT rollouts; this iteration's update uses the rollout's levels
-            targets.metrics = self.calibrate(table)
+            n = self.opts.calibration_iterations
+            if n == 0 or iteration < n:
+                self.calibrate(all_table)
+            targets.metrics = {f"rollout/noise_level_{t}": a for t, a in enumerate(self.noise_level_schedule)}
         return targets
 
     def calibrate(self, table: Tensor) -> dict[str, float]:
-        """Reward-aware exploration calibration (Algorithm 1) of the per-step noise level. ψ(t) is our
-        per-step noise level ``a_t``: the SDE std is ``a_t·√(σ/(1−σ))`` (Flow-GRPO) instead of Eq. 11's
-        ``σ_t = ψ(t)``, the same per-step degree of freedom (our choice)."""
+        """Reward-aware exploration calibration (Algorithm 1) of the per-step noise level from a
+        look-ahead table of ALL the iteration's trajectories (every rank's, :meth:`table_targets`). ψ(t)
+        is our per-step noise level ``a_t``: the SDE std is ``a_t·√(σ/(1−σ))`` (Flow-GRPO) instead of
+        Eq. 11's ``σ_t = ψ(t)``, the same per-step degree of freedom (our choice)."""
         psi = calibrate_noise(torch.tensor(self.noise_level_schedule), step_reward_gains(table), rate=self.opts.calibration_rate,
                               margin=self.opts.calibration_margin, bounds=(1e-3, math.inf))
         self.noise_level_schedule = [float(a) for a in psi]

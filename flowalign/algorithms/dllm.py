@@ -6,8 +6,8 @@ advantages, PPO's clipped ratio, optional k3 KL to a reference) computed by
 (:data:`flowalign.dllm.algorithms.ESTIMATOR_UNITS`: tokens, sequences or denoising steps). A
 method subclasses :class:`DLLMAlgorithm` and declares or overrides what it changes:
 
-* **defaults** -- class attributes ``estimator``, ``inner_steps``, ``sampling`` (decode settings),
-  ``steps_rule``; :meth:`~DLLMAlgorithm.apply` fills them into the fields a config leaves ``null``
+* **defaults** -- class attributes ``estimator``, ``inner_steps``, ``clip_range``, ``kl_beta``,
+  ``loss_normalization``, ``std_mode``, ``sampling`` (decode settings), ``steps_rule``; :meth:`~DLLMAlgorithm.apply` fills them into the fields a config leaves ``null``
   (a value set in the YAML or on the command line always wins);
 * **rollouts** -- :meth:`~DLLMAlgorithm.augment_rollouts`: change the scored rollouts before the
   advantages (IGPO re-decodes all-wrong groups with reference hints);
@@ -35,7 +35,8 @@ from flowalign.config_checks import _require
 __all__ = ["DLLMAlgorithm", "DLLMRollouts", "require_trajectory_estimator"]
 
 #: decode settings every algorithm starts from (``sampling.*`` fields left null).
-SAMPLING_DEFAULTS: dict[str, Any] = {"order": "diffusion", "step_schedule": "uniform", "eos_early_rejection": 0.0}
+SAMPLING_DEFAULTS: dict[str, Any] = {"order": "diffusion", "step_schedule": "uniform", "eos_early_rejection": 0.0,
+                                     "eos_restart_per_block": False}
 
 
 @dataclass
@@ -49,8 +50,8 @@ class DLLMRollouts:
         trajectory: the :class:`~flowalign.dllm.sampling.Trajectory` of the decode, as sampled.
         sequences: ``[N, P + Lg]`` long, prompt then completion: what the update trains on.
         rewards: ``[N]`` float32 task rewards of ``sequences`` (CPU).
-        fixed: ``[N, Lg]`` bool, completion tokens that were given, not generated (IGPO's hints):
-            never trained.
+        fixed: ``[N, Lg]`` bool, completion tokens left out of the loss (IGPO's hint tokens, but
+            those its entropy filter keeps).
         group_ids: ``[N]`` long prompt group of each row, ``0 .. B-1`` (CPU).
         examples: the ``N`` task examples of the rows (:class:`~flowalign.dllm.tasks.TaskExample`).
     """
@@ -81,10 +82,22 @@ class DLLMAlgorithm(Algorithm):
         estimator: default ``algorithm.estimator`` (a key of
             :data:`flowalign.dllm.algorithms.ESTIMATOR_UNITS`).
         inner_steps: default ``algorithm.inner_steps`` (mu, optimizer steps per batch of rollouts).
+        clip_range: default ``algorithm.clip_range`` (PPO epsilon).
+        kl_beta: default ``algorithm.kl_beta`` (weight of the k3 KL to the reference).
+        loss_normalization: default ``algorithm.loss_normalization``: ``"sequence"`` (GRPO's
+            per-sequence mean, then the mean over sequences) or ``"token"`` (d1's / DiffuCoder's
+            sum over the batch's trained units divided by their count;
+            :func:`flowalign.dllm.algorithms.unit_weights`), or ``"window"`` (JustGRPO's constant
+            ``gen_length x valid rows``).
+        std_mode: default ``algorithm.std_mode`` (``"group"``; ``"none"`` = ``r - group mean``, d1's
+            and DiffuCoder's advantage).
         sampling: the method's defaults of the ``sampling.*`` fields left null (``order``,
-            ``step_schedule``, ``eos_early_rejection``), over :data:`SAMPLING_DEFAULTS`.
+            ``step_schedule``, ``eos_early_rejection``, ``eos_restart_per_block``), over
+            :data:`SAMPLING_DEFAULTS`.
         steps_rule: how ``sampling.steps`` follows from ``gen_length`` when null: ``"gen_length"``
-            (one token per step) or ``"log2"`` (``ceil(log2(gen_length + 1))`` steps, CJ-GRPO).
+            (one token per step) or ``"log2"`` (``floor(log2(gen_length))`` steps, CJ-GRPO's
+            reference: ``S = int(log2(gen_length))``, yjyddq/EOSER-ASS-RL @ 5affb4e
+            ``cj-grpo/cj_grpo_trainer_eoser_ass.py`` L349-350).
         advantage: how advantages are computed, in words for ``flowalign ls advantages`` (empty:
             group-relative per sequence, on the estimator's log-probs).
     """
@@ -92,9 +105,15 @@ class DLLMAlgorithm(Algorithm):
     recipe = "dllm"
     estimator: ClassVar[str] = "one_step"
     inner_steps: ClassVar[int] = 1
+    clip_range: ClassVar[float] = 0.2
+    kl_beta: ClassVar[float] = 0.0
+    loss_normalization: ClassVar[str] = "sequence"
+    std_mode: ClassVar[str] = "group"
     sampling: ClassVar[dict[str, Any]] = {}
     steps_rule: ClassVar[str] = "gen_length"
     advantage: ClassVar[str] = ""
+    #: keep the decode's intermediate predictions (``Trajectory.predictions``; MDPO's step rewards).
+    record_predictions: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------------------
     # defaults
@@ -102,8 +121,8 @@ class DLLMAlgorithm(Algorithm):
     @classmethod
     def default_steps(cls, gen_length: int) -> int:
         """Denoising steps of a ``gen_length``-token completion when ``sampling.steps`` is null."""
-        if cls.steps_rule == "log2":
-            return max(1, min(gen_length, math.ceil(math.log2(gen_length + 1))))
+        if cls.steps_rule == "log2":  # S = floor(log2 Lg): the last ascending step takes Lg - 2^(S-1) + 1
+            return max(1, int(math.floor(math.log2(gen_length))))
         return gen_length
 
     @classmethod
@@ -112,11 +131,14 @@ class DLLMAlgorithm(Algorithm):
         s, a = cfg.sampling, cfg.algorithm
         if a.estimator is None:
             a.estimator = cls.estimator
-        if a.inner_steps is None:
-            a.inner_steps = cls.inner_steps
+        for key in ("inner_steps", "clip_range", "kl_beta", "loss_normalization", "std_mode"):
+            if getattr(a, key) is None:
+                setattr(a, key, getattr(cls, key))
         for key, value in {**SAMPLING_DEFAULTS, **cls.sampling}.items():
             if getattr(s, key) is None:
                 setattr(s, key, value)
+        if a.likelihood_cfg_scale is None:  # d1 scores its log-probs with its decode's cfg_scale
+            a.likelihood_cfg_scale = s.cfg_scale
         if s.steps is None:
             s.steps = cls.default_steps(s.gen_length)
 
@@ -133,6 +155,44 @@ class DLLMAlgorithm(Algorithm):
             rollouts: this rank's scored rollouts.
         """
         return rollouts, {}
+
+    def build_estimator(self, name: str, **kwargs: Any) -> Any:
+        """The log-likelihood estimator of the update: by default
+        :class:`flowalign.dllm.algorithms.LogProbEstimator` ``(name, **kwargs)``; a method whose
+        reference computes it differently returns a subclass (GDPO)."""
+        from flowalign.dllm.algorithms import LogProbEstimator
+
+        return LogProbEstimator(name, **kwargs)
+
+    def unit_weights(self, estimator: Any, batch: Any, log_prob_old: Tensor) -> Tensor:
+        """The estimator's per-unit loss weights ``[n, U]`` for the rows of ``batch`` (a
+        :class:`~flowalign.dllm.algorithms.RolloutBatch`), given the old log-probs ``[n, U]`` of the
+        first inner step (computed before any update); by default
+        :func:`flowalign.dllm.algorithms.unit_weights` of the estimator's unit and
+        ``algorithm.loss_normalization``. MDPO's reference objective weighs every (step, masked
+        position) unit by its sampling confidence (:func:`flowalign.dllm.algorithms.mdpo_masked_token_weights`)."""
+        from flowalign.dllm.algorithms import unit_weights
+
+        return unit_weights(estimator.unit, batch.trained, batch.trajectory, self.cfg.algorithm.loss_normalization)
+
+    def loss_weights(self, weights: Tensor, advantages: Tensor) -> Tensor:
+        """The per-unit loss weights ``[n, U]`` of the update given the estimator's
+        (:func:`flowalign.dllm.algorithms.unit_weights`) and the per-unit advantages; units with
+        weight 0 are not trained. By default ``weights`` unchanged (MDPO keeps only some steps),
+        except with ``algorithm.loss_normalization: window``, where rows whose advantages are all 0
+        leave the normaliser (JustGRPO's ``valid_samples = (advantages != 0).sum()``,
+        duterscmy/JustGRPO @ 1dfe9fa ``train_gsm8k.justgrpo.py`` L179)."""
+        if self.cfg is not None and self.cfg.algorithm.loss_normalization == "window":
+            return weights * (advantages != 0).any(dim=1, keepdim=True).to(weights.dtype)
+        return weights
+
+    def ratio_log_probs(self, log_prob: Tensor, log_prob_old: Tensor, ref_log_prob: Tensor | None,
+                        weights: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The new (and reference) log-probs ``[n, U]`` handed to the clipped loss, whose
+        difference to ``log_prob_old`` is the importance ratio it clips; by default unchanged
+        (GRPO's per-unit ratio). IGPO returns GSPO's sequence ratio in token form
+        (:func:`flowalign.dllm.algorithms.gspo_log_probs`)."""
+        return log_prob, ref_log_prob
 
     def advantages(self, recipe: Any, rollouts: DLLMRollouts) -> tuple[Tensor, dict[str, float]]:
         """``(advantages, metrics)``: ``[N]`` float32 per-sequence advantages (broadcast over the

@@ -8,12 +8,14 @@ An image algorithm subclasses :class:`FlowAlgorithm` and overrides what it chang
 * **advantage estimator** -- :meth:`~FlowAlgorithm.targets`: the scored rollout -> per-edge
   advantages, the trained edges, loss weights (:class:`EdgeTargets`); it may spend model
   evaluations through the :class:`RolloutContext` (DenseGRPO's ODE look-aheads);
+* **update** -- :meth:`~FlowAlgorithm.edge_loss`: the ``rl`` recipe's loss of a micro-batch of
+  edges from their new and old log-probs (PPO-clip; Pref-GRPO normalises the ratio);
 * **state** -- :meth:`~FlowAlgorithm.state_dict` / :meth:`~FlowAlgorithm.load_state_dict`: what
   a checkpoint keeps (DenseGRPO's calibrated noise levels);
 * **checks** -- :meth:`~FlowAlgorithm.check`: validation of the config, naming the key.
 
-The loss is the recipe's: PPO-clip on the trained edges' log-probs (``rl``) or advantage-weighted
-flow matching on the sampled finals (``awm``). Data moves only through arguments and return values.
+The loss is PPO-clip on the trained edges' log-probs (``rl``, through :meth:`~FlowAlgorithm.edge_loss`)
+or advantage-weighted flow matching on the sampled finals (``awm``). Data moves only through arguments and return values.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from torch import Tensor
 
 from flowalign.advantages import edge_advantages, group_advantages
 from flowalign.algorithms.registry import Algorithm
+from flowalign.errors import ConfigError
+from flowalign.losses import ppo_clip_loss
 from flowalign.rollout import BranchSpec, integrate_ode, lookahead_sigmas
 from flowalign.types import Conditioning, RolloutTree
 
@@ -35,13 +39,20 @@ __all__ = ["EdgeTargets", "FlowAlgorithm", "RolloutContext", "ScoredRollout", "l
 
 
 def num_trained_steps(sampling: Any, window_size: int | None = None) -> int:
-    """How many of the SDE steps are trained: the first ``ceil(timestep_fraction x #SDE steps)``
-    (Flow-GRPO's ``timestep_fraction``). ``window_size`` is the number of SDE steps (default:
-    ``sampling.sde_window``'s, or every step)."""
+    """How many of the SDE steps are trained: the first ``int(#SDE steps x timestep_fraction)``, at
+    least 1 (Flow-GRPO's ``timestep_fraction``). ``window_size`` is the number of SDE steps (default:
+    ``sampling.sde_window``'s, or every step).
+
+    The rounding is the references' truncation, computed as they do (the same float product, so a
+    value copied from a reference config trains the same count): yifan123/flow_grpo @ ac4c86e
+    ``scripts/train_sd3.py`` l. 345 ``int(config.sample.num_steps * config.train.timestep_fraction)``
+    (also ``train_flux.py`` @ 74db691; TempFlow-GRPO ``train_sd3_pr.py`` @ e66824e; DanceGRPO @ 15cc71d
+    ``train_grpo_flux.py`` l. 570). E.g. 10 x 0.6 = 6, 10 x 0.99 -> 9, 6 x 0.99 -> 5. The references
+    would train nothing below one step; we train one."""
     if window_size is None:
         start, end = sampling.sde_window if sampling.sde_window is not None else (0, sampling.num_steps)
         window_size = end - start
-    return max(1, math.ceil(sampling.timestep_fraction * window_size))
+    return max(1, int(window_size * sampling.timestep_fraction))
 
 
 @dataclass
@@ -158,6 +169,8 @@ class FlowAlgorithm(Algorithm):
         advantage: how advantages are computed, in words for ``flowalign ls algorithms``.
         loss: the loss the recipe trains (``ppo_clip`` or ``awm``).
         keeps_velocities: the rollout keeps each step's velocity (look-ahead estimators reuse it).
+        keeps_means: the rollout keeps each step's transition mean (``RolloutTree.mean_old``, passed
+            to :meth:`edge_loss`); a property where it depends on the config.
         std_estimator, std_eps: the std of the reference's advantage normalisation (``population``
             or ``unbiased``) and the constant added to it, used where ``algorithm.std_estimator`` /
             ``algorithm.std_eps`` are null (:meth:`group_std`; docs/FIDELITY.md). Flow-GRPO's
@@ -168,6 +181,7 @@ class FlowAlgorithm(Algorithm):
     advantage = "group"
     loss = "ppo_clip"
     keeps_velocities = False
+    keeps_means = False
     std_estimator = "population"
     std_eps = 1e-4
 
@@ -202,10 +216,20 @@ class FlowAlgorithm(Algorithm):
         splits = self.splits()
         for step, _ in splits:
             noise[step] = self.split_noise_level(step)
-        trained = tuple(range(start, start + num_trained_steps(s, end - start)))
+        trained, subset = tuple(range(start, start + num_trained_steps(s, end - start))), None
+        if s.train_steps == "random_subset":
+            # DanceGRPO (XueZeyue/DanceGRPO @ 15cc71d, fastvideo/train_grpo_flux.py l. 511-519 `[:, :-1]`,
+            # l. 551-561 per-sample randperm, l. 570 `int(len(timesteps) * timestep_fraction)`): the last SDE
+            # step is never trained; each sample trains its own random int((n - 1) x timestep_fraction) of the others.
+            if splits or end - start < 2:
+                why = f"splits at {[step for step, _ in splits]}" if splits else f"{end - start} SDE step(s)"
+                raise ConfigError(f"sampling.train_steps: random_subset draws the trained steps per sample among all SDE steps "
+                                  f"but the last, which needs a flat group of >= 2 SDE steps; algorithm {self.name!r} has {why}")
+            trained, subset = tuple(range(start, end - 1)), num_trained_steps(s, end - start - 1)
         return BranchSpec(T, noise, samples_per_prompt=per_rank // math.prod(k for _, k in splits), splits=splits,
                           sampler=s.sampler, train_steps=trained, guidance_scale=s.guidance_scale,
-                          cps_log_prob=s.cps_log_prob)
+                          cps_log_prob=s.cps_log_prob, shared_noise=s.init_same_noise, train_subset=subset,
+                          final_sample=s.final_sample)
 
     # ------------------------------------------------------------------------------------------
     # advantages
@@ -230,6 +254,30 @@ class FlowAlgorithm(Algorithm):
         leaf_adv = scored.local(self.leaf_advantages(scored))
         return EdgeTargets(edge_advantages(leaf_adv, tree.leaf_edges, tree.num_edges), tree.trainable)
 
+    # ------------------------------------------------------------------------------------------
+    # update
+    # ------------------------------------------------------------------------------------------
+    def edge_loss(self, log_prob: Tensor, log_prob_old: Tensor, advantages: Tensor, *, weights: Tensor | None,
+                  kl: Tensor | None, mean: Tensor, mean_old: Tensor | None, std: Tensor, delta: Tensor
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The ``rl`` recipe's loss of a micro-batch of ``B`` edges: PPO-clip (Schulman et al. 2017,
+        Eq. 7) on ``exp(log_prob - log_prob_old)`` plus ``algorithm.kl_beta`` x ``kl``.
+
+        Args:
+            log_prob, log_prob_old: ``[B]`` the stored transitions' log-densities under the current
+                and the sampling policy.
+            advantages: ``[B]`` per-edge advantages; weights: ``[B]`` loss weights or ``None``.
+            kl: ``[B]`` per-edge KL to the reference, or ``None`` when ``kl_beta`` is 0.
+            mean, mean_old: ``[B, *latent]`` transition means (``mean_old`` only when
+                :attr:`keeps_means`); std: ``[B]`` transition std; delta: ``[B]`` sigma steps.
+
+        Returns:
+            ``(loss, metrics)``: a 0-dim loss and 0-dim tensor metrics (``ppo_clip_loss``'s).
+        """
+        a = self.cfg.algorithm
+        return ppo_clip_loss(log_prob, log_prob_old, advantages, clip_range=a.clip_range, weights=weights, kl=kl,
+                             kl_beta=a.kl_beta, check=False)
+
     @staticmethod
     def require_all_scored(scored: ScoredRollout, what: str) -> Tensor:
         """This rank's leaf rewards, refusing any sample a reward marked invalid (``what`` names the setting)."""
@@ -251,5 +299,9 @@ class FlowAlgorithm(Algorithm):
     @classmethod
     def trained_units(cls, cfg: Any) -> tuple[int, str]:
         """``(units per sample the update trains, their name)``: the steps_per_iter check's arithmetic."""
-        return num_trained_steps(cfg.sampling), "edges"
+        s = cfg.sampling
+        if s.train_steps == "random_subset":  # all SDE steps but the last are candidates (rollout_spec)
+            start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
+            return num_trained_steps(s, max(1, end - start - 1)), "edges"
+        return num_trained_steps(s), "edges"
 

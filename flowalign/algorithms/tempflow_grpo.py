@@ -5,6 +5,16 @@ into ``group_size`` SDE children and finishes each by ODE: every leaf took ONE s
 its final reward is that step's process reward, and only that edge is trained, with the leaf's
 advantage in its group. Noise-aware policy weighting (§3.2) scales the iteration's loss by the
 branch step's transition std relative to the schedule's mean.
+
+Reference: Shredded-Pork/TempFlow-GRPO @ e66824e (``scripts/train_sd3_pr.py``,
+``flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_perstep.py``). Its loss is
+``-2.25 · std_dev_t · A · ratio`` (train_sd3_pr.py, training loop) where ``std_dev_t`` is the transition
+std ``std_t·√Δ`` that ``sd3_sde_with_logprob.py`` returns (its last ``return``, "the original paper's
+case"); 2.25 is 1 / (mean transition std over the branch steps 0..T−2 of its SD3.5 schedule: 10 steps,
+shift 3, noise level 0.7), so ``weight_norm: schedule`` (the default) reproduces it on any schedule.
+Deliberate difference (docs/FIDELITY.md): the reference branches at EVERY step 0..T−2 in every
+iteration (6 children each, O(T²) model evaluations per prompt); here one step per iteration, cycling
+through ``branch_steps`` (O(T) per iteration).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from flowalign.algorithms.flow import EdgeTargets, FlowAlgorithm, RolloutContext
 from flowalign.algorithms.registry import register_algorithm
 from flowalign.config_checks import _require
 from flowalign.config_fields import _f
-from flowalign.estimators.tree import branch_step_edge_advantages, noise_aware_weights
+from flowalign.estimators.tree import branch_step_edge_advantages
 from flowalign.rollout import BranchSpec
 from flowalign.samplers import sde_step
 from flowalign.types import RolloutTree
@@ -30,6 +40,10 @@ class TempFlowGRPOConfig:
                                  help="Iteration i branches at branch_steps[i % len] into sampling.group_size SDE children "
                                       "from an ODE trunk, finished by ODE.")
     noise_aware: bool = _f(True, "Weight each iteration's loss by its branch step's std_t * sqrt(dt) (noise-aware policy weighting).")
+    weight_norm: str = _f("schedule", "Normaliser of the noise-aware weight std_k*sqrt(dt_k): schedule = the mean over every "
+                                      "branchable step 0..num_steps-2 (TempFlow-GRPO's constant 2.25 = 1/that mean for SD3.5, "
+                                      "10 steps, noise 0.7); branch_steps = the mean over the configured branch_steps "
+                                      "(flowalign's earlier form).", choices=("schedule", "branch_steps"))
 
 
 @register_algorithm
@@ -55,17 +69,28 @@ class TempFlowGRPO(FlowAlgorithm):
         return EdgeTargets(advantages=advantages, trainable=tree.trainable & (tree.noise_std > 0), loss_scale=scale)
 
     def branch_step_weight(self, tree: RolloutTree) -> float:
-        """The noise-aware weight (§3.2) of this tree's branch step: its transition std
-        ``std_k·√Δ_k`` relative to the mean over all branch steps, so the schedule's average weight is 1."""
+        """The noise-aware weight (§3.2) of this tree's branch step ``k``: its transition std
+        ``std_k·√Δ_k`` over the mean transition std of the normalisation set -- every step the
+        reference branches at, 0..T−2 (``weight_norm: schedule``), or ``branch_steps``. The reference
+        (TempFlow-GRPO @ e66824e, train_sd3_pr.py training loop) multiplies the loss by
+        ``2.25 · std_dev_t``; 1/2.25 is that mean over steps 0..8 of its 10-step SD3.5 schedule."""
         s = self.cfg.sampling
-        stds = []
-        for k in self.opts.branch_steps:
-            sigma, sigma_next = tree.sigmas[k].reshape(1), tree.sigmas[k + 1].reshape(1)
-            x = torch.zeros(1, 1, device=sigma.device)
-            stds.append(float(sde_step(x, sigma, sigma_next, x, kind=s.sampler, noise_level=self.noise_level_schedule[k],
-                                       prev_sample=x).std.reshape(-1)[0]))
-        weights = noise_aware_weights(torch.tensor(stds))
-        return float(weights[self.opts.branch_steps.index(int(tree.step[tree.noise_std > 0][0]))])
+        k = int(tree.step[tree.noise_std > 0][0])
+        if self.opts.weight_norm == "schedule":
+            norm_steps = list(range(max(s.num_steps - 1, 1)))  # the reference branches at timesteps[:-1]
+        else:
+            norm_steps = list(self.opts.branch_steps)
+        stds = {t: self._transition_std(tree, t) for t in {k, *norm_steps}}
+        mean = sum(stds[t] for t in norm_steps) / len(norm_steps)
+        return stds[k] / mean if mean > 0 else 0.0
+
+    def _transition_std(self, tree: RolloutTree, t: int) -> float:
+        """``std_t·√Δ_t`` of step ``t`` of the tree's schedule at this run's noise level (the sampler's own
+        formula, :func:`flowalign.samplers.sde_step`)."""
+        sigma, sigma_next = tree.sigmas[t].reshape(1), tree.sigmas[t + 1].reshape(1)
+        x = torch.zeros(1, 1, device=sigma.device)
+        return float(sde_step(x, sigma, sigma_next, x, kind=self.cfg.sampling.sampler, noise_level=self.noise_level_schedule[t],
+                              prev_sample=x).std.reshape(-1)[0])
 
     @classmethod
     def trained_units(cls, cfg: Any) -> tuple[int, str]:

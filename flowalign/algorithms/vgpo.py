@@ -21,9 +21,9 @@ from flowalign.types import RolloutTree
 @dataclass
 class VGPOConfig:
     lookahead_steps: int = _f(1, "ODE steps from a node to its clean image (1 = VGPO's one-step projection; 0 = all remaining).", ge=0)
-    discount: float = _f(0.9, "Discount gamma of the action values Q_t (our choice; the paper's value is not public).", ge=0, le=1)
-    value_anchor: float = _f(0.5, "k in alpha = k * std, the absolute-value anchor that survives collapsed groups.", ge=0)
-    anchor_steps: int | None = _f(None, "The anchor applies to the first N steps only (VGPO uses 5 of 10); null = all.", ge=0)
+    discount: float = _f(0.9, "Discount gamma of the action values Q_t (our choice: the OpenReview reviews do not give it, and it is not checked against the arXiv method section; docs/FIDELITY.md).", ge=0, le=1)
+    value_anchor: float = _f(0.5, "k in alpha = k * std, the absolute-value anchor that survives collapsed groups (form from the reviews; the value of k is our choice).", ge=0)
+    anchor_steps: int | None = _f(None, "The anchor applies to the first N steps only (the reviews: VGPO uses 5 of 10); null = all.", ge=0)
 
 
 def vgpo_targets(table: Tensor, tree: RolloutTree, leaf_rewards: Tensor, opts: VGPOConfig, adv_clip: float) -> EdgeTargets:

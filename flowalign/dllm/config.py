@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flowalign.algorithms import algorithm_config_class, algorithm_names, get_algorithm
+from flowalign.dllm.algorithms import LOSS_NORMALIZATIONS
 from flowalign.config_checks import _require, _require_choice
 from flowalign.config_files import _looks_like_hub_id, _require_file, read_text_file
 from flowalign.config_schema import (
@@ -85,7 +86,13 @@ class DLLMSamplingConfig:
     remasking: str = _f("low_confidence", "Which masked positions are committed each step: low_confidence | random.", choices=REMASKING)
     order: str | None = _f(None, "diffusion | ar (left to right, JustGRPO); null = the algorithm's default.", choices=ORDERS)
     step_schedule: str | None = _f(None, "Tokens per step: uniform | ascending (CJ-GRPO's ASS); null = the algorithm's default.", choices=STEP_SCHEDULES)
-    eos_early_rejection: float | None = _f(None, "EOS early rejection strength (CJ-GRPO's EOSER; 0 = off); null = the algorithm's default.", ge=0, lt=1)
+    eos_early_rejection: float | None = _f(None, "EOS early rejection strength 1 - gamma_min (CJ-GRPO's EOSER; 0 = off); null = the "
+                                           "algorithm's default (cj_grpo: 0.99, the reference's eos_min_gamma 0.01).", ge=0, lt=1)
+    eos_restart_per_block: bool | None = _f(None, "EOSER with several blocks: the EOS factor restarts at gamma_min in every block "
+                                            "(true; CJ-GRPO's reference eoser_generate) or rises over the whole decode (false); "
+                                            "null = the algorithm's default (cj_grpo: true).")
+    cfg_scale: float = _f(0.0, "Classifier-free guidance scale s of the decode (LLaDA's: logits = un + (s + 1)(cond - un), un with "
+                          "the prompt masked; one extra forward per step); 0 = off (d1's and LLaDA's default).", ge=0)
     group_size: int = _f(8, "Rollouts per prompt (G).", ge=2, why="group-relative advantages need several rollouts")
     prompts_per_iter: int = _f(8, "Distinct prompts per iteration, global across ranks (whole groups live on one rank).", ge=1)
 
@@ -97,14 +104,31 @@ class DLLMAlgorithmBase:
 
     name: str = _f("diffu_grpo", "Algorithm: " + " | ".join(algorithm_names(("dllm",))) + " (`flowalign ls algorithms`).",
                    choices=algorithm_names(("dllm",)))
-    estimator: str | None = _f(None, "Log-likelihood estimator: one_step | coupled | elbo_double_mc | elbo_semi_deterministic | trajectory; null = the algorithm's.")
+    estimator: str | None = _f(None, "Log-likelihood estimator: one_step | coupled | elbo_double_mc | elbo_l_form | elbo_semi_deterministic "
+                               "| trajectory; null = the algorithm's.")
     p_mask_prompt: float = _f(0.15, "one_step: probability of masking each prompt token (diffu-GRPO's p_mask).", ge=0, lt=1)
-    num_mc: int = _f(2, "ELBO estimators: number of time points t (random for double MC, quadrature nodes for semi-deterministic).", ge=1)
+    num_mc: int = _f(2, "ELBO estimators: number of time points t (random for double MC, quadrature nodes for semi-deterministic, "
+                     "stratified mask counts l for l-form).", ge=1)
     masks_per_t: int = _f(1, "ELBO estimators: random masks drawn per time point.", ge=1)
     inner_steps: int | None = _f(None, "Optimizer steps per batch of rollouts (mu), each with fresh estimator masks; null = the algorithm's.", ge=1)
-    clip_range: float = _f(0.2, "PPO ratio clip epsilon.", gt=0)
-    kl_beta: float = _f(0.0, "Weight of the k3 KL estimate against the reference policy (LoRA off, or a frozen copy).", ge=0)
-    std_mode: str = _f("group", "Advantage normalisation: group | global | none.", choices=STD_MODES)
+    clip_range: float | None = _f(None, "PPO ratio clip epsilon (the lower bound 1 - eps; also the upper one unless clip_range_high); "
+                                 "null = the algorithm's (0.2; diffu_grpo, coupled_grpo, cj_grpo 0.5).", gt=0)
+    clip_range_high: float | None = _f(None, "Asymmetric clipping: the ratio's upper bound is 1 + clip_range_high (TRL's epsilon_high, "
+                                       "as in DiffuCoder's trainer); null = symmetric (DiffuCoder's shipped config).", gt=0)
+    kl_beta: float | None = _f(None, "Weight of the k3 KL estimate against the reference policy (LoRA off, or a frozen copy); "
+                               "null = the algorithm's (0; diffu_grpo, cj_grpo 0.04; coupled_grpo 0.01).", ge=0)
+    loss_normalization: str | None = _f(None, "How unit losses are averaged: sequence (each sequence's mean, then the mean over "
+                                        "sequences: GRPO) | token (sum over the batch's trained units / their count: d1, "
+                                        "DiffuCoder) | window (every unit of the completion window, EOS fill included, over "
+                                        "gen_length x the rows with a nonzero advantage: JustGRPO); null = the algorithm's "
+                                        "(diffu_grpo, coupled_grpo: token; just_grpo: window; others: sequence).",
+                                        choices=LOSS_NORMALIZATIONS)
+    likelihood_cfg_scale: float | None = _f(None, "Classifier-free guidance scale of the update's log-likelihood estimates (d1 scores "
+                                            "with its decode's cfg_scale); null = sampling.cfg_scale. The trajectory estimator "
+                                            "always uses the decode's.", ge=0)
+    std_mode: str | None = _f(None, "Advantage normalisation: group (/ group std) | global | none (r - group mean only); "
+                              "null = the algorithm's (diffu_grpo, coupled_grpo: none, as d1 and DiffuCoder's "
+                              "scale_rewards: false; others: group).", choices=STD_MODES)
     adv_clip: float = _f(0.0, "Clip advantages to [-adv_clip, adv_clip]; 0 disables.", ge=0)
     ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).", gt=0)
     skip_zero_signal: bool = _f(True, "Leave groups whose rewards are all equal out of the update (no gradient without kl_beta).")
@@ -180,7 +204,8 @@ class DLLMConfig:
         s = self.resolved().sampling
         return SamplingSpec(gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
                             temperature=s.temperature, remasking=s.remasking, order=s.order,
-                            step_schedule=s.step_schedule, eos_early_rejection=s.eos_early_rejection)
+                            step_schedule=s.step_schedule, eos_early_rejection=s.eos_early_rejection,
+                            eos_restart_per_block=s.eos_restart_per_block, cfg_scale=s.cfg_scale)
 
     def validate(self, *, check_files: bool = True, world_size: int = 1) -> None:
         """Semantic checks types cannot express, on the resolved config (algorithm defaults applied):
@@ -220,6 +245,9 @@ class DLLMConfig:
                  "each rank samples whole groups of prompts_per_iter / world_size prompts")
 
         _require_choice(a.estimator, sorted(ESTIMATOR_UNITS), "algorithm.estimator", "estimator")
+        _require(a.estimator != "trajectory" or a.likelihood_cfg_scale == s.cfg_scale, "algorithm.likelihood_cfg_scale",
+                 f"the trajectory estimator scores the decode with its own guidance (sampling.cfg_scale={s.cfg_scale}); "
+                 f"got {a.likelihood_cfg_scale}: leave it null")
         algorithm.check(cfg, world_size)
 
         if check_files:

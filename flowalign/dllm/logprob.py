@@ -35,6 +35,11 @@ sequence estimate is ``.sum(-1)`` (every window token counts, EOS fill included)
   the inner expectation by ``masks_per_node`` random masks per node. The integrand
   ``f(t) = E_M[(1/t) sum_{k in M} log p]`` is a polynomial of degree ``Lg - 1`` in ``t``, so
   ``ceil(Lg / 2)`` nodes integrate it exactly; with fewer the bias is the quadrature error.
+* :func:`elbo_l_form` -- LLaDA's likelihood estimator (Nie et al. 2025, Eq. 12 / App. B.5;
+  ML-GSAI/LLaDA @ b7e6c35 ``get_log_likelihood.py`` L7-26 and L72): the number of masked tokens
+  ``l ~ U{1..Lg}``, exactly ``l`` positions masked (a uniform subset), weight ``Lg / l``; the
+  ``n`` draws of a sequence are stratified (equally spaced ``l`` with one random offset). The
+  weight is at most ``Lg``, where the double-MC ``1/t`` with ``t ~ U(0, 1]`` is unbounded.
 * :func:`trajectory_logprob` -- exact per-step log-probs of a recorded decode (CJ-GRPO, MDPO):
   re-runs the model on every state ``Trajectory.state_at(s)``.
 """
@@ -48,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowalign.dllm.sampling import LogitsFn, Trajectory, restrict_logits
+from flowalign.dllm.sampling import LogitsFn, Trajectory, guided_logits_fn, restrict_logits
 
 __all__ = [
     "MaskSet",
@@ -56,15 +61,19 @@ __all__ = [
     "coupled_logprob",
     "draw_coupled_masks",
     "draw_double_mc_masks",
+    "draw_l_form_masks",
     "draw_one_step_masks",
     "draw_prompt_masks",
     "draw_semi_deterministic_masks",
     "elbo_double_mc",
+    "elbo_l_form",
     "elbo_semi_deterministic",
     "gauss_legendre_01",
     "masked_logprob",
+    "masked_step_logprob",
     "one_step_logprob",
     "trajectory_logprob",
+    "trajectory_token_logprob",
 ]
 
 
@@ -212,6 +221,29 @@ def draw_double_mc_masks(
     return MaskSet(completion=u < t.unsqueeze(-1), t=t, weight=torch.full_like(t, 1.0 / n))
 
 
+def draw_l_form_masks(
+    batch_size: int, gen_length: int, num: int, generator: torch.Generator | None = None, *, device="cpu",
+) -> MaskSet:
+    """LLaDA's stratified l-form masks (ML-GSAI/LLaDA @ b7e6c35, ``get_log_likelihood.py`` L7-26,
+    ``forward_process``): per sequence one offset ``k ~ U{1..Lg}`` and ``num`` mask counts
+    ``l_j = ((round(k + j Lg / num) - 1) mod Lg) + 1`` (L11-14: each ``l_j`` is marginally
+    ``U{1..Lg}``, the ``num`` of them equally spaced), forward ``j`` masking exactly ``l_j``
+    positions, a uniform subset (L17-20); its mask rate ``t = l_j / Lg`` (L26), weight ``1/num``
+    (L72-73: the loss of a masked token divided by ``p_mask``, summed, averaged over the copies).
+    ``N = num`` forwards."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    L = gen_length
+    k = torch.randint(1, L + 1, (batch_size, 1), generator=generator, device=device).double()
+    steps = torch.arange(num, device=device, dtype=torch.float64) * (L / num)
+    # torch.round is round-half-to-even, as the reference's torch.round
+    l = ((torch.round(k + steps).long() - 1) % L) + 1  # [B, num] in 1..L
+    u = _rand((batch_size, num, L), generator, device)
+    ranks = u.argsort(dim=-1).argsort(dim=-1)  # a uniform permutation per forward
+    t = l.float() / L
+    return MaskSet(completion=ranks < l.unsqueeze(-1), t=t, weight=torch.full_like(t, 1.0 / num))
+
+
 def gauss_legendre_01(num_nodes: int) -> tuple[Tensor, Tensor]:
     """Gauss-Legendre nodes and weights on ``[0, 1]`` (float64): ``int_0^1 g ~= sum_i w_i g(t_i)``,
     exact for polynomials of degree ``<= 2 num_nodes - 1``."""
@@ -223,19 +255,32 @@ def gauss_legendre_01(num_nodes: int) -> tuple[Tensor, Tensor]:
 
 def draw_semi_deterministic_masks(
     batch_size: int, gen_length: int, num_nodes: int, masks_per_node: int = 1,
-    generator: torch.Generator | None = None, *, device="cpu",
+    generator: torch.Generator | None = None, *, device="cpu", mask_count: str = "bernoulli",
 ) -> MaskSet:
     """GDPO semi-deterministic Monte Carlo masks (Rojas et al. 2025, §3): Gauss-Legendre nodes
-    ``t_i`` on ``[0, 1]`` (same for every sequence), ``masks_per_node`` masks ``Bern(t_i)^Lg``
-    each; weight of a forward ``w_i / masks_per_node``."""
+    ``t_i`` on ``[0, 1]`` (same for every sequence), ``masks_per_node`` masks per node; weight of a
+    forward ``w_i / masks_per_node``, its ``1/t`` the node ``1/t_i``.
+
+    ``mask_count``: ``"bernoulli"`` -- every position masked independently with probability
+    ``t_i`` (``Bern(t_i)^Lg``); ``"exact"`` -- exactly ``floor(t_i * Lg)`` positions, a uniform
+    subset (the GDPO reference, KevinRojas1499/GDPO@1918683 ``gdpo/likelihood_estimators.py``
+    L227-231, ``NumericalIntegrationEstimator.forward_process``: ``int(p_mask * target_len)``
+    positions of a ``randperm``; the ``1/t_i`` weight is kept, L297)."""
     if masks_per_node < 1:
         raise ValueError(f"masks_per_node must be >= 1, got {masks_per_node}")
+    if mask_count not in ("bernoulli", "exact"):
+        raise ValueError(f"mask_count must be 'bernoulli' or 'exact', got {mask_count!r}")
     nodes, weights = gauss_legendre_01(num_nodes)
     t = nodes.float().to(device).repeat_interleave(masks_per_node).unsqueeze(0).expand(batch_size, -1).contiguous()
     w = (weights.float().to(device) / masks_per_node).repeat_interleave(masks_per_node)
     w = w.unsqueeze(0).expand(batch_size, -1).contiguous()
     u = _rand((batch_size, t.shape[1], gen_length), generator, device)
-    return MaskSet(completion=u < t.unsqueeze(-1), t=t, weight=w)
+    if mask_count == "bernoulli":
+        return MaskSet(completion=u < t.unsqueeze(-1), t=t, weight=w)
+    # floor in float64, as the reference's Python int(t * Lg); the ranks of i.i.d. uniforms are a uniform permutation
+    k = torch.floor(nodes.to(device) * gen_length).long().repeat_interleave(masks_per_node)  # [N]
+    ranks = u.argsort(dim=-1).argsort(dim=-1)  # [B, N, Lg]
+    return MaskSet(completion=ranks < k.view(1, -1, 1), t=t, weight=w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,20 +301,28 @@ def _check_sequences(sequences: Tensor, attention_mask: Tensor | None, prompt_le
 
 
 def _token_log_probs(
-    logits: Tensor, targets: Tensor, temperature: float, mask_id: int, suppress_tokens: Sequence[int]
-) -> Tensor:
+    logits: Tensor, targets: Tensor, temperature: float, mask_id: int, suppress_tokens: Sequence[int],
+    *, entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``log softmax(restrict(logits) / T)[targets]``: logits ``[n, Lg, V]``, targets ``[n, Lg]`` ->
-    ``[n, Lg]``; ``[MASK]`` and ``suppress_tokens`` excluded as in sampling (``restrict_logits``)."""
+    ``[n, Lg]``; ``[MASK]`` and ``suppress_tokens`` excluded as in sampling (``restrict_logits``).
+    ``entropy=True``: also the entropy ``-sum_v p_v log p_v`` of that distribution, ``[n, Lg]``."""
     logits = restrict_logits(logits.float(), mask_id, suppress_tokens)
-    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not entropy:
+        return picked
+    return picked, torch.special.entr(log_p.exp()).sum(dim=-1)  # entr(0) = 0 at the excluded tokens
 
 
 def _chunked_token_log_probs(
     logits_fn: LogitsFn, ids: Tensor, attn: Tensor, targets: Tensor, prompt_length: int,
     temperature: float, batch_size: int | None, mask_id: int, suppress_tokens: Sequence[int],
-) -> Tensor:
+    *, entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Completion-token log-probs ``[n, Lg]`` of ``targets`` for inputs ``ids [n, L]``, calling the
-    model on chunks of ``batch_size`` rows (one call when ``None``); only ``[n, Lg]`` is kept."""
+    model on chunks of ``batch_size`` rows (one call when ``None``); only ``[n, Lg]`` is kept.
+    ``entropy=True``: also the predictive entropies ``[n, Lg]`` (:func:`_token_log_probs`)."""
     n, L = ids.shape
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size!r}")
@@ -284,15 +337,17 @@ def _chunked_token_log_probs(
         if logits.dim() != 3 or tuple(logits.shape[:2]) != (min(step, n - i), L):
             raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}, expected [{min(step, n - i)}, {L}, V]")
         out.append(_token_log_probs(logits[:, prompt_length:], targets[i : i + step], temperature, mask_id,
-                                    suppress_tokens))
+                                    suppress_tokens, entropy=entropy))
+    if entropy:
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
     return torch.cat(out)
 
 
 def masked_logprob(
     logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
     mask_id: int, masks: MaskSet, *, temperature: float = 1.0, batch_size: int | None = None,
-    suppress_tokens: Sequence[int] = (),
-) -> Tensor:
+    suppress_tokens: Sequence[int] = (), return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Evaluate (*) for a :class:`MaskSet`: ``sum_n weight/t * 1[k masked in n] * log p(x_k | x^(n))``.
 
     Differentiable w.r.t. the model (no ``no_grad`` here). ``B * N`` forwards, in chunks of
@@ -305,8 +360,11 @@ def masked_logprob(
         temperature: log-probs of ``softmax(logits / temperature)``.
         suppress_tokens: token ids excluded (besides ``[MASK]``) before the softmax, as in
             ``SamplingSpec.suppress_tokens``.
+        return_entropy: also return the entropy of the model's predictive distribution (the one
+            the log-probs are taken from) at every completion position, averaged over the forwards
+            that mask it (0 where none does); IGPO's entropy filter of hint tokens uses it.
     Returns:
-        ``[B, Lg]`` float32 per-token estimates.
+        ``[B, Lg]`` float32 per-token estimates (and ``[B, Lg]`` entropies with ``return_entropy``).
     """
     attn = _check_sequences(sequences, attention_mask, prompt_length)
     if temperature <= 0:
@@ -327,11 +385,17 @@ def masked_logprob(
                       sequences.unsqueeze(1).expand(B, N, L)).reshape(B * N, L)
     am = attn.unsqueeze(1).expand(B, N, L).reshape(B * N, L)
     targets = sequences[:, P:].unsqueeze(1).expand(B, N, Lg).reshape(B * N, Lg)
-    logp = _chunked_token_log_probs(logits_fn, ids, am, targets, P, temperature, batch_size, mask_id,
-                                    suppress_tokens).reshape(B, N, Lg)
+    out = _chunked_token_log_probs(logits_fn, ids, am, targets, P, temperature, batch_size, mask_id,
+                                   suppress_tokens, entropy=return_entropy)
+    logp = (out[0] if return_entropy else out).reshape(B, N, Lg)
     coef = masks.scale.to(device=device, dtype=logp.dtype).unsqueeze(-1)  # [B, N, 1]
     # where() keeps the log p of unmasked tokens out of the sum and out of the gradient
-    return torch.where(masks.completion.to(device), coef * logp, torch.zeros_like(logp)).sum(dim=1)
+    estimate = torch.where(masks.completion.to(device), coef * logp, torch.zeros_like(logp)).sum(dim=1)
+    if not return_entropy:
+        return estimate
+    masked = masks.completion.to(device).float()
+    ent = (out[1].reshape(B, N, Lg) * masked).sum(dim=1) / masked.sum(dim=1).clamp_min(1.0)
+    return estimate, ent
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,20 +451,38 @@ def elbo_double_mc(
                           temperature=temperature, batch_size=batch_size, suppress_tokens=suppress_tokens)
 
 
+def elbo_l_form(
+    logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
+    mask_id: int, *, num: int = 2, generator: torch.Generator | None = None, masks: MaskSet | None = None,
+    temperature: float = 1.0, batch_size: int | None = None, suppress_tokens: Sequence[int] = (),
+) -> Tensor:
+    """LLaDA's l-form ELBO (:func:`draw_l_form_masks`): ``[B, Lg]`` per-token contributions,
+    ``.sum(-1) = (1/n) sum_j (Lg / l_j) sum_{k in M_j} log p(x_k | x_{M_j})``, unbiased for the same
+    ELBO as :func:`elbo_double_mc`; ``num`` forwards."""
+    attn = _check_sequences(sequences, attention_mask, prompt_length)
+    if masks is None:
+        masks = draw_l_form_masks(sequences.shape[0], sequences.shape[1] - prompt_length, num, generator,
+                                  device=sequences.device)
+    return masked_logprob(logits_fn, sequences, attn, prompt_length, mask_id, masks,
+                          temperature=temperature, batch_size=batch_size, suppress_tokens=suppress_tokens)
+
+
 def elbo_semi_deterministic(
     logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
     mask_id: int, *, num_nodes: int = 2, masks_per_node: int = 1, generator: torch.Generator | None = None,
     masks: MaskSet | None = None, temperature: float = 1.0, batch_size: int | None = None,
-    suppress_tokens: Sequence[int] = (),
+    suppress_tokens: Sequence[int] = (), mask_count: str = "bernoulli",
 ) -> Tensor:
     """GDPO semi-deterministic ELBO (Rojas et al. 2025, §3): ``[B, Lg]`` per-token contributions,
     ``.sum(-1) = sum_i w_i (1/m) sum_j (1/t_i) sum_{k in M_ij} log p(x_k | x_{M_ij})`` over
-    Gauss-Legendre nodes ``t_i``; unbiased for the quadrature ``sum_i w_i f(t_i)`` (the exact
-    ELBO once ``num_nodes >= Lg / 2``); ``num_nodes * masks_per_node`` forwards."""
+    Gauss-Legendre nodes ``t_i``; with ``mask_count="bernoulli"`` unbiased for the quadrature
+    ``sum_i w_i f(t_i)`` (the exact ELBO once ``num_nodes >= Lg / 2``); ``"exact"`` masks
+    ``floor(t_i Lg)`` positions as the GDPO reference does (:func:`draw_semi_deterministic_masks`);
+    ``num_nodes * masks_per_node`` forwards."""
     attn = _check_sequences(sequences, attention_mask, prompt_length)
     if masks is None:
         masks = draw_semi_deterministic_masks(sequences.shape[0], sequences.shape[1] - prompt_length, num_nodes,
-                                              masks_per_node, generator, device=sequences.device)
+                                              masks_per_node, generator, device=sequences.device, mask_count=mask_count)
     return masked_logprob(logits_fn, sequences, attn, prompt_length, mask_id, masks,
                           temperature=temperature, batch_size=batch_size, suppress_tokens=suppress_tokens)
 
@@ -414,7 +496,9 @@ def trajectory_logprob(
     ``out[b, j] = sum_{k : commit_step[b,k] = s_j} log softmax(logits(state_at(s_j)) / T)[x_k]``,
     one forward per (sequence, step), batched over ``len(steps) * B`` rows. At the sampling
     temperature (the default, ``trajectory.log_prob_temperature``) and the sampling weights this
-    equals ``trajectory.step_log_probs[:, steps]``. Differentiable w.r.t. the model.
+    equals ``trajectory.step_log_probs[:, steps]``; a guided decode (``trajectory.cfg_scale``) is
+    scored with the same guidance (:func:`~flowalign.dllm.sampling.guided_logits_fn`).
+    Differentiable w.r.t. the model.
 
     Args:
         steps: the steps to score (default all ``0..S-1``).
@@ -433,6 +517,7 @@ def trajectory_logprob(
         raise ValueError("steps must name at least one step")
     B, L = trajectory.sequences.shape
     P = trajectory.prompt_length
+    logits_fn = guided_logits_fn(logits_fn, P, mask_id, trajectory.cfg_scale)
     states = torch.cat([trajectory.state_at(s, mask_id) for s in steps], dim=0)  # [n*B, L]
     attn = trajectory.attention_mask.repeat(len(steps), 1)
     targets = trajectory.completion_ids.repeat(len(steps), 1)
@@ -441,3 +526,83 @@ def trajectory_logprob(
     step_ids = torch.tensor(steps, device=logp.device).view(-1, 1, 1)
     committed = trajectory.commit_step.unsqueeze(0) == step_ids  # [n, B, Lg]
     return torch.where(committed, logp, torch.zeros_like(logp)).sum(dim=-1).transpose(0, 1)
+
+
+def masked_step_logprob(
+    logits_fn: LogitsFn, trajectory: Trajectory, mask_id: int, temperature: float | None = None, *,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Per-(step, position) log-probs of a recorded decode's intermediate answers (MDPO's objective).
+
+    ``out[b, s, k] = log softmax(logits(state_at(s)) / T)[predictions[b, s, k]]`` at every position
+    ``k`` still masked before step ``s`` (``commit_step[b, k] >= s``), 0 elsewhere: the log-prob,
+    given the state the decoder saw at step ``s``, of the draw ``x0`` it made there -- at every masked
+    position, not only the committed ones. The MDPO reference trains these (autonomousvision/mdpo @
+    e6ae439, ``src/open_r1/mdpo/mdpo_trainer.py`` L925-932: input ``all_steps_input_ids[step]``, the
+    state before the step, target ``all_steps_completion_ids[step]`` = ``where(mask, x0, x)``
+    of ``src/mdlm_generation_utils.py`` L101-102; ``_get_per_token_logps`` L733-740: log-softmax of
+    ``logits / T``; ``compute_loss`` L1510: positions ``input_ids == mask``). Here the logits are
+    restricted as in sampling (``[MASK]`` and ``trajectory.suppressed_tokens`` excluded) and guided
+    with the decode's ``cfg_scale``, as :func:`trajectory_logprob`. ``exp`` of the value at the
+    sampling temperature (the default, ``trajectory.log_prob_temperature``) is the probability the
+    decoder drew ``x0`` with, i.e. the reference's sampling confidence (L76-79). One forward per
+    (sequence, step); differentiable w.r.t. the model.
+
+    Args:
+        trajectory: a decode recorded with ``record_predictions=True``.
+        temperature: the log-probs' temperature (default: the decode's).
+        batch_size: rows per model call (all ``S * B`` at once when ``None``).
+    Returns:
+        ``[B, S, Lg]`` float32.
+    """
+    if trajectory.predictions is None:
+        raise ValueError("masked_step_logprob needs the decode's intermediate answers (generate(record_predictions=True))")
+    S, B = trajectory.num_steps, trajectory.sequences.shape[0]
+    targets = trajectory.predictions.transpose(0, 1).reshape(S * B, -1)  # [S*B, Lg], step-major
+    logp = _step_state_token_logprob(logits_fn, trajectory, mask_id, targets, temperature, batch_size)
+    steps = torch.arange(S, device=logp.device).view(1, S, 1)
+    masked = trajectory.commit_step.unsqueeze(1) >= steps  # [B, S, Lg]: masked before step s
+    return torch.where(masked, logp, torch.zeros_like(logp))
+
+
+def _step_state_token_logprob(logits_fn: LogitsFn, trajectory: Trajectory, mask_id: int, targets: Tensor,
+                              temperature: float | None, batch_size: int | None) -> Tensor:
+    """``[B, S, Lg]`` log-probs of ``targets`` (``[S*B, Lg]``, step-major) at every completion position,
+    given the state before each step of a recorded decode: logits restricted as in sampling, guided
+    with the decode's ``cfg_scale``, at ``temperature`` (default: the decode's)."""
+    T = trajectory.log_prob_temperature if temperature is None else float(temperature)
+    if T <= 0:
+        raise ValueError(f"temperature must be > 0, got {T!r}")
+    S, P = trajectory.num_steps, trajectory.prompt_length
+    B, L = trajectory.sequences.shape
+    logits_fn = guided_logits_fn(logits_fn, P, mask_id, trajectory.cfg_scale)
+    states = torch.cat([trajectory.state_at(s, mask_id) for s in range(S)], dim=0)  # [S*B, L], step-major
+    attn = trajectory.attention_mask.repeat(S, 1)
+    return _chunked_token_log_probs(logits_fn, states, attn, targets, P, T, batch_size, mask_id,
+                                    trajectory.suppressed_tokens).reshape(S, B, L - P).transpose(0, 1)
+
+
+def trajectory_token_logprob(
+    logits_fn: LogitsFn, trajectory: Trajectory, mask_id: int, temperature: float | None = None, *,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Per-(step, position) log-probs of the tokens a recorded decode committed (CJ-GRPO's reference
+    objective): ``out[b, s, k] = log softmax(logits(state_at(s)) / T)[x_k]`` where token ``k`` was
+    committed at step ``s`` (``commit_step[b, k] == s``), 0 elsewhere; ``out.sum(-1)`` is
+    :func:`trajectory_logprob`'s ``[B, S]``. The CJ-GRPO reference keeps these per token
+    (yjyddq/EOSER-ASS-RL @ 5affb4e, ``cj-grpo/cj_grpo_trainer_eoser_ass.py`` ``_get_per_token_logps``
+    L560-594: input ``reversed_traj[i]``, the state before step ``i``, target ``reversed_traj[i+1]``,
+    ``selective_log_softmax`` of the logits; trained at ``unmask_positions``, the positions committed at
+    step ``i``, L487). As :func:`trajectory_logprob`: logits restricted as in sampling, guided with the
+    decode's ``cfg_scale``, temperature ``T`` default the decode's; one forward per (sequence, step),
+    differentiable w.r.t. the model.
+
+    Returns:
+        ``[B, S, Lg]`` float32.
+    """
+    S = trajectory.num_steps
+    logp = _step_state_token_logprob(logits_fn, trajectory, mask_id, trajectory.completion_ids.repeat(S, 1),
+                                     temperature, batch_size)
+    steps = torch.arange(S, device=logp.device).view(1, S, 1)
+    committed = trajectory.commit_step.unsqueeze(1) == steps  # [B, S, Lg]
+    return torch.where(committed, logp, torch.zeros_like(logp))

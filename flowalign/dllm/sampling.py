@@ -19,7 +19,11 @@ Options:
 * EOS early rejection (EOSER, same paper, §3.1): the confidence of a candidate ``x0 == EOS`` is
   multiplied by ``gamma(s)``, rising linearly from ``gamma_min`` at the first step to 1 at the
   last (:func:`eos_confidence_factor`); ``eos_early_rejection = 1 - gamma_min`` (0 = off; the
-  paper's ``gamma_min = 0.4`` is ``eos_early_rejection = 0.6``);
+  CJ-GRPO reference's ``eos_min_gamma = 0.01`` is ``eos_early_rejection = 0.99``); with several
+  blocks the factor either runs over the whole decode or restarts in every block
+  (``eos_restart_per_block``, the reference's ``eoser_generate``);
+* classifier-free guidance (LLaDA's unsupervised CFG, ``cfg_scale``): each step also scores the
+  sequence with the prompt masked and uses ``un + (s + 1) (cond - un)`` (:func:`guided_logits_fn`);
 * ``order="ar"`` (JustGRPO, Ni et al. 2026, "The Flexibility Trap: Why Arbitrary Order Limits
   Reasoning Potential in Diffusion Language Models"): one token per step, always the left-most
   masked one, drawn from the model's distribution at that position given the prefix with every
@@ -56,6 +60,7 @@ __all__ = [
     "ascending_schedule",
     "eos_confidence_factor",
     "generate",
+    "guided_logits_fn",
     "gumbel_max_sample",
     "restrict_logits",
     "transfer_schedule",
@@ -100,6 +105,10 @@ class SamplingSpec:
         eos_early_rejection: EOSER strength ``1 - gamma_min`` in ``[0, 1)``; 0 = off.
         suppress_tokens: token ids never generated (e.g. pad / special tokens); ``[MASK]`` is
             always suppressed. The recorded log-probs are those of the renormalized distribution.
+        cfg_scale: classifier-free guidance scale ``s >= 0`` (0 = off): the logits are
+            ``un + (s + 1) (cond - un)``, ``un`` with the prompt masked (:func:`guided_logits_fn`).
+        eos_restart_per_block: EOSER's decoding progress counts the step inside its block, not
+            the global step (:func:`eos_confidence_factor`).
     """
 
     gen_length: int
@@ -111,6 +120,8 @@ class SamplingSpec:
     step_schedule: str = "uniform"
     eos_early_rejection: float = 0.0
     suppress_tokens: tuple[int, ...] = ()
+    cfg_scale: float = 0.0
+    eos_restart_per_block: bool = False
 
     def __post_init__(self) -> None:
         self.suppress_tokens = tuple(int(t) for t in self.suppress_tokens)
@@ -128,6 +139,8 @@ class SamplingSpec:
             raise SamplingSpecError("order", f"order must be one of {ORDERS}, got {self.order!r}")
         if self.step_schedule not in STEP_SCHEDULES:
             raise SamplingSpecError("step_schedule", f"step_schedule must be one of {STEP_SCHEDULES}, got {self.step_schedule!r}")
+        if not (self.cfg_scale >= 0.0):
+            raise SamplingSpecError("cfg_scale", f"cfg_scale must be >= 0, got {self.cfg_scale!r}")
         if not (self.temperature >= 0.0):
             raise SamplingSpecError("temperature", f"temperature must be >= 0, got {self.temperature!r}")
         if not (0.0 <= self.eos_early_rejection < 1.0):
@@ -227,21 +240,49 @@ def eos_confidence_factor(step: int, spec: SamplingSpec) -> float:
     """EOSER factor ``gamma(s)`` multiplying the confidence of an EOS candidate at global step ``s``.
 
     Yang et al. 2025 (§3.1, EOS Early Rejection): ``gamma(s) = gamma_min + (1 - gamma_min) * p(s)``,
-    ``gamma_min = 1 - spec.eos_early_rejection``, with decoding progress ``p(s) = s / (S - 1)`` for
-    the uniform schedule and, for the ascending schedule, the fraction of the window committed
-    after step ``s`` (the paper's ``(2^(s+1) - 1) / 2^S`` for its power-of-two windows). ``p`` is 1
-    at the last step, so nothing is suppressed there. Returns 1 when EOSER is off.
+    ``gamma_min = 1 - spec.eos_early_rejection``, with ``S = spec.steps`` the total steps and
+    decoding progress
+
+    * uniform schedule: ``p = i / (S - 1)`` -- the reference's ``sampling`` (yjyddq/EOSER-ASS-RL @
+      5affb4e, ``cj-grpo/cj_grpo_trainer_eoser.py`` L281-283, ``eval/generate.py`` L78-80);
+    * ascending schedule: ``p = (2^(i+1) - 1) / 2^S`` -- the reference's ``ass_sampling``
+      (``cj-grpo/cj_grpo_trainer_eoser_ass.py`` L339-341, ``eval/generate.py`` L95-97): the
+      fraction of a ``2^S`` window committed after step ``i`` under its doubling schedule;
+
+    where ``i`` is the global step ``s``, or with ``spec.eos_restart_per_block`` the step inside its
+    block, ``s mod steps_per_block`` (the reference's ``eoser_generate`` passes the in-block index
+    with ``total_steps = steps``, ``eval/generate.py`` L220-251, so the factor restarts at
+    ``gamma_min`` in every block). ``p`` is capped at 1. Returns 1 when EOSER is off.
     """
     if spec.eos_early_rejection <= 0:
         return 1.0
     gamma_min = 1.0 - spec.eos_early_rejection
     S = spec.steps
+    i = step % spec.steps_per_block if spec.eos_restart_per_block else step
     if spec.step_schedule == "ascending":
-        counts = transfer_schedule(spec)
-        progress = sum(counts[: step + 1]) / spec.gen_length
+        progress = (2 ** (i + 1) - 1) / 2**S
     else:
-        progress = step / (S - 1) if S > 1 else 1.0
-    return gamma_min + (1.0 - gamma_min) * progress
+        progress = i / (S - 1) if S > 1 else 1.0
+    return gamma_min + (1.0 - gamma_min) * min(progress, 1.0)
+
+
+def guided_logits_fn(logits_fn: LogitsFn, prompt_length: int, mask_id: int, scale: float) -> LogitsFn:
+    """LLaDA's unsupervised classifier-free guidance as a :data:`LogitsFn` (Nie et al. 2025, App. B.3;
+    ML-GSAI/LLaDA @ b7e6c35 ``generate.py`` L79-87, ``get_log_likelihood.py`` L29-43; d1's
+    ``diffu_grpo_trainer.py`` ``get_logits``): the input is scored twice in one call, as is and
+    with its first ``prompt_length`` positions (the prompt) replaced by ``mask_id``, and the
+    logits are ``un + (scale + 1) * (cond - un)``. ``scale = 0`` returns ``logits_fn`` itself."""
+    if scale == 0:
+        return logits_fn
+
+    def guided(ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        un = ids.clone()
+        un[:, :prompt_length] = mask_id
+        am = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+        cond, uncond = logits_fn(torch.cat([ids, un]), am).chunk(2, dim=0)
+        return uncond + (scale + 1.0) * (cond - uncond)
+
+    return guided
 
 
 def restrict_logits(logits: Tensor, mask_id: int, suppress_tokens: Sequence[int] = ()) -> Tensor:
@@ -301,6 +342,8 @@ class Trajectory:
         log_prob_temperature: the ``tau`` of ``step_log_probs``.
         suppressed_tokens: token ids excluded from the policy besides ``[MASK]``
             (``SamplingSpec.suppress_tokens``).
+        cfg_scale: the classifier-free guidance scale of the decode (its log-probs are those of
+            the guided logits, :func:`guided_logits_fn`).
     """
 
     sequences: Tensor
@@ -312,6 +355,7 @@ class Trajectory:
     predictions: Tensor | None = None
     log_prob_temperature: float = 1.0
     suppressed_tokens: tuple[int, ...] = ()
+    cfg_scale: float = 0.0
 
     @property
     def completion_ids(self) -> Tensor:
@@ -347,6 +391,7 @@ class Trajectory:
             predictions=None if self.predictions is None else self.predictions[index],
             log_prob_temperature=self.log_prob_temperature,
             suppressed_tokens=self.suppressed_tokens,
+            cfg_scale=self.cfg_scale,
         )
 
 
@@ -400,6 +445,7 @@ def generate(
         raise ValueError("eos_id is required when spec.eos_early_rejection > 0")
     B, P = prompt_ids.shape
     Lg, S = spec.gen_length, spec.steps
+    logits_fn = guided_logits_fn(logits_fn, P, mask_id, spec.cfg_scale)
     device = prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((B, Lg), mask_id, dtype=torch.long, device=device)], dim=1)
     attn = torch.cat([prompt_mask, torch.ones((B, Lg), dtype=torch.long, device=device)], dim=1)
@@ -460,4 +506,5 @@ def generate(
         predictions=predictions,
         log_prob_temperature=tau,
         suppressed_tokens=spec.suppress_tokens,
+        cfg_scale=spec.cfg_scale,
     )

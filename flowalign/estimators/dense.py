@@ -13,7 +13,8 @@ indexes denoising steps forward, ``k = 0 .. T-1`` (step ``k`` is the paper's ``t
   group normalisation (Eq. 2) applied to each timestep's dense reward.
 * :func:`calibrate_noise` -- Algorithm 1: for every timestep, ``ψ(t) += ε2`` if
   ``|#{ΔR_t > 0} - #{ΔR_t < 0}| < ε1`` (balanced) else ``ψ(t) -= ε2``; the counts pool all sampled
-  trajectories; App. A uses ``ε1 = 2``, ``ε2 = 0.01``. Eq. 11: the SDE noise of Flow-GRPO's sampler
+  trajectories (under several processes the caller passes every rank's gains, gathered:
+  ``flowalign.algorithms.dense_grpo.DenseGRPO.table_targets``); App. A uses ``ε1 = 2``, ``ε2 = 0.01``. Eq. 11: the SDE noise of Flow-GRPO's sampler
   (Eq. 6, ``σ_t = a sqrt(t / (1 - t))``) becomes ``σ_t = ψ(t)``. The paper runs the calibration
   before training and keeps ``ψ`` fixed while training (App. A); running it online is this
   library's option.
@@ -174,7 +175,8 @@ def calibrate_noise(
     """One iteration of DenseGRPO's exploration-space calibration of ``ψ(t)`` (Algorithm 1, lines 9-15).
 
     For every timestep count the trajectories whose dense reward ``ΔR_t`` is positive, ``n+_t``, and
-    negative, ``n-_t`` (all trajectories of the rollout pooled, whatever their prompt). Then::
+    negative, ``n-_t`` (all trajectories of the rollout pooled, whatever their prompt; with several
+    processes, pass the gains of every rank, gathered, so that all ranks hold the same ψ). Then::
 
         ψ'(t) = ψ(t) + ε2   if |n+_t - n-_t| < ε1     (balanced: room for more exploration)
         ψ'(t) = ψ(t) - ε2   otherwise                 (imbalanced: too much noise)

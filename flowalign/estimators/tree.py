@@ -6,7 +6,8 @@ Diffusion Models", arXiv:2509.06040, §3 "reward fusion and depth-wise advantage
 * :func:`fuse_node_rewards` -- the value of every node (the node an edge leads to) fused from the
   rewards of its descendant leaves: uniform mean, or a softmax of the leaves' path log-probs.
 * :func:`depthwise_advantages` -- node values normalised per (tree, depth); each parent->child
-  edge is trained with the child's advantage.
+  edge is trained with the child's advantage (trees from :func:`edge_root_ids`, one per initial
+  noise as in the reference, or :func:`edge_group_ids`, one per prompt group).
 * :func:`width_prune` / :func:`depth_prune` -- which TRAINED edges keep their gradient; pruning
   never changes what was sampled and never makes an untrainable edge trainable.
 
@@ -38,20 +39,25 @@ from flowalign.guards import assert_finite
 from flowalign.types import RolloutTree
 
 __all__ = [
+    "DEPTH_PRUNE_MODES",
     "FUSION_MODES",
+    "NORM_SCOPES",
     "WIDTH_PRUNE_MODES",
     "branch_step_advantages",
     "branch_step_edge_advantages",
     "depth_prune",
     "depthwise_advantages",
     "edge_group_ids",
+    "edge_root_ids",
     "fuse_node_rewards",
     "noise_aware_weights",
     "width_prune",
 ]
 
 TreeLike = Union[RolloutTree, Mapping[str, Tensor]]
-FUSION_MODES: tuple[str, ...] = ("mean", "logprob_softmax")
+FUSION_MODES: tuple[str, ...] = ("mean", "logprob_softmax", "path_logprob_softmax")
+DEPTH_PRUNE_MODES: tuple[str, ...] = ("slide_stop", "wrap")
+NORM_SCOPES: tuple[str, ...] = ("root", "group")
 WIDTH_PRUNE_MODES: tuple[str, ...] = ("fraction", "best_worst")
 
 
@@ -162,22 +168,31 @@ def fuse_node_rewards(
 ) -> Tensor:
     """Value of the node each edge leads to, fused from the rewards of its descendant leaves.
 
-    BranchGRPO reward fusion (Li et al. 2025, §3, "reward fusion"): for the node ``n`` reached by
-    edge ``e`` with descendant leaves ``L(n)``::
+    BranchGRPO reward fusion (Li et al. 2025, §3, "reward fusion"), for the node ``n`` reached by
+    edge ``e``:
 
-        r̄_n = sum_{l in L(n)} w_l r_l,
-        "mean":            w_l = 1 / |L(n)|
-        "logprob_softmax": w_l = softmax_{l in L(n)}( log p(path_l) / temperature )
+    * ``"mean"`` -- the uniform mean of the rewards of its descendant leaves ``L(n)``. The
+      reference's default (``--tree_prob_weighted`` off): Fredreic1849/BranchGRPO @ 19fbb9f,
+      ``fastvideo/train_branchgrpo_flux.py`` lines 642-649.
+    * ``"logprob_softmax"`` -- the reference's probability-weighted fusion (``--tree_prob_weighted``,
+      same file lines 614-640), bottom-up: a leaf's value is its reward; a node with one child takes
+      its child's value; a node with children ``C(n)`` takes
+      ``r̄_n = sum_{c in C(n)} softmax_{c in C(n)}(log p(n->c) / temperature) r̄_c``, a softmax over
+      the log-probs of its own child EDGES only (the reference fixes ``alpha = 1``, i.e.
+      ``temperature = 1``). Edges of non-branching steps never enter a weight.
+    * ``"path_logprob_softmax"`` -- flowalign's earlier form: one softmax over whole node-to-leaf
+      paths, ``w_l = softmax_{l in L(n)}(log p(path_l) / temperature)`` with
+      ``log p(path_l) = sum_t log_prob_old[leaf_edges[l, t]]`` (the root->n prefix cancels). It
+      differs from ``"logprob_softmax"`` below a node with more than one level of splits, and
+      whenever non-branching edges carry different log-probs.
 
-    where ``log p(path_l) = sum_t log_prob_old[leaf_edges[l, t]]`` (the repo's per-edge log-probs are
-    means over latent dims). The root->n prefix is shared by every leaf in ``L(n)``, so it cancels
-    in the softmax: the weights equal those of the n->leaf sub-path probabilities.
+    Log-probs are ``log_prob_old`` (the repo's, like the reference's, means over latent dims).
 
     Args:
-        tree_or_parts: a RolloutTree or mapping with ``step [E]``, ``leaf_edges [L, T]`` and, for
-            ``"logprob_softmax"``, ``log_prob_old [E]``.
+        tree_or_parts: a RolloutTree or mapping with ``step [E]``, ``leaf_edges [L, T]``; the
+            softmax modes also need ``log_prob_old [E]``, and ``"logprob_softmax"`` ``parent [E]``.
         leaf_rewards: ``[L]`` finite float rewards.
-        mode: ``"mean"`` or ``"logprob_softmax"``.
+        mode: one of :data:`FUSION_MODES`.
         temperature: softmax temperature (> 0); ignored for ``"mean"``.
 
     Returns:
@@ -200,6 +215,8 @@ def fuse_node_rewards(
         ):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         logp = _float_vector(_get(tree_or_parts, "log_prob_old"), "log_prob_old", E).to(edge_ids.device)
+        if mode == "logprob_softmax":
+            return _fuse_bottom_up(tree_or_parts, r, logp, leaf_ids, edge_ids, float(temperature))
         path_logp = torch.zeros(r.shape[0], **f64).index_add_(0, leaf_ids, logp[edge_ids])  # [L]
         s = path_logp[leaf_ids] / float(temperature)  # [K] score of leaf under each ancestor edge
         # Segment softmax over the leaves of each node, stabilised by the per-node max.
@@ -208,6 +225,91 @@ def fuse_node_rewards(
     num = torch.zeros(E, **f64).index_add_(0, edge_ids, w * r[leaf_ids])
     den = torch.zeros(E, **f64).index_add_(0, edge_ids, w)
     return (num / den).to(torch.float32)
+
+
+def _fuse_bottom_up(tree: TreeLike, r: Tensor, logp: Tensor, leaf_ids: Tensor, edge_ids: Tensor,
+                    temperature: float) -> Tensor:
+    """``fuse_node_rewards(mode="logprob_softmax")``: per-node softmax over child-edge log-probs,
+    from the deepest nodes up (BranchGRPO @ 19fbb9f, ``train_branchgrpo_flux.py`` lines 616-640)."""
+    device = edge_ids.device
+    E = logp.shape[0]
+    step = _int_vector(_get(tree, "step"), "step", E).to(device)
+    parent = _int_vector(_get(tree, "parent"), "parent", E).to(device)
+    if E and (int(parent.min()) < -1 or int(parent.max()) >= E):
+        raise ValueError(f"parent holds ids in [{int(parent.min())}, {int(parent.max())}], outside [0, E={E}) (-1 = root)")
+    has_parent = parent >= 0
+    if bool((step[parent[has_parent]] >= step[has_parent]).any()):
+        raise ValueError("every edge's step must be larger than its parent edge's step")
+    # The edge producing each leaf is the deepest edge on its path; leaves are exactly the childless nodes.
+    L = r.shape[0]
+    deepest = torch.full((L,), -1, dtype=torch.long, device=device).scatter_reduce_(0, leaf_ids, step[edge_ids], "amax")
+    own = edge_ids[step[edge_ids] == deepest[leaf_ids]]
+    own_leaf = leaf_ids[step[edge_ids] == deepest[leaf_ids]]
+    n_children = torch.zeros(E, dtype=torch.long, device=device).index_add_(
+        0, parent[has_parent], torch.ones_like(parent[has_parent]))
+    is_leaf_edge = torch.zeros(E, dtype=torch.bool, device=device)
+    is_leaf_edge[own] = True
+    if own.unique().numel() != L or bool((is_leaf_edge != (n_children == 0)).any()):
+        raise ValueError("leaf_edges and parent disagree: every leaf must end in its own childless edge")
+    value = torch.zeros(E, dtype=torch.float64, device=device)
+    value[own] = r[own_leaf]
+    # Children of the parents at step t have larger steps, so their values are final when step t is reached.
+    child_ids = has_parent.nonzero()[:, 0]
+    for t in torch.unique(step[parent[child_ids]]).flip(0).tolist():
+        c = child_ids[step[parent[child_ids]] == t]
+        p = parent[c]
+        s = logp[c] / temperature
+        smax = torch.full((E,), -math.inf, dtype=torch.float64, device=device).scatter_reduce_(0, p, s, "amax")
+        w = torch.exp(s - smax[p])  # a single child weighs exp(0) = 1: its value passes up unchanged
+        num = torch.zeros(E, dtype=torch.float64, device=device).index_add_(0, p, w * value[c])
+        den = torch.zeros(E, dtype=torch.float64, device=device).index_add_(0, p, w)
+        at = torch.unique(p)
+        value[at] = num[at] / den[at]
+    return value.to(torch.float32)
+
+
+def edge_root_ids(tree_or_parts: TreeLike, root_fanout: int = 1) -> Tensor:
+    """``[E]`` long: the id of the rollout tree (initial noise, the reference's root node) each edge grows from.
+
+    The edges leaving initial noises (``parent = -1``) are taken in id order, ``root_fanout``
+    consecutive ones per initial noise: the rollout engine's layout (a node's children are
+    consecutive), with ``root_fanout`` the branching factor of step 0 (1 when step 0 does not
+    split). Every other edge inherits its parent's root. When ``x_t`` is present, the root edges
+    said to share a noise are checked to start from the same latent.
+
+    Raises:
+        ValueError: the number of root edges is not a multiple of ``root_fanout``, or root edges
+            grouped together start from different latents.
+    """
+    if isinstance(root_fanout, bool) or not isinstance(root_fanout, int) or root_fanout < 1:
+        raise ValueError(f"root_fanout must be an integer >= 1, got {root_fanout!r}")
+    step = _int_vector(_get(tree_or_parts, "step"), "step")
+    E, device = step.shape[0], step.device
+    parent = _int_vector(_get(tree_or_parts, "parent"), "parent", E).to(device)
+    if E and (int(parent.min()) < -1 or int(parent.max()) >= E):
+        raise ValueError(f"parent holds ids in [{int(parent.min())}, {int(parent.max())}], outside [0, E={E}) (-1 = root)")
+    has_parent = parent >= 0
+    if bool((step[parent[has_parent]] >= step[has_parent]).any()):
+        raise ValueError("every edge's step must be larger than its parent edge's step")
+    roots = (parent < 0).nonzero()[:, 0]
+    if roots.numel() % root_fanout:
+        raise ValueError(f"{roots.numel()} root edges (parent -1) are not a multiple of root_fanout={root_fanout}")
+    root_of_root_edge = torch.full((E,), -1, dtype=torch.long, device=device)
+    root_of_root_edge[roots] = torch.arange(roots.numel(), device=device) // root_fanout
+    x_t = _get(tree_or_parts, "x_t", required=False)
+    if x_t is not None and root_fanout > 1 and roots.numel():
+        x0 = x_t[roots].reshape(roots.numel() // root_fanout, root_fanout, -1)
+        if not bool((x0 == x0[:, :1]).all()):
+            raise ValueError(f"root edges grouped by root_fanout={root_fanout} start from different latents x_t: "
+                             "the branching factor of step 0 does not match the tree")
+    # Walk every edge up to the root level, one gather per depth.
+    anc = torch.arange(E, device=device)
+    while True:
+        up = parent[anc]
+        if not bool((up >= 0).any()):
+            break
+        anc = torch.where(up >= 0, up, anc)
+    return root_of_root_edge[anc]
 
 
 def depthwise_advantages(
@@ -219,6 +321,7 @@ def depthwise_advantages(
     clip: float | None = None,
     valid: Tensor | None = None,
     unbiased: bool = False,
+    std_floor: float = 0.0,
 ) -> Tensor:
     """Depth-wise normalised advantages ``A_e = (v_e - mu_{tree,d}) / (sigma_{tree,d} + eps)``.
 
@@ -229,12 +332,20 @@ def depthwise_advantages(
     per (tree, depth) pair; a (tree, depth) whose values all coincide (e.g. a depth above the
     first split, which has a single node) gets exactly 0.
 
+    The reference (Fredreic1849/BranchGRPO @ 19fbb9f, ``fastvideo/train_branchgrpo_flux.py`` lines
+    663-680, ``compute_hierarchical_advantages_by_depth``) normalises each root's tree separately
+    (``tree_id`` from :func:`edge_root_ids`), gives a depth with one node 0, gives a depth whose
+    unbiased std is below 1e-6 all zeros (``std_floor=1e-6``), and otherwise divides by
+    ``torch.std() + 1e-8`` (``unbiased=True, eps=1e-8``).
+
     Args:
         node_values: ``[E]`` float, e.g. :func:`fuse_node_rewards`.
         step: ``[E]`` long depth (sigma-schedule step) of each edge.
-        tree_id: ``[E]`` long tree / group id of each edge (e.g. :func:`edge_group_ids`).
-        eps, clip, valid, unbiased: as in ``group_advantages`` (BranchGRPO's reference code
-            divides by the unbiased ``torch.std`` + 1e-8: ``unbiased=True, eps=1e-8``).
+        tree_id: ``[E]`` long tree / group id of each edge (:func:`edge_root_ids` or
+            :func:`edge_group_ids`).
+        eps, clip, valid, unbiased: as in ``group_advantages``.
+        std_floor: a (tree, depth) cell whose std (the same estimator, over its valid members) is
+            below this gets advantage 0 (>= 0; 0 keeps only the exact zero-spread rule).
 
     Returns:
         ``[E]`` float32.
@@ -242,13 +353,27 @@ def depthwise_advantages(
     if not isinstance(node_values, Tensor) or node_values.dim() != 1:
         shape = tuple(node_values.shape) if isinstance(node_values, Tensor) else type(node_values).__name__
         raise ValueError(f"node_values must be a 1-D [E] tensor, got {shape}")
+    if isinstance(std_floor, bool) or not isinstance(std_floor, (int, float)) or not (
+            math.isfinite(std_floor) and std_floor >= 0):
+        raise ValueError(f"std_floor must be a finite number >= 0, got {std_floor!r}")
     E = node_values.shape[0]
     step = _int_vector(step, "step", E).to(node_values.device)
     tree_id = _int_vector(tree_id, "tree_id", E).to(node_values.device)
     if E == 0:
         return torch.zeros(0, dtype=torch.float32, device=node_values.device)
-    return group_advantages(node_values, joint_ids(tree_id, step), std_mode="group", clip=clip, eps=eps, valid=valid,
-                            unbiased=unbiased)
+    cell = joint_ids(tree_id, step)
+    adv = group_advantages(node_values, cell, std_mode="group", clip=clip, eps=eps, valid=valid, unbiased=unbiased)
+    if std_floor > 0:
+        # The reference's `if std_reward < 1e-6: advantages = 0` (train_branchgrpo_flux.py line 675).
+        w = _bool_vector(valid, "valid", E, node_values.device).to(torch.float64)
+        v = torch.where(w > 0, node_values.detach().to(torch.float64), torch.zeros_like(w))
+        C = int(cell.max()) + 1
+        count = torch.zeros(C, dtype=torch.float64, device=v.device).index_add_(0, cell, w)
+        mean = torch.zeros_like(count).index_add_(0, cell, v) / count.clamp_min(1.0)
+        sq = torch.zeros_like(count).index_add_(0, cell, ((v - mean[cell]) * w) ** 2)
+        std = (sq / (count - (1.0 if unbiased else 0.0)).clamp_min(1.0)).sqrt()
+        adv = torch.where(std[cell] < std_floor, torch.zeros_like(adv), adv)
+    return adv
 
 
 def width_prune(
@@ -347,41 +472,67 @@ def depth_prune(
     window: int,
     *,
     num_steps: int,
+    mode: str = "wrap",
     stride: int = 1,
-    start: int = 0,
+    start: int | None = None,
+    stop: int = 0,
+    interval: int = 1,
     trainable: Tensor | None = None,
 ) -> Tensor:
     """Sliding depth pruning (BranchGRPO, Li et al. 2025, §3 "pruning"): cut a window of depths.
 
-    At ``iteration`` the pruned depths are ``[d, d + window)`` with
-    ``d = (start + iteration * stride) mod (num_steps - window + 1)``: the window slides ``stride``
-    depths per iteration and wraps to depth 0 after reaching the last full position, so every depth
-    is still trained in most iterations. Edges whose ``step`` is in the window lose their gradient;
-    the result is ``trainable & ~in_window``.
+    Edges whose ``step`` lies in the window ``[d, d + window)`` lose their gradient; the result is
+    ``trainable & ~in_window``. Where the window sits at ``iteration`` (0-based):
+
+    * ``mode="slide_stop"`` (the reference: Fredreic1849/BranchGRPO @ 19fbb9f,
+      ``fastvideo/train_branchgrpo_flux.py`` lines 1278-1294): the window starts at ``start``
+      (default ``num_steps - window``, the deepest position) and moves one depth toward the
+      shallow end every ``interval`` iterations, then stays once its first depth reaches ``stop``:
+      ``d = start - min((iteration + 1) // interval, max(0, start - stop))``. The reference's
+      ``shift = current_step // interval`` counts training steps from 1, hence ``iteration + 1``;
+      its depths are child depths, ``depth = step + 1``.
+    * ``mode="wrap"`` (flowalign's earlier form): ``d = (start + iteration * stride) mod
+      (num_steps - window + 1)`` (``start`` default 0): the window moves ``stride`` depths deeper per
+      iteration and wraps to depth 0 after the last full position.
 
     Args:
         step: ``[E]`` long depth of each edge.
         iteration: training iteration (>= 0).
         window: number of pruned depths (``0 <= window < num_steps``; 0 prunes nothing).
         num_steps: ``T``, the number of depths.
-        stride, start: window movement per iteration (>= 0) and starting depth (>= 0).
+        mode: ``"slide_stop"`` or ``"wrap"``.
+        stride: ``"wrap"``: depths moved per iteration (>= 0).
+        start: first pruned depth at iteration 0 (``0 <= start <= num_steps - window``).
+        stop: ``"slide_stop"``: the shallowest first depth the window slides to (>= 0).
+        interval: ``"slide_stop"``: iterations per one-depth move (>= 1).
         trainable: optional ``[E]`` bool (default all True).
 
     Returns:
         ``[E]`` bool mask of edges to train.
     """
+    if mode not in DEPTH_PRUNE_MODES:
+        raise ValueError(f"mode must be one of {list(DEPTH_PRUNE_MODES)}, got {mode!r}")
     for name, val, lo in (("iteration", iteration, 0), ("window", window, 0), ("num_steps", num_steps, 1),
-                          ("stride", stride, 0), ("start", start, 0)):
+                          ("stride", stride, 0), ("stop", stop, 0), ("interval", interval, 1)):
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
     if window >= num_steps:
         raise ValueError(f"window={window} must be < num_steps={num_steps}: it would prune every depth")
+    if start is None:
+        start = num_steps - window if mode == "slide_stop" else 0
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= num_steps - window:
+        raise ValueError(f"start must be an integer in [0, num_steps - window = {num_steps - window}], got {start!r}")
     step = _int_vector(step, "step")
     E = step.shape[0]
     if E and (int(step.min()) < 0 or int(step.max()) >= num_steps):
         raise ValueError(f"step holds depths in [{int(step.min())}, {int(step.max())}], outside [0, num_steps={num_steps})")
     trainable = _bool_vector(trainable, "trainable", E, step.device)
-    d = (start + iteration * stride) % (num_steps - window + 1)
+    if window == 0:
+        return trainable
+    if mode == "slide_stop":
+        d = start - min((iteration + 1) // interval, max(0, start - stop))
+    else:
+        d = (start + iteration * stride) % (num_steps - window + 1)
     in_window = (step >= d) & (step < d + window)
     return trainable & ~in_window
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from flowalign.guards import assert_finite
 
-__all__ = ["KL_FORMS", "kl_form_scale", "kl_on_means", "ppo_clip_loss"]
+__all__ = ["KL_FORMS", "kl_form_scale", "kl_on_means", "ppo_clip_loss", "ratio_norm_log_ratio"]
 
 #: forms of the KL penalty on transition means (``algorithm.kl_form``)
 KL_FORMS: tuple[str, ...] = ("exact", "flow_grpo")
@@ -100,6 +100,34 @@ def kl_form_scale(form: str, kind: str, delta: Tensor) -> Tensor | None:
     if form == "exact" or kind == "cps":
         return None
     return delta.detach().float()
+
+
+def ratio_norm_log_ratio(log_prob: Tensor, log_prob_old: Tensor, mean: Tensor, mean_old: Tensor,
+                         std: Tensor) -> Tensor:
+    """Pref-GRPO's normalised log-ratio ("rationorm"): ``s·(lp − lp_old + mean((μ − μ_old)²) / (2 s²))``.
+
+    CodeGoat24/Pref-GRPO @ 3e787f6, ``fastvideo/train_flux.py`` lines 729-741: the bias
+    ``mean((μ − μ_old)²) / (2 s²)`` (``ratio_mean_bias``) is added to the log-ratio, which is then
+    multiplied by ``scale = sqrt(|dt|)·σ_t``, the transition std ``s`` (``noise_scale`` of
+    ``fastvideo/grpo/steps.py`` line 46). For the Gaussian log-densities of the samplers this equals
+    ``mean(ε ⊙ (μ − μ_old))`` with ``ε = (x_next − μ_old) / s`` the rollout's noise: the quadratic
+    term that always lowers the ratio is removed and the step's noise scale no longer sets the
+    ratio's spread. 0 exactly on-policy (``lp == lp_old``, ``μ == μ_old``). The reference also divides
+    the step's policy loss by ``|dt|`` (line 756); the caller does that.
+
+    Args:
+        log_prob, log_prob_old: ``[N]`` Gaussian log-densities (mean over latent dims) of the new
+            and the sampling policy.
+        mean, mean_old: ``[N, *latent]`` the two transition means.
+        std: ``[N]`` transition std ``s > 0`` (the same under both policies).
+
+    Returns:
+        ``[N]`` float32 normalised log-ratio (pass it as ``log_prob`` with ``log_prob_old = 0``).
+    """
+    n = log_prob.shape[0]
+    s = std.detach().float().reshape(n)
+    bias = (mean.float() - mean_old.detach().float()).pow(2).reshape(n, -1).mean(dim=1) / (2 * s**2)
+    return (log_prob.float() - log_prob_old.detach().float() + bias) * s
 
 
 def _weighted_mean(x: Tensor, weights: Tensor | None) -> Tensor:

@@ -286,6 +286,11 @@ class Recipe:
     # ------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------
+    def checkpoint_ema(self) -> Any:
+        """What the checkpoint's EMA file holds (an object with ``state_dict`` / ``load_state_dict``,
+        or ``None``): ``train.ema_decay``'s EMA; AWM adds its EMA-KL copy."""
+        return self.ema
+
     def save_checkpoint(self, step: int) -> None:
         """Atomic checkpoint: trainable weights, optimizer, EMA, RNG, LR schedule, step, elapsed
         training time, before / best evaluations and the recipe's :meth:`checkpoint_extra`."""
@@ -293,13 +298,13 @@ class Recipe:
         if self.is_main:
             extra = {"step": step, "before": scalars(self.before), "best": self.best, "train_seconds": self.train_seconds,
                      "lr_scheduler": self.lr_scheduler.state_dict(), **self.checkpoint_extra()}
-            save_training_state(self.cfg.output_dir, step, self.checkpoint_module(), self.optimizer, ema=self.ema,
+            save_training_state(self.cfg.output_dir, step, self.checkpoint_module(), self.optimizer, ema=self.checkpoint_ema(),
                                 extra=extra, keep_last=self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
     def _maybe_resume(self) -> None:
         ckpt = resume_training_state(self.cfg.train.resume, self.cfg.output_dir, self.checkpoint_module(),
-                                     self.optimizer, self.ema)
+                                     self.optimizer, self.checkpoint_ema())
         if ckpt is None:
             return
         extra = ckpt.extra

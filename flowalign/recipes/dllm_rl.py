@@ -8,15 +8,18 @@ optimizer step) is :class:`flowalign.recipes.base.Recipe`'s. Each iteration:
    ``flowalign.dllm.sampling.generate`` (no grad, trajectory recorded); each rank decodes whole groups;
 2. **reward** -- decode to text and score with the task's verifier; the algorithm may then change
    the rollouts (:meth:`~flowalign.algorithms.dllm.DLLMAlgorithm.augment_rollouts`; IGPO: all-wrong
-   groups get some rollouts re-decoded with a reference prefix inpainted as a fixed hint);
+   groups are re-decoded with a reference prefix inpainted as a hint, and correct re-decodes
+   replace some rollouts);
 3. **advantages** -- the algorithm's (:meth:`~flowalign.algorithms.dllm.DLLMAlgorithm.advantages`):
    group-relative per sequence or, for MDPO, per denoising step; groups without signal are left out
    of the update;
 4. **update** -- ``inner_steps`` optimizer steps; inner step ``k`` draws the estimator's random
    masks once and uses them for the old log-probs (computed before any update) and the new ones,
    so the first inner step's ratio is exactly 1 (checked before the weights change, and logged); the
-   clipped loss is ``flowalign.losses.ppo_clip_loss`` on the estimator's units (tokens, sequences or
-   steps); one host sync per optimizer step.
+   clipped loss is ``flowalign.losses.ppo_clip_loss`` on the estimator's units (tokens, sequences,
+   steps or (step, token) pairs) with the algorithm's unit weights
+   (:meth:`~flowalign.algorithms.dllm.DLLMAlgorithm.unit_weights`, ``loss_weights``) and ratio
+   (``ratio_log_probs``; IGPO's GSPO sequence ratio); one host sync per optimizer step.
 
 Every random stream is derived from ``(seed, stream name, iteration, rank[, inner step])``
 (:func:`flowalign.training.rng.stream_generator`), so a resumed run replays what an uninterrupted
@@ -40,13 +43,11 @@ from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts
 from flowalign.config import build_optimizer
 from flowalign.diversity import distinct_fraction
 from flowalign.dllm.algorithms import (
-    LogProbEstimator,
     RolloutBatch,
     policy_loss,
     select_draws,
     trained_token_mask,
     unit_advantages,
-    unit_weights,
 )
 from flowalign.dllm.config import DLLMConfig
 from flowalign.dllm.model import MaskedDiffusionLM
@@ -119,9 +120,10 @@ class DLLMRecipe(Recipe):
         self.eval_examples = eval_examples[: cfg.eval.max_examples] if cfg.eval.max_examples else eval_examples
         self.spec = cfg.sampling_spec()
         self.eval_spec = replace(self.spec, temperature=cfg.eval.temperature)
-        self.estimator = LogProbEstimator(a.estimator, mask_id=self.mask_id, p_mask_prompt=a.p_mask_prompt,
-                                          num_mc=a.num_mc, masks_per_t=a.masks_per_t,
-                                          temperature=self.spec.log_prob_temperature)
+        self.estimator = self.algorithm.build_estimator(a.estimator, mask_id=self.mask_id, p_mask_prompt=a.p_mask_prompt,
+                                                        num_mc=a.num_mc, masks_per_t=a.masks_per_t,
+                                                        temperature=self.spec.log_prob_temperature,
+                                                        cfg_scale=a.likelihood_cfg_scale)
         self.forward_calls = self.forward_rows = 0
 
     def optimizer_steps_per_iteration(self) -> int:
@@ -179,7 +181,8 @@ class DLLMRecipe(Recipe):
         prompt_ids = prompt_ids.to(self.accelerator.device).repeat_interleave(s.group_size, dim=0)
         prompt_mask = prompt_mask.to(self.accelerator.device).repeat_interleave(s.group_size, dim=0)
         traj = generate(self.logits_fn, prompt_ids, prompt_mask, self.spec, mask_id=self.mask_id, eos_id=self.eos_id,
-                        generator=stream_generator(cfg.seed, "rollout", iteration, self.rank), record_predictions=False)
+                        generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
+                        record_predictions=self.algorithm.record_predictions)
         P = traj.prompt_length
         t1 = time.perf_counter()
         rollout_examples = [ex for ex in examples for _ in range(s.group_size)]
@@ -198,7 +201,7 @@ class DLLMRecipe(Recipe):
 
         sequences, group_ids = rollouts.sequences, rollouts.group_ids
         trained = trained_token_mask(sequences[:, P:], self.eos_id, rollouts.fixed.to(sequences.device))
-        batch = RolloutBatch(sequences, traj.attention_mask, P, trained, traj if self.estimator.unit == "step" else None)
+        batch = RolloutBatch(sequences, traj.attention_mask, P, trained, traj if self.estimator.unit in ("step", "step_token") else None)
         # groups (or, for MDPO, every step cell) whose rewards coincide carry no policy gradient
         signal = (advantages != 0).reshape(len(batch), -1).any(dim=1)
         group_signal = torch.zeros(per_rank, dtype=torch.long).index_add_(0, group_ids, signal.long().cpu()) > 0
@@ -242,8 +245,10 @@ class DLLMRecipe(Recipe):
                 ref = [torch.cat([self.estimator(self.reference_logits_fn, batch.select(c), select_draws(d, c)) for c in chunks]) if n else None
                        for d in draws]
         unit_shape = old[0].shape if n else (0, 1)
-        weights = unit_weights(self.estimator.unit, batch.trained, batch.trajectory) if n else torch.zeros(0, 1)
+        weights = self.algorithm.unit_weights(self.estimator, batch, old[0]) if n else torch.zeros(0, 1)
         unit_adv = unit_advantages(advantages.to(weights.device), tuple(unit_shape)) if n else torch.zeros(0, 1)
+        if n:
+            weights = self.algorithm.loss_weights(weights, unit_adv)
         units, chunk_weights, total_weight = self._update_inputs(weights, chunks, old, ref)
         steps: list[dict[str, float]] = []
         n_micro = 0
@@ -255,8 +260,10 @@ class DLLMRecipe(Recipe):
                 if len(u) == 0:  # no trained unit in this micro-batch
                     continue
                 new = self.estimator(self.logits_fn, batch.select(c), select_draws(draws[d], c))
+                new, ref_c = self.algorithm.ratio_log_probs(new, old[d][c], ref[d][c] if ref is not None else None, weights[c])
                 loss, m, _ = policy_loss(new, old[d][c], unit_adv[c], weights[c], clip_range=a.clip_range,
-                                         ref_log_prob=ref[d][c] if ref is not None else None, kl_beta=a.kl_beta,
+                                         clip_range_high=a.clip_range_high,
+                                         ref_log_prob=ref_c, kl_beta=a.kl_beta,
                                          units=u, check=False)
                 # the loss is the unit-weighted mean over every rank's rows: scale by this chunk's share
                 acc.backward(loss * (w / total_weight))

@@ -35,7 +35,7 @@ from flowalign.config import ConfigError, RLConfig, build_optimizer, read_prompt
 from flowalign.diversity import embedding_source, group_diversity
 from flowalign.errors import loading
 from flowalign.guards import assert_finite, assert_on_policy
-from flowalign.losses import kl_form_scale, kl_on_means, ppo_clip_loss
+from flowalign.losses import kl_form_scale, kl_on_means
 from flowalign.pipelines import load_adapter_class
 from flowalign.recipes.base import FIRST_STEP_DEV, Recipe, accumulate, average_steps, scalars
 from flowalign.rewards.registry import build_rewards
@@ -167,7 +167,12 @@ class RLRecipe(Recipe):
             cond = self._encode(prompts)
             tree = rollout(self.adapter, cond, spec, prompts=prompts,
                            generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
-                           keep_means=False, keep_velocities=self.algorithm.keeps_velocities, decode=True)
+                           # a group spans ranks: its shared initial noise (sampling.init_same_noise) is drawn
+                           # from a stream without the rank, the same on every rank
+                           init_generator=stream_generator(cfg.seed, "init_noise", iteration) if spec.shared_noise else None,
+                           train_generator=stream_generator(cfg.seed, "train_steps", iteration, self.rank),
+                           keep_means=self.algorithm.keeps_means,
+                           keep_velocities=self.algorithm.keeps_velocities, decode=True)
         t1 = time.perf_counter()
 
         scored, reward = self._score_leaves(tree, prompts, records)
@@ -279,8 +284,10 @@ class RLRecipe(Recipe):
             scale = kl_form_scale(cfg.algorithm.kl_form, cfg.sampling.sampler, (sigma - sigma_next).to(new.std.device))
             kl = kl_on_means(new.mean, ref.mean, new.std, scale=scale, check=False)
         weights = targets.weights[mb] if targets.weights is not None else None
-        loss, metrics = ppo_clip_loss(new.log_prob, tree.log_prob_old[mb], targets.advantages[mb], clip_range=cfg.algorithm.clip_range,
-                                      weights=weights, kl=kl, kl_beta=cfg.algorithm.kl_beta, check=False)
+        mean_old = tree.mean_old[mb] if self.algorithm.keeps_means else None
+        loss, metrics = self.algorithm.edge_loss(new.log_prob, tree.log_prob_old[mb], targets.advantages[mb], weights=weights,
+                                                 kl=kl, mean=new.mean, mean_old=mean_old, std=new.std,
+                                                 delta=(sigma - sigma_next).to(new.std.device))
         return loss * targets.loss_scale, metrics
 
     def _encode(self, prompts: list[str]) -> Conditioning:

@@ -19,6 +19,12 @@ Edge order (the edge id is the row in every per-edge tensor):
 An edge is ``trainable`` when its step has noise level > 0 and is kept by ``spec.train_steps``
 (all SDE steps when None) *and* its transition std is > 0: a CPS step into ``sigma_next = 0`` is
 deterministic whatever the noise level, has no log-probability to train and is left untrained.
+With ``spec.train_subset`` each trajectory of a flat group further keeps only its own random
+subset of ``train_steps`` (DanceGRPO), drawn from ``train_generator`` before the first step.
+
+The leaves are the samples after the last step, or with ``spec.final_sample == "predicted_x0"``
+the last step's clean-image prediction ``x_{T-1} - sigma_{T-1} v`` (DanceGRPO); the tree's edges
+(``x_next`` of the last step included) are the same either way.
 
 Precision: the model runs in ``adapter.dtype``; step math, log-probs and stored latents are fp32.
 ODE steps (noise level 0) use ``ode_step`` and draw no noise from the generator, so the random
@@ -77,6 +83,28 @@ def _check_cond(cond: Conditioning, n: int, what: str) -> None:
         raise ValueError(f"cond has {len(cond)} rows but there are {n} {what}")
 
 
+def _trained_subsets(spec: BranchSpec, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
+    """``[n, T]`` bool: the steps each of the ``n`` trajectories of a flat group trains when
+    ``spec.train_subset`` is set (else ``None``): a uniformly random ``train_subset``-subset of
+    ``spec.train_steps`` per trajectory, independent across trajectories.
+
+    DanceGRPO (XueZeyue/DanceGRPO @ 15cc71d, fastvideo/train_grpo_flux.py l. 551-561 and 570) draws
+    one ``torch.randperm`` of the candidate steps per sample and trains its first
+    ``int(#steps x timestep_fraction)``; the first ``k`` entries of a uniform random permutation are a
+    uniform random ``k``-subset, which is what this draws (the order of training does not matter here:
+    the recipe shuffles all trained edges)."""
+    if spec.train_subset is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("spec.train_subset draws each trajectory's trained steps: pass train_generator (a torch.Generator), "
+                        f"got {type(generator).__name__}")
+    candidates = torch.tensor(spec.train_steps, dtype=torch.long)
+    perm = torch.stack([torch.randperm(len(candidates), generator=generator) for _ in range(n)])
+    mask = torch.zeros(n, spec.num_steps, dtype=torch.bool)
+    mask.scatter_(1, candidates[perm[:, : spec.train_subset]], True)
+    return mask.to(device)
+
+
 # -- public API -------------------------------------------------------------------------------------
 @torch.no_grad()
 def rollout(
@@ -88,6 +116,8 @@ def rollout(
     generator: torch.Generator,
     group_ids: Tensor | None = None,
     initial_latents: Tensor | None = None,
+    init_generator: torch.Generator | None = None,
+    train_generator: torch.Generator | None = None,
     keep_means: bool = False,
     keep_velocities: bool = False,
     decode: bool = True,
@@ -100,11 +130,20 @@ def rollout(
         cond: conditioning with one row per prompt, ``len(cond) == P``.
         spec: the tree to sample.
         prompts: the ``P`` prompt strings (stored in the tree; ``prompt_idx`` indexes them).
-        generator: the source of the initial noises (when not given) and of every SDE noise.
+        generator: the source of the initial noises (when neither they nor ``init_generator`` are
+            given) and of every SDE noise.
+        init_generator: the source of the initial noises when ``initial_latents`` is not given
+            (default ``generator``); with ``spec.shared_noise`` the ``P`` drawn noises are each
+            repeated ``G`` times. A group spread over ranks needs a generator that is the same on
+            every rank here (the recipe's ``("init_noise", iteration)`` stream).
+        train_generator: the source of each trajectory's trained steps when ``spec.train_subset``
+            is set (required then; unused otherwise).
         group_ids: ``[P]`` global group id per prompt (so groups can span ranks);
             default ``arange(P)``.
         initial_latents: ``[P*G, *latent_shape]`` initial noises, prompt-major (rows
-            ``p*G .. p*G+G-1`` belong to prompt ``p``); default ``adapter.init_latents(P*G, generator)``.
+            ``p*G .. p*G+G-1`` belong to prompt ``p``), used as given; default
+            ``adapter.init_latents(P*G, init_generator)``, or with ``spec.shared_noise``
+            ``adapter.init_latents(P, init_generator)`` with each row repeated ``G`` times.
         keep_means: also store ``mean_old [E, *latent_shape]`` (for a KL term on means).
         keep_velocities: also store ``velocity [E, *latent_shape]``, the model velocity each edge's
             transition used (so an ODE look-ahead from ``x_t`` need not recompute its first step).
@@ -137,9 +176,19 @@ def rollout(
             raise ValueError(f"group_ids must be an integer tensor of shape [{P}], got {group_ids.dtype} {tuple(group_ids.shape)}")
         group_ids = group_ids.long()
 
+    if init_generator is not None and not isinstance(init_generator, torch.Generator):
+        raise TypeError(f"init_generator must be a torch.Generator or None, got {type(init_generator).__name__}")
     if initial_latents is None:
-        initial_latents = adapter.init_latents(P * G, generator)
+        source = generator if init_generator is None else init_generator
+        if spec.shared_noise:
+            # DanceGRPO --init_same_noise (XueZeyue/DanceGRPO @ 15cc71d, fastvideo/train_grpo_flux.py
+            # l. 333-338): one initial noise for the whole group (a rank's batch is one prompt x
+            # num_generations there), so the group differs only by its SDE noises.
+            initial_latents = adapter.init_latents(P, source).repeat_interleave(G, dim=0)
+        else:
+            initial_latents = adapter.init_latents(P * G, source)
     _check_latents("initial_latents", initial_latents, P * G, tuple(adapter.latent_shape))
+    step_mask = _trained_subsets(spec, P * G, train_generator, device)
 
     sigmas = _schedule(adapter, T)
     branching = spec.branching
@@ -188,6 +237,8 @@ def rollout(
         # Trainable: an SDE step kept by spec.train_steps, and a transition that is actually random
         # (CPS has std = sigma_next * sin(a*pi/2) = 0 on the last step even when a > 0).
         trainable = (std > 0) & spec.is_trainable_step(t)
+        if step_mask is not None:  # a flat group: node i at every depth is trajectory i
+            trainable = trainable & step_mask[:, t]
 
         ids = torch.arange(num_edges, num_edges + m, device=device)
         parts["prompt_idx"].append(node_prompt)
@@ -202,6 +253,12 @@ def rollout(
             parts["mean"].append(mean)
         if keep_velocities:
             parts["velocity"].append(v.float())
+
+        if t == T - 1 and spec.final_sample == "predicted_x0":
+            # DanceGRPO rewards the last step's x̂0 = x_{T-1} - sigma_{T-1} v (flux_step,
+            # fastvideo/train_grpo_flux.py l. 145; run_sample_step l. 250-254 `latents = pred_original`),
+            # not the SDE sample, which carries the last step's noise (std eta * sqrt(sigma_{T-1})).
+            x_next = x - sigmas[t] * v
 
         x, node_edge, num_edges = x_next, ids, num_edges + m
 

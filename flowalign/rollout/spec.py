@@ -27,6 +27,9 @@ from typing import Iterable
 
 from flowalign.samplers.steps import CPS_LOG_PROBS, SDE_KINDS
 
+#: what a rollout's leaves are (:attr:`BranchSpec.final_sample`)
+FINAL_SAMPLES = ("sde", "predicted_x0")
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -68,6 +71,16 @@ class BranchSpec:
         guidance_scale: classifier-free guidance scale passed to ``adapter.predict``.
         cps_log_prob: the ``sde_step`` log-prob form of the ``"cps"`` sampler: ``"exact"`` or
             ``"flow_grpo"`` (``sampling.cps_log_prob``; the update must rescore with the same).
+        shared_noise: the ``G`` initial noises of a prompt are one noise, repeated (DanceGRPO's
+            ``--init_same_noise``; ``sampling.init_same_noise``). The group then differs only by
+            its SDE noises.
+        train_subset: ``None``, or the number of ``train_steps`` each trajectory trains, a uniformly
+            random subset drawn per trajectory from the rollout's ``train_generator`` (DanceGRPO's
+            per-sample ``randperm`` of the steps; ``sampling.train_steps: random_subset``). Needs
+            ``train_steps`` and a flat group (no splits: an edge then belongs to one trajectory).
+        final_sample: what the leaves are: ``"sde"``, the sample after the last SDE step, or
+            ``"predicted_x0"``, the last step's clean-image prediction ``x_{T-1} - sigma_{T-1} v``
+            (DanceGRPO rewards that; ``sampling.final_sample``). The edges are the same either way.
 
     Lists (e.g. from an OmegaConf config) are accepted and stored as tuples.
     """
@@ -80,6 +93,9 @@ class BranchSpec:
     train_steps: tuple[int, ...] | None = None
     guidance_scale: float = 1.0
     cps_log_prob: str = "exact"
+    shared_noise: bool = False
+    train_subset: int | None = None
+    final_sample: str = "sde"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -143,6 +159,21 @@ class BranchSpec:
         if not isinstance(self.cps_log_prob, str) or self.cps_log_prob not in CPS_LOG_PROBS:
             raise ValueError(f"BranchSpec.cps_log_prob must be one of {CPS_LOG_PROBS}, got {self.cps_log_prob!r}")
 
+        if not isinstance(self.shared_noise, bool):
+            raise TypeError(f"BranchSpec.shared_noise must be a bool, got {self.shared_noise!r}")
+        if self.train_subset is not None:
+            if not _is_int(self.train_subset) or self.train_subset < 1:
+                raise ValueError(f"BranchSpec.train_subset must be None or an integer >= 1, got {self.train_subset!r}")
+            if self.train_steps is None or self.train_subset > len(self.train_steps):
+                n = "no train_steps" if self.train_steps is None else f"{len(self.train_steps)} train_steps"
+                raise ValueError(f"BranchSpec.train_subset={self.train_subset} draws from the train_steps, but there are {n}")
+            if self.splits:
+                raise ValueError("BranchSpec.train_subset draws the trained steps per trajectory, which needs a flat group; "
+                                 f"this spec splits at {[step for step, _ in self.splits]} (edges shared by several leaves)")
+            set_("train_subset", int(self.train_subset))
+        if self.final_sample not in FINAL_SAMPLES:
+            raise ValueError(f"BranchSpec.final_sample must be one of {FINAL_SAMPLES}, got {self.final_sample!r}")
+
     # -- derived quantities ---------------------------------------------------------------------
     @property
     def branching(self) -> tuple[int, ...]:
@@ -163,7 +194,8 @@ class BranchSpec:
         return tuple(nodes)
 
     def is_trainable_step(self, step: int) -> bool:
-        """Whether the edges of ``step`` are trainable: SDE (noise level > 0) and in ``train_steps``."""
+        """Whether the edges of ``step`` are trainable: SDE (noise level > 0) and in ``train_steps``
+        (with :attr:`train_subset`, each trajectory then trains only its own drawn subset of them)."""
         if self.noise_levels[step] <= 0:
             return False
         return self.train_steps is None or step in self.train_steps
@@ -190,6 +222,9 @@ class BranchSpec:
         sde_steps: Iterable[int] | None = None,
         train_steps: Iterable[int] | None = None,
         guidance_scale: float = 1.0,
+        shared_noise: bool = False,
+        train_subset: int | None = None,
+        final_sample: str = "sde",
     ) -> "BranchSpec":
         """A flat group (Flow-GRPO / DanceGRPO): ``group_size`` independent trajectories per prompt.
 
@@ -200,6 +235,7 @@ class BranchSpec:
             sde_steps: the steps that use the SDE (others are ODE steps), e.g. a MixGRPO window;
                 ``None`` = all steps.
             train_steps: see :class:`BranchSpec`; ``None`` = all SDE steps.
+            shared_noise, train_subset, final_sample: see :class:`BranchSpec` (DanceGRPO's options).
         """
         if not _is_int(num_steps) or num_steps < 1:
             raise ValueError(f"BranchSpec.num_steps must be an integer >= 1, got {num_steps!r}")
@@ -214,4 +250,7 @@ class BranchSpec:
             sampler=sampler,
             train_steps=None if train_steps is None else tuple(train_steps),
             guidance_scale=guidance_scale,
+            shared_noise=shared_noise,
+            train_subset=train_subset,
+            final_sample=final_sample,
         )

@@ -89,8 +89,13 @@ class EMA:
         return params
 
     @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        """Fold the module's current weights into the average (see the class doc for ``step``)."""
+    def update(self, module: nn.Module, step: int, decay: float | None = None) -> None:
+        """Fold the module's current weights into the average (see the class doc for ``step``).
+
+        ``decay`` overrides :attr:`decay` for this update (a decay schedule, e.g. AWM's EMA-KL copy)."""
+        if decay is not None and not 0.0 <= float(decay) <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        d = self.decay if decay is None else float(decay)
         if step < self.update_after_step:
             return
         params = self._params_of(module)
@@ -101,7 +106,7 @@ class EMA:
             if step == self.update_after_step:
                 shadow.copy_(p.detach())
             else:
-                ema_update_(shadow, p, self.decay)
+                ema_update_(shadow, p, d)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shadow weights, name -> tensor (references, like ``nn.Module.state_dict``)."""
