@@ -26,11 +26,22 @@ class VGPOConfig:
     anchor_steps: int | None = _f(None, "The anchor applies to the first N steps only (the reviews: VGPO uses 5 of 10); null = all.", ge=0)
 
 
-def vgpo_targets(table: Tensor, tree: RolloutTree, leaf_rewards: Tensor, opts: VGPOConfig, adv_clip: float) -> EdgeTargets:
-    """VGPO's value-anchored advantages from the look-ahead ``table`` ``[L, T + 1]`` (the projections
-    are the instant rewards), clipped to ``adv_clip`` (0 = off), on the tree's edges."""
-    advantages = vgpo_advantages(table[:, :-1], leaf_rewards, tree.leaf_group, gamma=opts.discount,
+def vgpo_targets(table: Tensor, tree: RolloutTree, leaf_rewards: Tensor, opts: VGPOConfig, adv_clip: float,
+                 scored: ScoredRollout | None = None) -> EdgeTargets:
+    """VGPO's value-anchored advantages from the look-ahead table (the projections are the instant
+    rewards), clipped to ``adv_clip`` (0 = off), on this rank's tree's edges.
+
+    Args:
+        table, leaf_rewards: ``[L, T + 1]`` / ``[L]`` this rank's, or with ``scored`` the
+            ``[world * L, ...]`` ones gathered from every rank in rank order (``scored.gather``),
+            normalised over ``scored.all_groups`` -- the whole group, whichever rank sampled its
+            members (a group spans ranks), so every rank computes the same statistics.
+    """
+    groups = tree.leaf_group if scored is None else scored.all_groups
+    advantages = vgpo_advantages(table[:, :-1], leaf_rewards, groups, gamma=opts.discount,
                                  alpha=opts.value_anchor, anchor_steps=opts.anchor_steps)
+    if scored is not None:
+        advantages = advantages.view(scored.world, -1, advantages.shape[1])[scored.rank]  # this rank's leaves
     if adv_clip:
         advantages = advantages.clamp(-adv_clip, adv_clip)
     return EdgeTargets(advantages=leaf_steps_to_edges(tree, advantages), trainable=tree.trainable.clone())
@@ -47,8 +58,9 @@ class VGPO(FlowAlgorithm):
     config_file = "configs/vgpo/quickstart.yaml"
 
     def targets(self, tree: RolloutTree, scored: ScoredRollout, ctx: RolloutContext, iteration: int) -> EdgeTargets:
-        table, rewards, nfe = scored_lookahead_table(tree, scored, ctx, self.opts.lookahead_steps, self.name)
-        targets = vgpo_targets(table, tree, rewards, self.opts, self.cfg.algorithm.adv_clip)
+        table, _, nfe = scored_lookahead_table(tree, scored, ctx, self.opts.lookahead_steps, self.name)
+        # the whole groups (every rank's members): the same statistics on every rank, as with one process
+        targets = vgpo_targets(scored.gather(table), tree, scored.all_scores, self.opts, self.cfg.algorithm.adv_clip, scored)
         targets.nfe = nfe
         return targets
 
