@@ -49,3 +49,16 @@ def tiny_config(tmp_path, tiny_model_dir, prompt_files) -> dict:
         "eval": {"prompts": evaluation, "samples_per_prompt": 2, "num_steps": 3, "every": 0, "grid_prompts": 2},
         "logging": {"progress": False},
     }
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """``(adapter, cond)``: the random toy flow adapter (seed 0, shift 3) and two encoded prompts, for
+    rollout-tree tests (``tests/test_estimators_tree.py::_roll``)."""
+    import torch
+
+    from flowalign.pipelines.toy import build_toy_adapter
+
+    torch.set_num_threads(1)
+    adapter = build_toy_adapter(seed=0, shift=3.0)
+    return adapter, adapter.encode(["the digit one", "a handwritten seven"])

@@ -309,15 +309,6 @@ def test_noise_aware_weights_hand_worked():
 
 
 # -- real trees from the rollout engine ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def toy():
-    from flowalign.pipelines.toy import build_toy_adapter
-
-    torch.set_num_threads(1)
-    adapter = build_toy_adapter(seed=0, shift=3.0)
-    return adapter, adapter.encode(["the digit one", "a handwritten seven"])
-
-
 def _roll(toy, spec, seed=0):
     from flowalign.rollout import rollout
 

@@ -24,6 +24,7 @@ import torch
 
 from flowalign.algorithms.branch_grpo import BranchGRPOConfig, branch_targets
 from flowalign.estimators.tree import depth_prune, depthwise_advantages, edge_root_ids, fuse_node_rewards
+from tests.test_estimators_tree import _roll as roll
 
 # -- a hand tree where the two softmax forms differ -----------------------------------------------
 # e0 (step 0, chain) -> split at step 1 into e1, e2 -> chains e3 (of e1), e4 (of e2) at step 2 ->
@@ -73,23 +74,6 @@ def recursive_fuse(parent, logp, leaf_edges, r, temperature=1.0):
         return float(np.sum(w / w.sum() * np.array([value(c) for c in cs])))
 
     return torch.tensor([value(e) for e in range(len(parent))], dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    from flowalign.pipelines.toy import build_toy_adapter
-
-    torch.set_num_threads(1)
-    adapter = build_toy_adapter(seed=0, shift=3.0)
-    return adapter, adapter.encode(["the digit one", "a handwritten seven"])
-
-
-def roll(toy, spec, seed=0):
-    from flowalign.rollout import rollout
-
-    adapter, cond = toy
-    return rollout(adapter, cond, spec, prompts=["the digit one", "a handwritten seven"],
-                   generator=torch.Generator().manual_seed(seed), group_ids=torch.tensor([5, 9]), decode=False)
 
 
 @pytest.mark.parametrize("splits", [((0, 2), (2, 2)), ((1, 2), (2, 3))])

@@ -227,6 +227,19 @@ def fuse_node_rewards(
     return (num / den).to(torch.float32)
 
 
+def _parent_vector(tree: TreeLike, step: Tensor) -> Tensor:
+    """``[E]`` long parent edge ids (-1 = root) on ``step``'s device, checked: ids in ``[-1, E)`` and
+    every edge deeper than its parent."""
+    E = step.shape[0]
+    parent = _int_vector(_get(tree, "parent"), "parent", E).to(step.device)
+    if E and (int(parent.min()) < -1 or int(parent.max()) >= E):
+        raise ValueError(f"parent holds ids in [{int(parent.min())}, {int(parent.max())}], outside [0, E={E}) (-1 = root)")
+    has_parent = parent >= 0
+    if bool((step[parent[has_parent]] >= step[has_parent]).any()):
+        raise ValueError("every edge's step must be larger than its parent edge's step")
+    return parent
+
+
 def _fuse_bottom_up(tree: TreeLike, r: Tensor, logp: Tensor, leaf_ids: Tensor, edge_ids: Tensor,
                     temperature: float) -> Tensor:
     """``fuse_node_rewards(mode="logprob_softmax")``: per-node softmax over child-edge log-probs,
@@ -234,12 +247,8 @@ def _fuse_bottom_up(tree: TreeLike, r: Tensor, logp: Tensor, leaf_ids: Tensor, e
     device = edge_ids.device
     E = logp.shape[0]
     step = _int_vector(_get(tree, "step"), "step", E).to(device)
-    parent = _int_vector(_get(tree, "parent"), "parent", E).to(device)
-    if E and (int(parent.min()) < -1 or int(parent.max()) >= E):
-        raise ValueError(f"parent holds ids in [{int(parent.min())}, {int(parent.max())}], outside [0, E={E}) (-1 = root)")
+    parent = _parent_vector(tree, step)
     has_parent = parent >= 0
-    if bool((step[parent[has_parent]] >= step[has_parent]).any()):
-        raise ValueError("every edge's step must be larger than its parent edge's step")
     # The edge producing each leaf is the deepest edge on its path; leaves are exactly the childless nodes.
     L = r.shape[0]
     deepest = torch.full((L,), -1, dtype=torch.long, device=device).scatter_reduce_(0, leaf_ids, step[edge_ids], "amax")
@@ -285,12 +294,7 @@ def edge_root_ids(tree_or_parts: TreeLike, root_fanout: int = 1) -> Tensor:
         raise ValueError(f"root_fanout must be an integer >= 1, got {root_fanout!r}")
     step = _int_vector(_get(tree_or_parts, "step"), "step")
     E, device = step.shape[0], step.device
-    parent = _int_vector(_get(tree_or_parts, "parent"), "parent", E).to(device)
-    if E and (int(parent.min()) < -1 or int(parent.max()) >= E):
-        raise ValueError(f"parent holds ids in [{int(parent.min())}, {int(parent.max())}], outside [0, E={E}) (-1 = root)")
-    has_parent = parent >= 0
-    if bool((step[parent[has_parent]] >= step[has_parent]).any()):
-        raise ValueError("every edge's step must be larger than its parent edge's step")
+    parent = _parent_vector(tree_or_parts, step)
     roots = (parent < 0).nonzero()[:, 0]
     if roots.numel() % root_fanout:
         raise ValueError(f"{roots.numel()} root edges (parent -1) are not a multiple of root_fanout={root_fanout}")
