@@ -192,7 +192,8 @@ def _ls(args: argparse.Namespace) -> int:
         print(format_table(["name", "class"], [[k, v] for k, v in ADAPTERS.items()]))
     elif args.what == "configs":
         root = _configs_root()
-        files = sorted(glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True))
+        launch = os.path.join(root, "accelerate")  # accelerate launch configs, not training configs
+        files = sorted(f for f in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True) if not f.startswith(launch + os.sep))
         if not files:
             print(f"flowalign: no configs under {os.path.abspath(root)}", file=sys.stderr)
             return 1

@@ -15,7 +15,7 @@ from flowalign.algorithms.flow import num_trained_steps
 from flowalign.config_fields import _f
 
 __all__ = ["RECIPES", "SCHEMAS", "AlgorithmBase", "AlgorithmConfig", "DataConfig", "EvalConfig", "LRSchedulerConfig",
-           "LoggingConfig", "ModelConfig", "OptimizerConfig", "RLConfig", "SamplingConfig", "TrainConfig", "_f",
+           "FSDPConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "RLConfig", "SamplingConfig", "TrainConfig", "_f",
            "num_trained_steps"]
 
 
@@ -155,6 +155,24 @@ class LRSchedulerConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) over all processes: each rank keeps a shard of the
+    trainable module's weights, gradients and optimizer state (flowalign.training.fsdp)."""
+
+    enabled: bool = _f(False, "Shard the trained module over every process with FSDP2 instead of replicating it (DDP). "
+                              "Also on when `accelerate launch` runs with an accelerate config whose distributed_type is FSDP "
+                              "(its fsdp_reshard_after_forward / fsdp_offload_params then replace the two keys below).")
+    reshard_after_forward: bool = _f(True, "Free the gathered weights after each block's forward and gather them again for "
+                                           "the backward (ZeRO-3-like); false keeps them until the backward (ZeRO-2-like: "
+                                           "more memory, fewer all-gathers).")
+    cpu_offload: bool = _f(False, "Keep the sharded weights, gradients and optimizer state in CPU memory between uses "
+                                  "(torch's CPUOffloadPolicy; needs a GPU).")
+    param_dtype: str | None = _f(None, "Weights' dtype in forward / backward (MixedPrecisionPolicy; gradients are "
+                                       "reduced in float32): bfloat16 | float16 | float32; null = the model's dtype.",
+                                 choices=("bfloat16", "float16", "float32"))
+
+
+@dataclass
 class TrainConfig:
     iterations: int = _f(100, "Sampling + update iterations.", ge=1)
     optimizer: OptimizerConfig = _f(factory=OptimizerConfig, help="Optimizer settings.")
@@ -168,6 +186,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "Number of recent checkpoints kept on disk.", ge=1)
     resume: str = _f("auto", "auto (resume from output_dir if a checkpoint exists) | never | a checkpoint folder (checkpoints/step-*).")
     time_budget_s: float = _f(0.0, TIME_BUDGET_HELP, ge=0)
+    fsdp: FSDPConfig = _f(factory=FSDPConfig, help="Sharded data parallelism (FSDP2) under several processes.")
 
 
 @dataclass

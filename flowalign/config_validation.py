@@ -89,15 +89,22 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
     if s.sde_window is not None:
         _require(len(s.sde_window) == 2 and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps,
                  "sampling.sde_window", f"must be [start, end) with 0 <= start < end <= num_steps={s.num_steps}, got {s.sde_window}")
-    _require(s.group_size % world_size == 0, "sampling.group_size",
-             f"group_size={s.group_size} must be divisible by the number of processes ({world_size}): each rank samples group_size / world_size per prompt")
+    by_prompt = getattr(algorithm, "shard_by", "group") == "prompt"
+    if by_prompt:  # whole groups per rank (flowalign.rollout.Shard)
+        _require(cfg.data.prompts_per_iter % world_size == 0, "data.prompts_per_iter",
+                 f"prompts_per_iter={cfg.data.prompts_per_iter} must be divisible by the number of processes ({world_size}): "
+                 f"{a.name} places each prompt's whole group on one rank")
+    else:
+        _require(s.group_size % world_size == 0, "sampling.group_size",
+                 f"group_size={s.group_size} must be divisible by the number of processes ({world_size}): each rank samples group_size / world_size per prompt")
     algorithm.check(cfg, world_size)
     _check_flat_rollout_options(cfg, algorithm)
     per_sample, unit = algorithm.trained_units(cfg)
-    trained_per_rank = cfg.data.prompts_per_iter * (s.group_size // world_size) * per_sample
+    trained_per_rank = (cfg.data.prompts_per_iter // (world_size if by_prompt else 1)) * (s.group_size // (1 if by_prompt else world_size)) * per_sample
     _require(trained_per_rank >= t.steps_per_iter, "train.steps_per_iter",
              f"{t.steps_per_iter} optimizer steps but only {trained_per_rank} trained {unit} per rank per iteration "
-             f"(prompts_per_iter x group_size / world_size" + (" x trained steps)" if unit == "edges" else ")"))
+             + ("(prompts_per_iter / world_size x group_size" if by_prompt else "(prompts_per_iter x group_size / world_size")
+             + (" x trained steps)" if unit == "edges" else ")"))
     _require(len(cfg.rewards) >= 1, "rewards", "at least one reward is needed")
     specs = [(f"rewards[{i}]", spec) for i, spec in enumerate(cfg.rewards)]
     specs += [(f"eval.judges[{i}]", spec) for i, spec in enumerate(e.judges)]

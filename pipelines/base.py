@@ -140,6 +140,11 @@ class AdapterBase:
 
         self._reference = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
 
+    @property
+    def reference_copy(self) -> nn.Module | None:
+        """The frozen reference copy of :meth:`keep_reference_copy` (``None`` without one)."""
+        return self._reference
+
     def has_lora(self) -> bool:
         return bool(getattr(self.denoiser, "peft_config", None))
 

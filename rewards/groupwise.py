@@ -127,6 +127,9 @@ class GroupwiseRank:
     samples the inner reward marks invalid are left out of the ranking (score 0.5, valid False).
     """
 
+    #: scores depend on the whole group: a run split over processes keeps each group on one rank
+    needs_whole_groups = True
+
     def __init__(self, reward: Any, group_size: int | None = None, group_key: str = "group") -> None:
         from .registry import build_reward
 
@@ -164,6 +167,8 @@ class PairwiseAsPointwise:
     ``scores`` stay the overall win rates: ``pref_grpo`` blends in the dimensions
     (``algorithm.pref_grpo.overall_weight`` / ``dim_weight`` / ``dimension_weights`` / ``blend_on``).
     """
+
+    needs_whole_groups = True  # see GroupwiseRank
 
     def __init__(self, judge: Any, group_size: int | None = None, group_key: str = "group", decision: str = "hard",
                  symmetric: bool = False, batch_size: int | None = None) -> None:
@@ -267,6 +272,7 @@ class GroupDiversity:
 
     name = "group_diversity"
     modality = "image"
+    needs_whole_groups = True  # see GroupwiseRank
 
     def __init__(self, features: Any = None, group_size: int | None = None, group_key: str = "group") -> None:
         _check_group_size(group_size)

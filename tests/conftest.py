@@ -62,3 +62,28 @@ def toy():
     torch.set_num_threads(1)
     adapter = build_toy_adapter(seed=0, shift=3.0)
     return adapter, adapter.encode(["the digit one", "a handwritten seven"])
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes (gloo on CPU), for the world-size and FSDP tests
+# ---------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_processes(rank: int, world: int, port: int) -> None:
+    """In a spawned worker: offline, in the repository, and with ``world > 1`` what torchrun sets plus
+    the gloo process group; one process runs without any of it, as ``flowalign train`` does."""
+    import torch.distributed as dist
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.chdir(REPO)
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -302,7 +302,8 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(loss_c.cpu(), loss)
     torch.testing.assert_close(torch.autograd.grad(loss_c, lp_c)[0].cpu(), torch.autograd.grad(loss, lp)[0])
     assert all(v.is_cuda for v in m_c.values())
-    assert {k: float(v) for k, v in m_c.items()} == pytest.approx({k: float(v) for k, v in m.items()})
+    # CUDA's reductions sum in another order (seen on an H200: 4.8e-8 on values ~0.03)
+    assert {k: float(v) for k, v in m_c.items()} == pytest.approx({k: float(v) for k, v in m.items()}, rel=1e-5, abs=1e-7)
     mean = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(
         kl_on_means(mean.cuda(), (mean + 1).cuda(), torch.full((4,), 0.3).cuda()).cpu(),

@@ -4,15 +4,16 @@ arithmetic) for 1, 2, 4 and 8 processes, as its header's launch commands promise
 from __future__ import annotations
 
 import glob
-import math
 import os
 
 import pytest
 
-from flowalign.config import load_config
+from flowalign.algorithms import get_algorithm
+from flowalign.config import ConfigError, load_config
 from tests.conftest import REPO
 
-CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+CONFIGS = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+                 if not p.startswith(os.path.join(REPO, "configs", "accelerate", "")))  # launch configs: test_shipped_accelerate_configs
 
 
 def test_there_are_configs_for_every_family():
@@ -30,9 +31,12 @@ def test_config_validates(path, monkeypatch):
     # dLLM configs for real models name a hub id and data files a user provides; check them without files
     check_files = not (path.startswith("configs/dllm/") and "assets/dllm_quickstart" not in open(path).read())
     cfg = load_config(path, check_files=check_files)
-    # BranchGRPO trees stay on one rank: each rank needs whole trees (prod(k) leaves per initial noise)
-    splits = cfg.algorithm.branch_grpo.splits if cfg.algorithm.name == "branch_grpo" else []
-    leaves_per_tree = math.prod(k for _, k in splits)
+    # a group split over ranks needs group_size % W == 0; algorithms placing whole groups per rank
+    # (trees, pairwise judges: shard_by "prompt") need prompts_per_iter % W == 0
+    by_prompt = getattr(get_algorithm(cfg.algorithm.name), "shard_by", "group") == "prompt"
     for world in (2, 4, 8):
-        if cfg.sampling.group_size % (world * leaves_per_tree) == 0:
+        if (cfg.data.prompts_per_iter if by_prompt else cfg.sampling.group_size) % world == 0:
             load_config(path, world_size=world, check_files=check_files)
+        elif by_prompt:
+            with pytest.raises(ConfigError, match="data.prompts_per_iter"):
+                load_config(path, world_size=world, check_files=check_files)

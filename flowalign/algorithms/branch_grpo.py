@@ -104,6 +104,9 @@ class BranchGRPO(FlowAlgorithm):
     advantage = "branch (depth-wise)"
     Config = BranchGRPOConfig
     config_file = "configs/branch_grpo/quickstart.yaml"
+    # a prompt's trees whole on one rank: node values, depth-wise normalisation (norm_scope prompt too) and
+    # pruning see every root of the group, whatever the number of processes
+    shard_by = "prompt"
     # the reference normalises with torch's unbiased std + 1e-8 (docs/FIDELITY.md, "Group std")
     std_estimator = "unbiased"
     std_eps = 1e-8
@@ -132,9 +135,8 @@ class BranchGRPO(FlowAlgorithm):
                          f"split step {pair[0]} lies outside sampling.sde_window {s.sde_window} (a split needs an SDE step)")
         _require(len({p[0] for p in b.splits}) == len(b.splits), f"{key}.splits", "lists a step more than once")
         leaves_per_root = math.prod(k for _, k in b.splits)
-        per_rank = s.group_size // world_size
-        _require(per_rank % leaves_per_root == 0, "sampling.group_size",
-                 f"{per_rank} leaves per prompt per rank (group_size / processes) is not a multiple of the {leaves_per_root} "
+        _require(s.group_size % leaves_per_root == 0, "sampling.group_size",
+                 f"group_size={s.group_size} leaves per prompt is not a multiple of the {leaves_per_root} "
                  f"leaves each initial noise grows through {key}.splits")
         _require(b.depth_prune_window < s.num_steps, f"{key}.depth_prune_window", f"must be in [0, num_steps={s.num_steps})")
         last_start = s.num_steps - b.depth_prune_window

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from flowalign.advantages import group_advantages
-from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts
+from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts, over_ranks
 from flowalign.algorithms.registry import register_algorithm
 from flowalign.config_fields import _f
 
@@ -61,7 +61,8 @@ class CoupledGRPO(DLLMAlgorithm):
         ``algorithm.coupled_grpo.leave_one_out`` (the reference's baseline, L557-559). With a std
         the reference divides by the unbiased std + 1e-4, ours by ``std_mode``'s."""
         a = self.cfg.algorithm
-        adv = group_advantages(rollouts.rewards, rollouts.group_ids, std_mode=a.std_mode, clip=None)
+        adv = over_ranks(recipe, rollouts, rollouts.rewards, a.std_mode,
+                         lambda r, g: group_advantages(r, g, std_mode=a.std_mode, clip=None))
         if self.opts.leave_one_out:
             adv = adv * leave_one_out_scale(rollouts.group_ids).to(adv.device)
         if a.adv_clip:

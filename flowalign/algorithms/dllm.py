@@ -16,15 +16,20 @@ method subclasses :class:`DLLMAlgorithm` and declares or overrides what it chang
 * **checks** -- :meth:`~DLLMAlgorithm.check`: validation of the config, naming the key.
 
 The hooks reach the model, the decoder settings and the reward through the recipe they are given
-(its ``logits_fn``, ``score``, ``mean``, ``model``, ``spec``, ``mask_id``, ``eos_id``, ``rank``);
-data moves only through arguments and return values.
+(its ``logits_fn``, ``score``, ``mean``, ``gather_rows``, ``model``, ``spec``, ``mask_id``, ``eos_id``,
+``rank``, ``world``); data moves only through arguments and return values.
+
+World-size invariance: a hook's random draws come from streams keyed by the iteration and the
+prompt's global position (:attr:`DLLMRollouts.first_group` + the local group), never by the rank,
+and statistics spanning groups are taken over every rank's rows (:func:`over_ranks`), so 1 and W
+processes give the same rollouts, advantages and update.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from torch import Tensor
 
@@ -32,7 +37,7 @@ from flowalign.advantages import group_advantages
 from flowalign.algorithms.registry import Algorithm
 from flowalign.config_checks import _require
 
-__all__ = ["DLLMAlgorithm", "DLLMRollouts", "require_trajectory_estimator"]
+__all__ = ["DLLMAlgorithm", "DLLMRollouts", "over_ranks", "require_trajectory_estimator"]
 
 #: decode settings every algorithm starts from (``sampling.*`` fields left null).
 SAMPLING_DEFAULTS: dict[str, Any] = {"order": "diffusion", "step_schedule": "uniform", "eos_early_rejection": 0.0,
@@ -54,6 +59,10 @@ class DLLMRollouts:
             those its entropy filter keeps).
         group_ids: ``[N]`` long prompt group of each row, ``0 .. B-1`` (CPU).
         examples: the ``N`` task examples of the rows (:class:`~flowalign.dllm.tasks.TaskExample`).
+        first_group: the position among the iteration's prompts (global, over every rank) of this
+            rank's group 0; group ``g`` is prompt ``first_group + g``, which names its random
+            streams (``("rollout", iteration, prompt)``, ...), so that what a group draws does not
+            depend on the number of processes.
     """
 
     prompt_ids: Tensor
@@ -64,6 +73,30 @@ class DLLMRollouts:
     fixed: Tensor
     group_ids: Tensor
     examples: list
+    first_group: int = 0
+
+    def prompt_of_group(self, g: int) -> int:
+        """The iteration-wide prompt position of this rank's group ``g``."""
+        return self.first_group + int(g)
+
+
+def over_ranks(recipe: Any, rollouts: DLLMRollouts, values: Tensor, std_mode: str,
+               fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``fn(values, group_ids)`` -> ``[N, ...]`` per-row results (``values [N, ...]``, rows of
+    ``rollouts``) whose statistics do not depend on how the iteration's groups are spread over the
+    ranks. Group statistics (``std_mode`` ``group`` / ``none``) need only a group's own rows, which
+    live on one rank: ``fn`` runs on this rank's rows. ``global`` divides by the std of the whole
+    iteration's batch: every rank's rows are gathered (``recipe.gather_rows``, rank order, which is
+    the prompts' order), ``fn`` runs on all of them and this rank's rows are returned."""
+    world = int(getattr(recipe, "world", 1))
+    if std_mode != "global" or world == 1:
+        return fn(values, rollouts.group_ids)
+    n = values.shape[0]
+    all_values = recipe.gather_rows(values)
+    all_groups = recipe.gather_rows(rollouts.group_ids.long() + rollouts.first_group)
+    if all_values.shape[0] != world * n:
+        raise RuntimeError(f"ranks hold different numbers of rollouts ({all_values.shape[0]} gathered, {n} here)")
+    return fn(all_values, all_groups.to(all_values.device))[recipe.rank * n:(recipe.rank + 1) * n].to(values.device)
 
 
 def require_trajectory_estimator(cfg: Any) -> None:
@@ -199,4 +232,5 @@ class DLLMAlgorithm(Algorithm):
         estimator's units) or ``[N, U]`` per-unit ones; by default GRPO's group-relative advantage
         of each rollout's reward within its prompt group (``algorithm.std_mode``, ``adv_clip``)."""
         a = self.cfg.algorithm
-        return group_advantages(rollouts.rewards, rollouts.group_ids, std_mode=a.std_mode, clip=a.adv_clip or None), {}
+        return over_ranks(recipe, rollouts, rollouts.rewards, a.std_mode, lambda r, g: group_advantages(
+            r, g, std_mode=a.std_mode, clip=a.adv_clip or None)), {}

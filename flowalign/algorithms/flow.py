@@ -171,6 +171,10 @@ class FlowAlgorithm(Algorithm):
         keeps_velocities: the rollout keeps each step's velocity (look-ahead estimators reuse it).
         keeps_means: the rollout keeps each step's transition mean (``RolloutTree.mean_old``, passed
             to :meth:`edge_loss`); a property where it depends on the config.
+        shard_by: how a rollout is split over processes (:class:`~flowalign.rollout.Shard`):
+            ``"group"``, every rank samples ``group_size / world`` of every prompt's group (the
+            estimator gathers what it needs); ``"prompt"``, whole groups (trees) per rank, for
+            estimators and rewards that need a whole group in one place.
         std_estimator, std_eps: the std of the reference's advantage normalisation (``population``
             or ``unbiased``) and the constant added to it, used where ``algorithm.std_estimator`` /
             ``algorithm.std_eps`` are null (:meth:`group_std`; docs/FIDELITY.md). Flow-GRPO's
@@ -182,6 +186,7 @@ class FlowAlgorithm(Algorithm):
     loss = "ppo_clip"
     keeps_velocities = False
     keeps_means = False
+    shard_by = "group"
     std_estimator = "population"
     std_eps = 1e-4
 
@@ -206,8 +211,8 @@ class FlowAlgorithm(Algorithm):
         return self.noise_level_schedule[step]
 
     def rollout_spec(self, iteration: int, world: int) -> BranchSpec:
-        """What iteration ``iteration`` samples on one of ``world`` ranks (each samples
-        ``group_size / world`` leaves of every prompt's group)."""
+        """What iteration ``iteration`` samples for each prompt on one rank, each prompt's group being
+        split over ``world`` ranks (``Shard.group_split``: 1 when groups are whole on a rank)."""
         s = self.cfg.sampling
         T, per_rank = s.num_steps, s.group_size // world
         levels = self.noise_level_schedule

@@ -21,14 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from flowalign.advantages import group_advantages
-from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts
+from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts, over_ranks
 from flowalign.algorithms.registry import register_algorithm
 from flowalign.config_fields import _f
 from flowalign.dllm.algorithms import LogProbEstimator, RolloutBatch
+from flowalign.training.rng import Generator
 
 NODE_MASKS = ("exact", "bernoulli")
 ELBO_TOKENS = ("window", "trained")
@@ -57,7 +57,7 @@ class GDPOEstimator(LogProbEstimator):
         super().__init__(name, **kwargs)
         self.node_masks, self.elbo_tokens, self.length_norm = node_masks, elbo_tokens, length_norm
 
-    def draw(self, batch: RolloutBatch, generator: torch.Generator) -> Any:
+    def draw(self, batch: RolloutBatch, generator: Generator) -> Any:
         if self.name != "elbo_semi_deterministic":
             return super().draw(batch, generator)
         from flowalign.dllm import logprob as lp
@@ -101,4 +101,5 @@ class GDPO(DLLMAlgorithm):
         (reference ``gdpo_trainer.py`` L477-479)."""
         a = self.cfg.algorithm
         std_mode = a.std_mode if self.opts.scale_by_std else "none"
-        return group_advantages(rollouts.rewards, rollouts.group_ids, std_mode=std_mode, clip=a.adv_clip or None), {}
+        return over_ranks(recipe, rollouts, rollouts.rewards, std_mode,
+                          lambda r, g: group_advantages(r, g, std_mode=std_mode, clip=a.adv_clip or None)), {}

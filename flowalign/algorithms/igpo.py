@@ -16,9 +16,11 @@ use_gspo=true, temperature=1.2``), each an option here with that default:
 
 The hint occupies the first ``h`` completion positions: the decoder sees ``[prompt | hint]`` as its
 prompt and fills the remaining ``gen_length - h`` positions (steps scaled in proportion), which is
-the inpainting of a masked window whose first ``h`` tokens are given. Hint lengths, re-decodes and
-the choice of replacements draw from the ``("hints", iteration, rank)`` stream and the entropy
-pass's masks from ``("hint_entropy", iteration, rank)``, so a resumed run replays them.
+the inpainting of a masked window whose first ``h`` tokens are given. A group's hint length and
+choice of replacements draw from its ``("hints", iteration, prompt)`` stream, its re-decode from
+``("hint_decode", iteration, prompt)`` and the entropy pass's masks of its rows from
+``("hint_entropy", iteration, prompt)`` (``prompt``: the group's position among the iteration's
+prompts), so a resumed run replays them and the number of processes does not change them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from flowalign.dllm.algorithms import (
 )
 from flowalign.dllm.logprob import masked_logprob
 from flowalign.dllm.sampling import generate
-from flowalign.training.rng import stream_generator
+from flowalign.training.rng import RowStreams, stream_generator
 
 REPLACEMENTS = ("correct", "all")
 RATIOS = ("sequence", "token")
@@ -93,10 +95,11 @@ class IGPO(DLLMAlgorithm):
         Groups with a correct rollout, or without a reference, are untouched. The replaced rows of
         a group are its first ones (the reference's ``global_replace_idx = group_start + i``, L1594).
         Returns new rollouts (``sequences``, ``rewards`` and ``fixed`` replaced; ``fixed`` marks the
-        hint tokens the loss leaves out: all of them, or those outside the entropy filter) and this
-        rank's ``igpo/all_wrong_groups``, ``igpo/hinted_groups``, ``igpo/hinted_accuracy`` (the share
-        of hinted re-decodes that are correct), ``igpo/replaced_rollouts`` and
-        ``igpo/hint_tokens_trained`` (the share of the replaced rows' hint tokens in the loss).
+        hint tokens the loss leaves out: all of them, or those outside the entropy filter) and the
+        iteration's (every rank's) ``igpo/all_wrong_groups``, ``igpo/hinted_groups``,
+        ``igpo/hinted_accuracy`` (the share of hinted re-decodes that are correct),
+        ``igpo/replaced_rollouts`` and ``igpo/hint_tokens_trained`` (the share of the replaced
+        rows' hint tokens in the loss).
         """
         cfg, s, opts = self.cfg, self.cfg.sampling, self.opts
         threshold = cfg.algorithm.correct_threshold
@@ -106,12 +109,14 @@ class IGPO(DLLMAlgorithm):
         hint = torch.zeros(sequences.shape[0], Lg, dtype=torch.bool)
         wrong = all_wrong_groups(rewards, rollouts.group_ids, threshold).nonzero().squeeze(1).tolist()
         groups = [g for g in wrong if examples[g * G].reference]
-        generator = stream_generator(cfg.seed, "hints", iteration, recipe.rank)
         refs = [recipe.model.encode([examples[g * G].reference])[0][:Lg] for g in groups]
-        lengths = hint_lengths(torch.tensor([len(r) for r in refs], dtype=torch.long), tuple(opts.hint_fraction), Lg, generator)
         k = max(1, math.ceil(opts.hinted_rollouts * G))
         hinted_rewards, replaced = [], 0
-        for g, ref, h in zip(groups, refs, lengths.tolist()):
+        for g, ref in zip(groups, refs):
+            # the group's own streams, whatever rank holds it: its hint length and replacements (CPU
+            # draws), its re-decode (drawn on the model's device)
+            generator = stream_generator(cfg.seed, "hints", iteration, rollouts.prompt_of_group(g))
+            h = int(hint_lengths(torch.tensor([len(ref)], dtype=torch.long), tuple(opts.hint_fraction), Lg, generator)[0])
             if h == 0:
                 continue
             rows = torch.arange(g * G, g * G + k)
@@ -120,8 +125,9 @@ class IGPO(DLLMAlgorithm):
             am = torch.cat([prompt_mask[rows], torch.ones_like(hint_ids)], dim=1)
             steps = max(1, round(recipe.spec.steps * (Lg - h) / Lg))
             spec = replace(recipe.spec, gen_length=Lg - h, steps=steps, block_length=None)
+            decode = RowStreams.for_blocks(cfg.seed, "hint_decode", [rollouts.prompt_of_group(g)], [k], prefix=(iteration,))
             traj = generate(recipe.logits_fn, ids, am, spec, mask_id=recipe.mask_id, eos_id=recipe.eos_id,
-                            generator=generator, record_predictions=False)
+                            generator=decode, record_predictions=False)
             r = recipe.score(traj.sequences[:, P:], [examples[i] for i in rows.tolist()])
             hinted_rewards.append(r)
             if opts.replacement == "all":
@@ -133,22 +139,27 @@ class IGPO(DLLMAlgorithm):
             rewards[dest] = r[take]
             hint[dest, :h] = True
             replaced += len(take)
-        keep = self._trained_hint_tokens(recipe, iteration, sequences, prompt_mask, hint)
+        keep = self._trained_hint_tokens(recipe, iteration, sequences, prompt_mask, hint,
+                                         rollouts.group_ids + rollouts.first_group)
         hinted = torch.cat(hinted_rewards) if hinted_rewards else torch.zeros(0)
-        n_hint = int(hint.sum())
-        metrics = {"igpo/all_wrong_groups": float(len(wrong)), "igpo/hinted_groups": float(len(hinted_rewards)),
-                   "igpo/hinted_accuracy": float((hinted >= threshold).float().mean()) if len(hinted) else 0.0,
-                   "igpo/replaced_rollouts": float(replaced),
-                   "igpo/hint_tokens_trained": float(keep.sum()) / n_hint if n_hint else 0.0}
+        # the whole iteration's counts (every rank's), one reduction
+        n_wrong, n_hinted, n_correct, n_redecoded, n_replaced, n_kept, n_hint = recipe.totals(torch.tensor(
+            [len(wrong), len(hinted_rewards), int((hinted >= threshold).sum()), len(hinted), replaced, int(keep.sum()),
+             int(hint.sum())], dtype=torch.float64)).tolist()
+        metrics = {"igpo/all_wrong_groups": n_wrong, "igpo/hinted_groups": n_hinted,
+                   "igpo/hinted_accuracy": n_correct / n_redecoded if n_redecoded else 0.0,
+                   "igpo/replaced_rollouts": n_replaced,
+                   "igpo/hint_tokens_trained": n_kept / n_hint if n_hint else 0.0}
         return replace(rollouts, sequences=sequences, rewards=rewards, fixed=hint & ~keep), metrics
 
     def _trained_hint_tokens(self, recipe: Any, iteration: int, sequences: Tensor, prompt_mask: Tensor,
-                             hint: Tensor) -> Tensor:
+                             hint: Tensor, prompts: Tensor) -> Tensor:
         """``[N, Lg]`` bool (CPU): the hint tokens the loss trains -- per hinted row, the top
         ``hint_entropy_top`` share by the entropy of the current policy's predictive distribution
         at them (reference L1763-1823 on the entropies of its old-policy pass, L1119-1125), among
         the hint tokens the estimator masks (one_step: all). One no-grad pass of the estimator,
-        with masks of the ``("hint_entropy", iteration, rank)`` stream, over the hinted rows only."""
+        over the hinted rows only, each group's rows masked from its ``("hint_entropy", iteration,
+        prompt)`` stream (``prompts [N]``: the iteration-wide prompt position of every row)."""
         top = self.opts.hint_entropy_top
         rows = hint.any(dim=1).nonzero().squeeze(1)
         keep = torch.zeros_like(hint)
@@ -160,7 +171,8 @@ class IGPO(DLLMAlgorithm):
         attn = torch.cat([prompt_mask[rows.to(prompt_mask.device)].to(dev),
                           torch.ones(len(rows), seqs.shape[1] - P, dtype=prompt_mask.dtype, device=dev)], dim=1)
         batch = RolloutBatch(seqs, attn, P, trained_token_mask(seqs[:, P:], recipe.eos_id))
-        masks = recipe.estimator.draw(batch, stream_generator(self.cfg.seed, "hint_entropy", iteration, recipe.rank))
+        streams = RowStreams.for_rows(self.cfg.seed, "hint_entropy", prompts[rows.to(prompts.device)], prefix=(iteration,))
+        masks = recipe.estimator.draw(batch, streams)
         with torch.no_grad():
             _, entropy = masked_logprob(recipe.logits_fn, seqs, attn, P, recipe.mask_id, masks, return_entropy=True)
         candidates = hint[rows] & masks.completion.any(dim=1).cpu()

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts, require_trajectory_estimator
+from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts, over_ranks, require_trajectory_estimator
 from flowalign.algorithms.registry import register_algorithm
 from flowalign.config_fields import _f
 from flowalign.config_checks import _require
@@ -110,8 +110,8 @@ class MDPO(DLLMAlgorithm):
         N, S, Lg = predicted.shape
         examples = [ex for ex in rollouts.examples for _ in range(S)]
         step_rewards = recipe.score(predicted.reshape(N * S, Lg), examples).reshape(N, S)
-        advantages = mdpo_step_advantages(step_rewards, rollouts.group_ids, std_mode=a.std_mode, clip=a.adv_clip or None,
-                                          form=o.step_score, unbiased=o.unbiased_std)
+        advantages = over_ranks(recipe, rollouts, step_rewards, a.std_mode, lambda r, g: mdpo_step_advantages(
+            r, g, std_mode=a.std_mode, clip=a.adv_clip or None, form=o.step_score, unbiased=o.unbiased_std))
         if o.step_objective == "masked_tokens":  # every (step, position) unit carries its step's advantage (L945)
             advantages = advantages.repeat_interleave(Lg, dim=1)  # [N, S * Lg]
         return advantages, {"train/step_reward_first": recipe.mean(step_rewards[:, 0]),

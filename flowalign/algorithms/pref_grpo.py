@@ -70,6 +70,7 @@ class PrefGRPO(FlowAlgorithm):
     summary = "rewards are win rates of a pairwise preference judge within the group, then GRPO"
     paper = "Wang et al. 2025, Pref-GRPO, arXiv:2508.20751"
     config_file = "configs/pref_grpo/quickstart.yaml"
+    shard_by = "prompt"  # the pairwise judge compares every pair of a group: the whole group on one rank
     Config = PrefGRPOConfig
     # the reference normalises with torch's unbiased std + 1e-8 (docs/FIDELITY.md, "Group std")
     std_estimator = "unbiased"

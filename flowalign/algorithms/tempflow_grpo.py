@@ -54,6 +54,7 @@ class TempFlowGRPO(FlowAlgorithm):
     advantage = "branch step"
     Config = TempFlowGRPOConfig
     config_file = "configs/tempflow_grpo/quickstart.yaml"
+    shard_by = "prompt"  # a prompt's trunk and all its branch children on one rank (one trunk per prompt, not per rank)
 
     def rollout_spec(self, iteration: int, world: int) -> BranchSpec:
         s = self.cfg.sampling

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from flowalign.advantages import group_advantages, joint_ids
 from flowalign.losses import ppo_clip_loss
+from flowalign.training.rng import Generator
 
 __all__ = [
     "ESTIMATOR_UNITS",
@@ -320,7 +321,7 @@ class LogProbEstimator:
         """True when the estimate has no random draws (the same old log-probs serve every inner step)."""
         return self.name == "trajectory"
 
-    def draw(self, batch: RolloutBatch, generator: torch.Generator) -> Any:
+    def draw(self, batch: RolloutBatch, generator: Generator) -> Any:
         """The random draws of every row of ``batch``: a :class:`flowalign.dllm.logprob.MaskSet`
         (rows aligned with the batch), or ``None`` for the deterministic ``trajectory`` estimator."""
         from flowalign.dllm import logprob as lp

@@ -29,6 +29,7 @@ from flowalign.config_schema import (
     DTYPES,
     STD_MODES,
     TIME_BUDGET_HELP,
+    FSDPConfig,
     LoggingConfig,
     LRSchedulerConfig,
     OptimizerConfig,
@@ -151,6 +152,7 @@ class DLLMTrainConfig:
     checkpoint_every: int = _f(0, "Save an atomic checkpoint every N iterations (and at the end); 0 = only at the end.", ge=0)
     keep_checkpoints: int = _f(2, "Number of recent checkpoints kept on disk.", ge=1)
     resume: str = _f("auto", "auto (resume from output_dir if a checkpoint exists) | never | a checkpoint folder (checkpoints/step-*).")
+    fsdp: FSDPConfig = _f(factory=FSDPConfig, help="Sharded data parallelism (FSDP2) under several processes.")
 
 
 @dataclass

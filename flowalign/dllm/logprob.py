@@ -13,6 +13,8 @@ build the mask set of each estimator from an explicit ``generator`` and :func:`m
 evaluates (*). Estimators return **per-token** values ``[B, Lg]`` over the completion window; the
 sequence estimate is ``.sum(-1)`` (every window token counts, EOS fill included). Passing the same
 ``masks`` (or a generator in the same state) to the old and new policy gives ratio exactly 1.
+Every draw is row by row (dim 0 is the batch): a :class:`~flowalign.training.rng.RowStreams` in
+place of the generator draws each block of rows (a prompt group) from its own stream.
 
 * :func:`one_step_logprob` -- diffu-GRPO (Zhao et al. 2025, "d1: Scaling Reasoning in Diffusion
   LLMs via RL", §3.2): completion fully masked, each prompt token masked independently with
@@ -54,6 +56,7 @@ import torch
 from torch import Tensor
 
 from flowalign.dllm.sampling import LogitsFn, Trajectory, guided_logits_fn, restrict_logits
+from flowalign.training.rng import Generator, rand_rows, randint_rows
 
 __all__ = [
     "MaskSet",
@@ -122,8 +125,10 @@ class MaskSet:
         return self.weight / self.t
 
 
-def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
-    return torch.rand(shape, generator=generator, device=device)
+def _rand(shape: tuple[int, ...], generator: Generator, device) -> Tensor:
+    """``U[0, 1)`` of ``shape``, rows (dim 0) from ``generator``'s blocks when it is a
+    :class:`~flowalign.training.rng.RowStreams`."""
+    return rand_rows(shape, generator, device=device)
 
 
 def average_mask_sets(sets: Sequence[MaskSet]) -> MaskSet:
@@ -143,7 +148,7 @@ def average_mask_sets(sets: Sequence[MaskSet]) -> MaskSet:
 
 
 def draw_prompt_masks(
-    attention_mask: Tensor, p_mask: float, generator: torch.Generator | None = None, num: int = 1
+    attention_mask: Tensor, p_mask: float, generator: Generator = None, num: int = 1
 ) -> Tensor:
     """diffu-GRPO prompt masking (Zhao et al. 2025, §3.2): every real prompt token (attention 1)
     masked independently with probability ``p_mask``.
@@ -162,7 +167,7 @@ def draw_prompt_masks(
 
 def draw_one_step_masks(
     attention_mask: Tensor, prompt_length: int, gen_length: int, p_mask: float = 0.15,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
 ) -> MaskSet:
     """One forward: completion all masked (``t = 1``, weight 1), prompt masked at rate ``p_mask``.
 
@@ -180,7 +185,7 @@ def draw_one_step_masks(
 
 
 def draw_coupled_masks(
-    batch_size: int, gen_length: int, generator: torch.Generator | None = None, *,
+    batch_size: int, gen_length: int, generator: Generator = None, *,
     t_range: tuple[float, float] = (0.2, 0.8), include_full_mask: bool = True, device="cpu",
 ) -> MaskSet:
     """coupled-GRPO masks (Gong et al. 2025, App. A.3 Eq. 12-13): per sequence ``t ~ U(t_range)``,
@@ -208,7 +213,7 @@ def draw_coupled_masks(
 
 def draw_double_mc_masks(
     batch_size: int, gen_length: int, num_t: int, masks_per_t: int = 1,
-    generator: torch.Generator | None = None, *, device="cpu",
+    generator: Generator = None, *, device="cpu",
 ) -> MaskSet:
     """Double Monte Carlo ELBO masks: ``num_t`` times ``t ~ U(0, 1]`` per sequence, each with
     ``masks_per_t`` masks ``M ~ Bern(t)^Lg``; ``N = num_t * masks_per_t`` forwards, weight ``1/N``."""
@@ -222,7 +227,7 @@ def draw_double_mc_masks(
 
 
 def draw_l_form_masks(
-    batch_size: int, gen_length: int, num: int, generator: torch.Generator | None = None, *, device="cpu",
+    batch_size: int, gen_length: int, num: int, generator: Generator = None, *, device="cpu",
 ) -> MaskSet:
     """LLaDA's stratified l-form masks (ML-GSAI/LLaDA @ b7e6c35, ``get_log_likelihood.py`` L7-26,
     ``forward_process``): per sequence one offset ``k ~ U{1..Lg}`` and ``num`` mask counts
@@ -234,7 +239,7 @@ def draw_l_form_masks(
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     L = gen_length
-    k = torch.randint(1, L + 1, (batch_size, 1), generator=generator, device=device).double()
+    k = randint_rows(1, L + 1, (batch_size, 1), generator, device=device).double()
     steps = torch.arange(num, device=device, dtype=torch.float64) * (L / num)
     # torch.round is round-half-to-even, as the reference's torch.round
     l = ((torch.round(k + steps).long() - 1) % L) + 1  # [B, num] in 1..L
@@ -255,7 +260,7 @@ def gauss_legendre_01(num_nodes: int) -> tuple[Tensor, Tensor]:
 
 def draw_semi_deterministic_masks(
     batch_size: int, gen_length: int, num_nodes: int, masks_per_node: int = 1,
-    generator: torch.Generator | None = None, *, device="cpu", mask_count: str = "bernoulli",
+    generator: Generator = None, *, device="cpu", mask_count: str = "bernoulli",
 ) -> MaskSet:
     """GDPO semi-deterministic Monte Carlo masks (Rojas et al. 2025, §3): Gauss-Legendre nodes
     ``t_i`` on ``[0, 1]`` (same for every sequence), ``masks_per_node`` masks per node; weight of a
@@ -403,7 +408,7 @@ def masked_logprob(
 # --------------------------------------------------------------------------------------------
 def one_step_logprob(
     logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
-    mask_id: int, *, p_mask: float = 0.15, generator: torch.Generator | None = None,
+    mask_id: int, *, p_mask: float = 0.15, generator: Generator = None,
     masks: MaskSet | None = None, temperature: float = 1.0, batch_size: int | None = None,
     suppress_tokens: Sequence[int] = (),
 ) -> Tensor:
@@ -419,7 +424,7 @@ def one_step_logprob(
 def coupled_logprob(
     logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
     mask_id: int, *, t_range: tuple[float, float] = (0.2, 0.8), include_full_mask: bool = True,
-    generator: torch.Generator | None = None, masks: MaskSet | None = None,
+    generator: Generator = None, masks: MaskSet | None = None,
     temperature: float = 1.0, batch_size: int | None = None,
     suppress_tokens: Sequence[int] = (),
 ) -> Tensor:
@@ -436,7 +441,7 @@ def coupled_logprob(
 
 def elbo_double_mc(
     logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
-    mask_id: int, *, num_t: int = 2, masks_per_t: int = 1, generator: torch.Generator | None = None,
+    mask_id: int, *, num_t: int = 2, masks_per_t: int = 1, generator: Generator = None,
     masks: MaskSet | None = None, temperature: float = 1.0, batch_size: int | None = None,
     suppress_tokens: Sequence[int] = (),
 ) -> Tensor:
@@ -453,7 +458,7 @@ def elbo_double_mc(
 
 def elbo_l_form(
     logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
-    mask_id: int, *, num: int = 2, generator: torch.Generator | None = None, masks: MaskSet | None = None,
+    mask_id: int, *, num: int = 2, generator: Generator = None, masks: MaskSet | None = None,
     temperature: float = 1.0, batch_size: int | None = None, suppress_tokens: Sequence[int] = (),
 ) -> Tensor:
     """LLaDA's l-form ELBO (:func:`draw_l_form_masks`): ``[B, Lg]`` per-token contributions,
@@ -469,7 +474,7 @@ def elbo_l_form(
 
 def elbo_semi_deterministic(
     logits_fn: LogitsFn, sequences: Tensor, attention_mask: Tensor | None, prompt_length: int,
-    mask_id: int, *, num_nodes: int = 2, masks_per_node: int = 1, generator: torch.Generator | None = None,
+    mask_id: int, *, num_nodes: int = 2, masks_per_node: int = 1, generator: Generator = None,
     masks: MaskSet | None = None, temperature: float = 1.0, batch_size: int | None = None,
     suppress_tokens: Sequence[int] = (), mask_count: str = "bernoulli",
 ) -> Tensor:

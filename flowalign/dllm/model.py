@@ -293,12 +293,19 @@ class MaskedDiffusionLM(torch.nn.Module):
             out.append(self.tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False))
         return out
 
-    def pad_prompts(self, ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+    def pad_prompts(self, ids: list[list[int]], length: int | None = None) -> tuple[Tensor, Tensor]:
         """Left-pad prompt ids with ``pad_token_id``: returns ids ``[B, P]`` long and attention mask
-        ``[B, P]`` long (0 on padding), ``P`` = longest prompt."""
+        ``[B, P]`` long (0 on padding), ``P`` = ``length`` or, when ``None``, the longest prompt.
+
+        A model without padding-aware positions (LLaDA, BERT) sees a prompt differently under
+        different padding, so a recipe that splits a batch over processes pads every share to the
+        whole batch's ``length``."""
         if not ids:
             raise ValueError("pad_prompts needs at least one prompt")
-        P = max(len(r) for r in ids)
+        longest = max(len(r) for r in ids)
+        if length is not None and length < longest:
+            raise ValueError(f"pad_prompts: length {length} is shorter than the longest prompt ({longest} tokens)")
+        P = longest if length is None else int(length)
         out = torch.full((len(ids), P), self.pad_token_id, dtype=torch.long)
         att = torch.zeros((len(ids), P), dtype=torch.long)
         for i, r in enumerate(ids):

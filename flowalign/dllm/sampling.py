@@ -49,6 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowalign.training.rng import Generator, rand_rows
+
 __all__ = [
     "ORDERS",
     "REMASKING",
@@ -302,19 +304,21 @@ def restrict_logits(logits: Tensor, mask_id: int, suppress_tokens: Sequence[int]
     return out
 
 
-def gumbel_max_sample(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+def gumbel_max_sample(logits: Tensor, temperature: float, generator: Generator) -> Tensor:
     """Draw ``argmax(logits / T + G)``, ``G ~ Gumbel(0, 1)`` iid: an exact sample of
     ``softmax(logits / T)`` (Gumbel-max trick); ``argmax(logits)`` at ``T = 0``.
 
     Args:
         logits: ``[..., V]`` float.
+        generator: a ``torch.Generator`` (``None``: the global one) or
+            :class:`~flowalign.training.rng.RowStreams` (rows of ``logits``' first dim per block).
     Returns:
         ``[...]`` long token ids.
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     # u ~ U[0, 1) in float64, kept inside (0, 1) so the Gumbel noise -log(-log u) is finite
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    u = rand_rows(tuple(logits.shape), generator, device=logits.device, dtype=torch.float64)
     u = u.clamp(1e-300, 1.0 - 1e-16)
     g = -torch.log(-torch.log(u))
     return (logits.double() / temperature + g).argmax(dim=-1)
@@ -423,7 +427,7 @@ def generate(
     *,
     mask_id: int,
     eos_id: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     record_predictions: bool = True,
 ) -> Trajectory:
     """Decode ``spec.gen_length`` tokens after each (left-padded) prompt.
@@ -435,7 +439,10 @@ def generate(
         spec: the :class:`SamplingSpec`.
         mask_id: the ``[MASK]`` token id.
         eos_id: the EOS id (required when ``spec.eos_early_rejection > 0``).
-        generator: the explicit RNG for temperature sampling and random remasking.
+        generator: the explicit RNG for temperature sampling and random remasking: a
+            ``torch.Generator`` for the whole batch, or :class:`~flowalign.training.rng.RowStreams`
+            (one stream per block of rows, e.g. per prompt group: a row's decode then does not
+            depend on the rows decoded beside it).
         record_predictions: keep the ``[B, S, Lg]`` intermediate decodes.
     Returns:
         the :class:`Trajectory`.
@@ -482,7 +489,7 @@ def generate(
                 if gamma != 1.0:
                     conf = torch.where(x0 == eos_id, conf * gamma, conf)  # EOSER, Yang et al. §3.1
             else:
-                conf = torch.rand((B, Lg), generator=generator, device=device)
+                conf = rand_rows((B, Lg), generator, device=device)
             conf = torch.where(candidates, conf, torch.full_like(conf, -float("inf")))
             idx = conf.topk(counts[s], dim=1).indices  # [B, k]
             select = torch.zeros((B, Lg), dtype=torch.bool, device=device).scatter_(1, idx, True)

@@ -198,10 +198,12 @@ class AWMRecipe(RLRecipe):
         rollout's noise levels play no part: AWM uses no sampler log-probs), then the EMA-copy update."""
         cfg, o = self.cfg, self.algorithm.opts
         leaf_adv = leaf_advantages_from_edges(targets.advantages, tree.leaf_edges)
-        order, sigma, noise = awm_draws(tree.num_leaves, tuple(tree.leaf_latents.shape[1:]),
-                                        stream_generator(cfg.seed, "awm", iteration, self.rank), kind=o.time_sampling,
+        # drawn for every rank's leaves from one stream (rank 0's index, as a one-process run), this rank's kept
+        order, sigma, noise = awm_draws(tree.num_leaves * self.world, tuple(tree.leaf_latents.shape[1:]),
+                                        stream_generator(cfg.seed, "awm", iteration, 0), kind=o.time_sampling,
                                         count=o.train_timesteps, grid=tree.sigmas, timestep_fraction=o.timestep_fraction,
                                         shift=o.time_shift)
+        order, sigma, noise = self._local_draws(order, sigma, noise, len(tree.prompts))
         old = self._old_log_probs(tree, cond, sigma, noise, order) if o.objective == "ratio" else None
         metrics = self._optimize(order, lambda mb: self._sample_loss(tree, cond, leaf_adv, sigma, noise, old, mb), iteration)
         if self.kl_ema is not None:  # once per iteration, after the update (lines 1409-1419)
@@ -210,6 +212,19 @@ class AWMRecipe(RLRecipe):
             self.kl_ema.update(self.module, step=steps, decay=decay)
             metrics["train/ema_kl_decay"] = decay
         return metrics
+
+    def _local_draws(self, order: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, num_prompts: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's part of :func:`awm_draws` made for every rank's leaves: its leaves' times and
+        noises, and its leaves in the order the whole permutation visits them (local ids)."""
+        if self.world == 1:
+            return order, sigma, noise
+        mine = self.shard.local_rows(torch.arange(len(order)), num_prompts)  # global ids of this rank's leaves
+        local_id = torch.full((len(order),), -1, dtype=torch.long)
+        local_id[mine] = torch.arange(len(mine))
+        visited = local_id[order]
+        return (visited[visited >= 0], self.shard.local_rows(sigma, num_prompts),
+                self.shard.local_rows(noise, num_prompts))
 
     @torch.no_grad()
     def _old_log_probs(self, tree: RolloutTree, cond: Conditioning, sigma: torch.Tensor, noise: torch.Tensor,

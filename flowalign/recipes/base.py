@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import numpy as np
@@ -30,10 +31,11 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from flowalign.config import to_yaml
+from flowalign.config import ConfigError, to_yaml
 from flowalign.diversity import HackingMonitor
 from flowalign.training.accel import configure_threads, end_accelerator
-from flowalign.training.checkpoint import resume_training_state, save_training_state
+from flowalign.training.checkpoint import resume_training_state, training_states, write_training_state
+from flowalign.training.fsdp import fsdp_settings, full_tensor, gathered_state, shard_module, state_dict_view
 from flowalign.training.interrupt import StopSignal, stopped_run
 from flowalign.training.lr_schedules import build_lr_scheduler
 from flowalign.training.metrics import MetricsLogger, discard_stale_metrics, read_metrics, write_summary
@@ -95,6 +97,8 @@ class Recipe:
         #: Python objects standing in for config entries, recorded with the run's settings (run.json)
         self.replacements = {"rewards": rewards, "eval.judges": judges}
         self.ema = None
+        #: FSDP settings (flowalign.training.fsdp.FSDPSettings) when the trained module is sharded, else None
+        self.fsdp = None
 
     # ------------------------------------------------------------------------------------------
     # hooks
@@ -178,6 +182,48 @@ class Recipe:
                                     wandb_project=cfg.logging.wandb_project,
                                     resume_step=self.start_iteration or None, enabled=self.is_main)
 
+    # ------------------------------------------------------------------------------------------
+    # sharding (FSDP2, flowalign.training.fsdp)
+    # ------------------------------------------------------------------------------------------
+    def shard_trainable(self, module: torch.nn.Module) -> None:
+        """Shard ``module`` in place over every process when ``train.fsdp`` (or an accelerate FSDP
+        launch) asks for it; sets :attr:`fsdp`. Call before building the optimizer."""
+        try:
+            self.fsdp = fsdp_settings(self.cfg.train.fsdp, self.accelerator)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if self.fsdp is not None and getattr(self.cfg.train, "mixed_precision", "no") == "fp16":
+            raise ConfigError("train.mixed_precision: fp16 scales the loss with a gradient scaler that a sharded model's "
+                              "gradients bypass; with train.fsdp use bf16 (or train.fsdp.param_dtype)")
+        if self.fsdp is not None:
+            shard_module(module, device_type=self.accelerator.device.type, reshard_after_forward=self.fsdp.reshard_after_forward,
+                         cpu_offload=self.fsdp.cpu_offload, param_dtype=self.fsdp.param_dtype)
+
+    def passes_per_step(self, counts: list[int]) -> list[int]:
+        """Forward / backward passes of each optimizer step: this rank's micro-batch ``counts``, or
+        with a sharded model the most any rank has (every pass all-gathers weights, so every rank
+        must run as many; one all-reduce)."""
+        if self.fsdp is None or self.world == 1:
+            return counts
+        most = torch.tensor(counts, device=self.accelerator.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return most.tolist()
+
+    def full_weights(self) -> Any:
+        """A context in which the main rank can write the model with its library's own writer
+        (``save_pretrained``): with a sharded model, every rank gathers the (EMA) weights and the
+        main rank's module reports them whole from ``state_dict()``. Every rank must enter it."""
+        if self.fsdp is None:
+            return nullcontext()
+        module = self.checkpoint_module()
+        with self.ema_weights():
+            state = gathered_state(module.state_dict(), keep=self.is_main)
+        return state_dict_view(module, state) if self.is_main else nullcontext()
+
+    def ema_weights(self) -> Any:
+        """A context with the EMA weights swapped into the trained module (when an EMA is kept)."""
+        return self.ema.swapped_into(self.checkpoint_module()) if self.ema is not None else nullcontext()
+
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run (the LR schedule's length)."""
         return self.cfg.train.iterations * self.optimizer_steps_per_iteration()
@@ -247,8 +293,12 @@ class Recipe:
         """
         values = values or {}
         clip = self.cfg.train.grad_clip
-        grad_norm = torch.as_tensor(self.accelerator.clip_grad_norm_(self.params, clip if clip > 0 else math.inf),
-                                    dtype=torch.float32)
+        max_norm = clip if clip > 0 else math.inf
+        if self.fsdp is not None:  # DTensor gradients: torch's clipping reduces the norm over the shards
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        else:
+            grad_norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float32)
         device = self.accelerator.device
         stacked = torch.stack([grad_norm.to(device).reshape(()), *(t.detach().float().to(device).reshape(()) for t in values.values())])
         floats = dict(zip(["grad_norm", *values], stacked.tolist()))
@@ -280,8 +330,9 @@ class Recipe:
         self.logger.log(step, values)
         if step and (self.best is None or values[self.best_metric] > self.best[self.best_metric]):
             self.best = {"step": step, **values}
-            if self.is_main:
-                write_folder_atomically(os.path.join(self.cfg.output_dir, "best"), self.save_pretrained)
+            with self.full_weights():
+                if self.is_main:
+                    write_folder_atomically(os.path.join(self.cfg.output_dir, "best"), self.save_pretrained)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -295,11 +346,11 @@ class Recipe:
         """Atomic checkpoint: trainable weights, optimizer, EMA, RNG, LR schedule, step, elapsed
         training time, before / best evaluations and the recipe's :meth:`checkpoint_extra`."""
         self.accelerator.wait_for_everyone()
+        states = training_states(self.checkpoint_module(), self.optimizer, self.checkpoint_ema(), keep=self.is_main)
         if self.is_main:
             extra = {"step": step, "before": scalars(self.before), "best": self.best, "train_seconds": self.train_seconds,
                      "lr_scheduler": self.lr_scheduler.state_dict(), **self.checkpoint_extra()}
-            save_training_state(self.cfg.output_dir, step, self.checkpoint_module(), self.optimizer, ema=self.checkpoint_ema(),
-                                extra=extra, keep_last=self.cfg.train.keep_checkpoints)
+            write_training_state(self.cfg.output_dir, step, states, extra=extra, keep_last=self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
     def _maybe_resume(self) -> None:
@@ -326,14 +377,15 @@ class Recipe:
         out = self.cfg.output_dir
         summary: dict[str, Any] = {"output_dir": out, "algorithm": self.cfg.algorithm.name, "iterations": self.last_step,
                                    "before": scalars(self.before), "after": scalars(final), "best": self.best}
-        if not self.is_main:
-            return summary
-        write_folder_atomically(os.path.join(out, "final"), self.save_pretrained)
-        records = read_metrics(os.path.join(out, "metrics.jsonl"))
-        iter_times = [r["time/iteration_s"] for r in records if "time/iteration_s" in r]
-        summary["seconds_per_iteration"] = float(np.mean(iter_times)) if iter_times else float("nan")
-        summary["train_seconds"] = self.train_seconds
-        self.write_outputs(summary, final, records)
+        with self.full_weights():  # every rank: a sharded model is gathered for final/ and write_outputs' exports
+            if not self.is_main:
+                return summary
+            write_folder_atomically(os.path.join(out, "final"), self.save_pretrained)
+            records = read_metrics(os.path.join(out, "metrics.jsonl"))
+            iter_times = [r["time/iteration_s"] for r in records if "time/iteration_s" in r]
+            summary["seconds_per_iteration"] = float(np.mean(iter_times)) if iter_times else float("nan")
+            summary["train_seconds"] = self.train_seconds
+            self.write_outputs(summary, final, records)
         summary["table"] = before_after_table(scalars(self.before), scalars(final), self.best, summary["seconds_per_iteration"])
         write_summary(out, summary, self.outputs)
         return summary

@@ -21,9 +21,13 @@ optimizer step) is :class:`flowalign.recipes.base.Recipe`'s. Each iteration:
    (:meth:`~flowalign.algorithms.dllm.DLLMAlgorithm.unit_weights`, ``loss_weights``) and ratio
    (``ratio_log_probs``; IGPO's GSPO sequence ratio); one host sync per optimizer step.
 
-Every random stream is derived from ``(seed, stream name, iteration, rank[, inner step])``
-(:func:`flowalign.training.rng.stream_generator`), so a resumed run replays what an uninterrupted
-one does. The model runs in eval mode throughout (no dropout): old and new log-probs are the same function.
+Every random stream is derived from ``(seed, stream name, iteration, prompt[, inner step])``
+(:func:`flowalign.training.rng.stream_seed`), ``prompt`` being the group's position among the
+iteration's prompts, never the rank: each group's rows draw from their own streams
+(:class:`~flowalign.training.rng.RowStreams`), so a resumed run replays what an uninterrupted one
+does, and 1 and W processes decode the same rollouts, draw the same estimator masks and take the
+same update (prompts are padded to the iteration's longest; statistics spanning groups are taken
+over every rank's rows). The model runs in eval mode throughout (no dropout): old and new log-probs are the same function.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 
 from flowalign.algorithms import get_algorithm
 from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts
-from flowalign.config import build_optimizer
+from flowalign.config import ConfigError, build_optimizer
 from flowalign.diversity import distinct_fraction
 from flowalign.dllm.algorithms import (
     RolloutBatch,
@@ -57,7 +61,7 @@ from flowalign.errors import loading
 from flowalign.guards import assert_finite, assert_on_policy
 from flowalign.recipes.base import FIRST_STEP_DEV, Recipe, accumulate, average_steps
 from flowalign.training.plots import save_reward_curve
-from flowalign.training.rng import prompt_indices, stream_generator
+from flowalign.training.rng import RowStreams, prompt_indices, stream_seed
 
 RewardFn = Callable[[str, Any], float]
 
@@ -72,8 +76,9 @@ class DLLMRecipe(Recipe):
         judges: optional ``{name: fn(completion, example) -> float}`` scored on the held-out set
             (reported as ``eval/judge/<name>``, never optimised).
 
-    What an algorithm's hooks may use: :meth:`logits_fn`, :meth:`score`, :meth:`mean`, ``model``,
-    ``spec`` (the rollouts' decode), ``mask_id``, ``eos_id``, ``rank``.
+    What an algorithm's hooks may use: :meth:`logits_fn`, :meth:`score`, :meth:`mean`,
+    :meth:`gather_rows`, :meth:`totals`, ``model``, ``spec`` (the rollouts' decode), ``mask_id``, ``eos_id``,
+    ``rank``, ``world``.
     """
 
     best_metric = "eval/accuracy"
@@ -106,6 +111,12 @@ class DLLMRecipe(Recipe):
         self.reference = None
         if a.kl_beta > 0 and m.lora_rank == 0:  # with LoRA the reference is the model with the adapter disabled
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if cfg.train.fsdp.enabled:
+            # every forward of a sharded model is a collective, and this loop's forward counts depend on the
+            # data (rows with reward signal, EOS early stops, IGPO's hinted re-decodes, uneven held-out batches)
+            raise ConfigError("train.fsdp.enabled: the dLLM recipe does not shard the model yet (its ranks run "
+                              "data-dependent numbers of forwards, which FSDP's per-forward all-gathers cannot match); "
+                              "train with DDP-style replication (train.fsdp.enabled=false) or LoRA (model.lora_rank)")
         self.params = list(self.model.trainable_parameters())
         optimizer = build_optimizer(cfg.train.optimizer, self.params)
         # The model is not wrapped in DDP: ranks run different numbers of forwards per update (rows with
@@ -174,15 +185,20 @@ class DLLMRecipe(Recipe):
         cfg, s, a = self.cfg, self.cfg.sampling, self.cfg.algorithm
         calls0, rows0 = self.forward_calls, self.forward_rows
         t0 = time.perf_counter()
-        per_rank = s.prompts_per_iter // self.world
+        per_rank, first = s.prompts_per_iter // self.world, self.rank * (s.prompts_per_iter // self.world)
         idx = prompt_indices(len(self.train_examples), s.prompts_per_iter, iteration, cfg.seed)
-        examples = [self.train_examples[i] for i in idx[self.rank * per_rank:(self.rank + 1) * per_rank]]
-        prompt_ids, prompt_mask = self.model.pad_prompts(self.model.encode([ex.prompt for ex in examples]))
+        # every rank tokenizes the iteration's prompts: each share is padded to the whole batch's
+        # longest prompt, so a prompt's input does not depend on the number of processes
+        encoded = self.model.encode([self.train_examples[i].prompt for i in idx])
+        examples = [self.train_examples[i] for i in idx[first:first + per_rank]]
+        prompt_ids, prompt_mask = self.model.pad_prompts(encoded[first:first + per_rank], max(len(e) for e in encoded))
         prompt_ids = prompt_ids.to(self.accelerator.device).repeat_interleave(s.group_size, dim=0)
         prompt_mask = prompt_mask.to(self.accelerator.device).repeat_interleave(s.group_size, dim=0)
+        # prompt first + j's group decodes from stream ("rollout", iteration, first + j), whichever rank holds it
+        streams = RowStreams.for_blocks(cfg.seed, "rollout", list(range(first, first + per_rank)), [s.group_size] * per_rank,
+                                        prefix=(iteration,))
         traj = generate(self.logits_fn, prompt_ids, prompt_mask, self.spec, mask_id=self.mask_id, eos_id=self.eos_id,
-                        generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
-                        record_predictions=self.algorithm.record_predictions)
+                        generator=streams, record_predictions=self.algorithm.record_predictions)
         P = traj.prompt_length
         t1 = time.perf_counter()
         rollout_examples = [ex for ex in examples for _ in range(s.group_size)]
@@ -191,7 +207,8 @@ class DLLMRecipe(Recipe):
                                      "train/accuracy": self.mean((rewards >= a.correct_threshold).float())}
         rollouts = DLLMRollouts(prompt_ids, prompt_mask, traj, traj.sequences, rewards,
                                 fixed=torch.zeros_like(traj.sequences[:, P:], dtype=torch.bool),
-                                group_ids=torch.arange(per_rank).repeat_interleave(s.group_size), examples=rollout_examples)
+                                group_ids=torch.arange(per_rank).repeat_interleave(s.group_size), examples=rollout_examples,
+                                first_group=first)
         rollouts, algorithm_metrics = self.algorithm.augment_rollouts(self, iteration, rollouts)
         metrics.update(algorithm_metrics)
         advantages, algorithm_metrics = self.algorithm.advantages(self, rollouts)
@@ -209,7 +226,7 @@ class DLLMRecipe(Recipe):
         metrics["train/zero_signal_groups"] = self.mean((~group_signal).float())
         metrics["train/advantage_abs_mean"] = self.mean(advantages.abs())
         rows = keep.nonzero().squeeze(1)
-        metrics.update(self._update(batch.select(rows), advantages[rows], iteration))
+        metrics.update(self._update(batch.select(rows), advantages[rows], iteration, group_ids[rows] + first))
         t3 = time.perf_counter()
         metrics.update({
             "cost/forward_calls": float(self.forward_calls - calls0),
@@ -218,11 +235,14 @@ class DLLMRecipe(Recipe):
         })
         return metrics
 
-    def _update(self, batch: RolloutBatch, advantages: torch.Tensor, iteration: int) -> dict[str, float]:
-        """``inner_steps`` clipped-loss optimizer steps on ``batch`` (rows with signal).
+    def _update(self, batch: RolloutBatch, advantages: torch.Tensor, iteration: int, prompts: torch.Tensor
+                ) -> dict[str, float]:
+        """``inner_steps`` clipped-loss optimizer steps on ``batch`` (rows with signal; ``prompts
+        [n]``: each row's prompt position in the iteration, whole groups next to each other).
 
-        Inner step ``k`` uses the estimator draws of stream ``("masks", iteration, rank, k)`` for
-        its old log-probs (all computed before the first update) and its new ones. The inputs are
+        Inner step ``k`` uses the estimator draws of the streams ``("masks", iteration, prompt, k)``
+        (each group's rows from its own) for its old log-probs (all computed before the first
+        update) and its new ones. The inputs are
         checked once (:meth:`_update_inputs`); each optimizer step brings its micro-batches' summed
         metrics (0-dim tensors) and the gradient norm to the host in one transfer
         (:meth:`Recipe.optimizer_step`), the first one with the on-policy check before the weights
@@ -235,7 +255,8 @@ class DLLMRecipe(Recipe):
         if n_max == 0:
             return {"train/skipped_update": 1.0}
         k_draws = 1 if self.estimator.deterministic else a.inner_steps
-        draws = [self.estimator.draw(batch, stream_generator(cfg.seed, "masks", iteration, self.rank, k)) for k in range(k_draws)]
+        draws = [self.estimator.draw(batch, RowStreams.for_rows(cfg.seed, "masks", prompts, prefix=(iteration,), suffix=(k,)))
+                 for k in range(k_draws)]
         chunks = torch.arange(n).split(cfg.train.micro_batch_size)
         with torch.no_grad():  # old (and reference) log-probs, before any weight changes
             old = [torch.cat([self.estimator(self.logits_fn, batch.select(c), select_draws(d, c)) for c in chunks]) if n else None
@@ -306,19 +327,30 @@ class DLLMRecipe(Recipe):
                 assert_finite(t, what)
         return units, values[1:1 + len(chunks)], values[0]
 
+    #: elements per all-reduce bucket of :meth:`_all_reduce_gradients` (25 M, DDP's default bucket of 100 MB fp32)
+    reduce_bucket_numel = 25_000_000
+
     def _all_reduce_gradients(self) -> None:
         """Sum every trainable parameter's gradient over the ranks (a rank without rows contributes
-        zeros), so each rank takes the same optimizer step on the globally weighted loss. One flat
-        all-reduce of the trainable parameters' size (LoRA: the adapter)."""
+        zeros), so each rank takes the same optimizer step on the globally weighted loss. Gradients
+        are summed in float32 and written back in place, in buckets of at most
+        :attr:`reduce_bucket_numel` elements of one dtype (a copy of one bucket at a time, not of the
+        whole model; a larger tensor goes alone)."""
         if self.world == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        torch.distributed.all_reduce(flat)
-        offset = 0
         for p in self.params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for bucket in _buckets([p.grad for p in self.params], self.reduce_bucket_numel):
+            if len(bucket) == 1 and bucket[0].dtype == torch.float32 and bucket[0].is_contiguous():
+                torch.distributed.all_reduce(bucket[0])
+                continue
+            flat = torch.cat([g.reshape(-1).float() for g in bucket])  # summed in float32 whatever the weights' dtype
+            torch.distributed.all_reduce(flat)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def _check_on_policy(self, ratio_dev: float) -> None:
         """docs/ARCHITECTURE.md invariant 2: before any update the recomputed log-probs equal the old ones."""
@@ -339,6 +371,21 @@ class DLLMRecipe(Recipe):
             values.append(r)
         return torch.tensor(values, dtype=torch.float32)
 
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values [n, ...]`` (the same ``n`` on every rank) concatenated in rank
+        order -- the order of the iteration's prompts -- on ``values``' device."""
+        if self.world == 1:
+            return values
+        return self.accelerator.gather(values.to(self.accelerator.device).contiguous()).to(values.device)
+
+    def totals(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sums ``[K]`` float64 (CPU) of every rank's ``values [K]`` (counts that
+        metrics report for the whole iteration, not for this rank's share)."""
+        values = values.reshape(-1).double()
+        if self.world == 1:
+            return values.cpu()
+        return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
+
     def mean(self, values: torch.Tensor) -> float:
         """Mean of ``values`` over every rank."""
         acc = self.accelerator
@@ -352,15 +399,22 @@ class DLLMRecipe(Recipe):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:
-        """Held-out accuracy and mean reward of ``eval.temperature`` (greedy) decoding, sharded over ranks."""
+        """Held-out accuracy and mean reward of ``eval.temperature`` (greedy) decoding, sharded over ranks.
+
+        The held-out set is cut into batches of ``eval.batch_size`` consecutive examples, batch
+        ``i`` decoded by rank ``i mod W`` with stream ``("eval", i x batch_size)``: every batch
+        holds (and pads) the same examples with any number of processes, so the metrics do not
+        depend on it (up to the summation order of the means)."""
         cfg = self.cfg
-        examples = self.eval_examples[self.rank::self.world]
+        size = cfg.eval.batch_size
+        starts = list(range(0, len(self.eval_examples), size))[self.rank::self.world]
         rewards, judged = [], {name: [] for name in self.judges}
-        for start in range(0, len(examples), cfg.eval.batch_size):
-            chunk = examples[start:start + cfg.eval.batch_size]
+        for start in starts:
+            chunk = self.eval_examples[start:start + size]
             ids, am = self.model.pad_prompts(self.model.encode([ex.prompt for ex in chunk]))
             traj = generate(self.model, ids.to(self.accelerator.device), am.to(self.accelerator.device), self.eval_spec,
-                            mask_id=self.mask_id, eos_id=self.eos_id, generator=stream_generator(cfg.seed, "eval", start),
+                            mask_id=self.mask_id, eos_id=self.eos_id,
+                            generator=RowStreams([stream_seed(cfg.seed, "eval", start)], [len(chunk)]),
                             record_predictions=False)
             texts = self.model.decode(traj.sequences[:, traj.prompt_length:])
             rewards.append(self._score_texts(texts, chunk))
@@ -378,19 +432,23 @@ class DLLMRecipe(Recipe):
     def _completion_diversity(self) -> float:
         """Mean fraction of distinct completions (:func:`flowalign.diversity.distinct_fraction`) among
         ``eval.diversity_samples`` rollout-temperature samples of each of the first
-        ``eval.diversity_prompts`` held-out prompts (sharded over ranks, fixed seeds)."""
+        ``eval.diversity_prompts`` held-out prompts (sharded over ranks; prompt ``i``'s samples from
+        stream ``("eval_diversity", i)``, every prompt padded to the longest of them, so the
+        fraction does not depend on the number of processes)."""
         e = self.cfg.eval
-        examples = self.eval_examples[: e.diversity_prompts][self.rank::self.world]
-        if not examples:
+        prompts = list(range(min(e.diversity_prompts, len(self.eval_examples))))[self.rank::self.world]
+        if not prompts:
             return self.mean(torch.zeros(0))
-        ids, am = self.model.pad_prompts(self.model.encode([ex.prompt for ex in examples]))
+        encoded = self.model.encode([ex.prompt for ex in self.eval_examples[: e.diversity_prompts]])
+        ids, am = self.model.pad_prompts([encoded[i] for i in prompts], max(len(t) for t in encoded))
         ids = ids.to(self.accelerator.device).repeat_interleave(e.diversity_samples, dim=0)
         am = am.to(self.accelerator.device).repeat_interleave(e.diversity_samples, dim=0)
+        streams = RowStreams.for_blocks(self.cfg.seed, "eval_diversity", prompts, [e.diversity_samples] * len(prompts))
         traj = generate(self.model, ids, am, self.spec, mask_id=self.mask_id, eos_id=self.eos_id,
-                        generator=stream_generator(self.cfg.seed, "eval_diversity", self.rank), record_predictions=False)
+                        generator=streams, record_predictions=False)
         completions = [tuple(row) for row in traj.sequences[:, traj.prompt_length:].tolist()]
         k = e.diversity_samples
-        fractions = [distinct_fraction(completions[i * k:(i + 1) * k]) for i in range(len(examples))]
+        fractions = [distinct_fraction(completions[i * k:(i + 1) * k]) for i in range(len(prompts))]
         return self.mean(torch.tensor(fractions, dtype=torch.float32))
 
     # ------------------------------------------------------------------------------------------
@@ -405,3 +463,19 @@ class DLLMRecipe(Recipe):
             os.path.join(cfg.output_dir, "accuracy_curve.png"), records, ylabel="accuracy",
             series={"train/accuracy": "rollout accuracy (sampled)", "eval/accuracy": "held-out accuracy (greedy)"},
             title=f"{cfg.algorithm.name} on {cfg.task.name}")
+
+
+def _buckets(tensors: list[torch.Tensor], max_numel: int) -> list[list[torch.Tensor]]:
+    """Consecutive tensors grouped into buckets of one dtype and device of at most ``max_numel``
+    elements (a tensor larger than that is a bucket of its own)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        last = buckets[-1] if buckets else None
+        if last is None or size + t.numel() > max_numel or (t.dtype, t.device) != (last[0].dtype, last[0].device):
+            buckets.append([t])
+            size = t.numel()
+        else:
+            last.append(t)
+            size += t.numel()
+    return buckets

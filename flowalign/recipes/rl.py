@@ -6,7 +6,9 @@ schedule, time budget) is :class:`flowalign.recipes.base.Recipe`'s:
 
 1. **rollout** -- P prompts x G samples sampled as the algorithm's ``rollout_spec`` says (a flat
    group, a shared-prefix tree, an SDE window, a branch step) into a ``RolloutTree``; each rank
-   samples G / world_size of every prompt's group, so groups span ranks;
+   samples G / world_size of every prompt's group (groups span ranks), or with trees and
+   pairwise rewards P / world_size whole groups (:class:`flowalign.rollout.Shard`). Every sample
+   is the same whatever the number of processes;
 2. **reward** -- decode and score the leaves, then gather scores from every rank;
 3. **targets** -- the algorithm's estimator turns them into per-edge advantages, trained edges and
    weights (``EdgeTargets``), spending model evaluations if it needs them (look-aheads);
@@ -15,15 +17,16 @@ schedule, time budget) is :class:`flowalign.recipes.base.Recipe`'s:
    per optimizer step.
 
 All math lives in ``flowalign.samplers``, ``flowalign.advantages``, ``flowalign.estimators`` and
-``flowalign.losses``. Every random stream is derived from ``(seed, stream name, iteration, rank)``
+``flowalign.losses``. Every random stream is derived from ``(seed, stream name, iteration[, rank])``
 (:func:`flowalign.training.rng.stream_generator`), so a resumed run replays exactly what an
-uninterrupted one would have done.
+uninterrupted one would have done; the rollout's streams are the same on every rank.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -39,9 +42,10 @@ from flowalign.losses import kl_form_scale, kl_on_means
 from flowalign.pipelines import load_adapter_class
 from flowalign.recipes.base import FIRST_STEP_DEV, Recipe, accumulate, average_steps, scalars
 from flowalign.rewards.registry import build_rewards
-from flowalign.rollout import rollout, sample_ode
+from flowalign.rollout import Shard, rollout, sample_ode
 from flowalign.samplers import sde_step
 from flowalign.training.ema import EMA
+from flowalign.training.fsdp import shard_module, sync_gradients
 from flowalign.training.plots import save_image_grid, save_reward_curve
 from flowalign.training.rng import prompt_indices, stream_generator
 from flowalign.training.rundir import write_folder_atomically
@@ -84,9 +88,16 @@ class RLRecipe(Recipe):
                 raise
             raise ConfigError(f"model.options: {err} (options accepted by {adapter_cls.__name__}.from_pretrained)") from err
         self.module = self._make_trainable(self.adapter.trainable_module())
+        self.shard_trainable(self.module)
+        if self.fsdp is not None and self.adapter.reference_copy is not None:  # the KL reference, sharded alike
+            shard_module(self.adapter.reference_copy, device_type=self.accelerator.device.type,
+                         reshard_after_forward=True, cpu_offload=self.fsdp.cpu_offload, param_dtype=self.fsdp.param_dtype)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg.train.optimizer, self.params)
-        wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
+        if self.fsdp is not None:  # sharded in place: accelerate wraps neither the model nor its optimizer
+            wrapped, self.optimizer = self.module, optimizer
+        else:
+            wrapped, self.optimizer = self.accelerator.prepare(self.module, optimizer)
         self.adapter.set_trainable_module(wrapped)
         self.wrapped = wrapped
         self.ema = EMA(self.module, decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
@@ -102,6 +113,19 @@ class RLRecipe(Recipe):
         self.eval_records = read_prompt_records(cfg.eval.prompts, "eval.prompts")
         self.train_prompts = [r["prompt"] for r in self.train_records]
         self.eval_prompts = [r["prompt"] for r in self.eval_records]
+        self.shard = Shard(self.rank, self.world, by=self._shard_by())
+
+    def _shard_by(self) -> str:
+        """The algorithm's placement of groups over ranks, or whole groups per rank when a reward
+        scores a sample against its group (``needs_whole_groups``: pairwise judges, ranks)."""
+        whole = [name for name, r in self.reward_fn.rewards.items() if getattr(r, "needs_whole_groups", False)]
+        if self.algorithm.shard_by == "prompt" or not whole or self.world == 1:
+            return self.algorithm.shard_by
+        if self.cfg.data.prompts_per_iter % self.world:
+            raise ConfigError(f"data.prompts_per_iter: the reward(s) {whole} score each sample against its whole group, "
+                              f"so each rank holds whole groups: prompts_per_iter={self.cfg.data.prompts_per_iter} must be "
+                              f"divisible by the number of processes ({self.world})")
+        return "prompt"
 
     def _make_trainable(self, module: torch.nn.Module) -> torch.nn.Module:
         m = self.cfg.model
@@ -138,11 +162,8 @@ class RLRecipe(Recipe):
             self.before["media"] = torch.load(media_file)
 
     def save_pretrained(self, path: str) -> None:
-        with self._ema_weights():
+        with self.ema_weights():
             self.adapter.save_pretrained(path)
-
-    def _ema_weights(self):
-        return self.ema.swapped_into(self.module) if self.ema is not None else nullcontext()
 
     def describe(self) -> str:
         cfg, s = self.cfg, self.cfg.sampling
@@ -158,21 +179,23 @@ class RLRecipe(Recipe):
         """One rollout + reward + targets + update cycle; returns its metrics."""
         cfg, acc = self.cfg, self.accelerator
         t0 = time.perf_counter()
-        idx = prompt_indices(len(self.train_prompts), cfg.data.prompts_per_iter, iteration, cfg.seed)
+        mine = self.shard.prompt_slice(cfg.data.prompts_per_iter)
+        idx = prompt_indices(len(self.train_prompts), cfg.data.prompts_per_iter, iteration, cfg.seed)[mine]
         prompts = [self.train_prompts[i] for i in idx]
         records = [self.train_records[i] for i in idx]
-        spec = self.algorithm.rollout_spec(iteration, self.world)
+        spec = self.algorithm.rollout_spec(iteration, self.shard.group_split)
         self.module.eval()
         with acc.autocast():
             cond = self._encode(prompts)
+            # Every rank draws the whole rollout's noises from the same streams and keeps its rows (Shard);
+            # the streams keep rank 0's index, so a one-process run is what it was before.
             tree = rollout(self.adapter, cond, spec, prompts=prompts,
-                           generator=stream_generator(cfg.seed, "rollout", iteration, self.rank),
-                           # a group spans ranks: its shared initial noise (sampling.init_same_noise) is drawn
-                           # from a stream without the rank, the same on every rank
+                           generator=stream_generator(cfg.seed, "rollout", iteration, 0),
                            init_generator=stream_generator(cfg.seed, "init_noise", iteration) if spec.shared_noise else None,
-                           train_generator=stream_generator(cfg.seed, "train_steps", iteration, self.rank),
+                           train_generator=stream_generator(cfg.seed, "train_steps", iteration, 0),
+                           group_ids=torch.arange(cfg.data.prompts_per_iter)[mine],
                            keep_means=self.algorithm.keeps_means,
-                           keep_velocities=self.algorithm.keeps_velocities, decode=True)
+                           keep_velocities=self.algorithm.keeps_velocities, decode=True, shard=self.shard)
         t1 = time.perf_counter()
 
         scored, reward = self._score_leaves(tree, prompts, records)
@@ -183,7 +206,7 @@ class RLRecipe(Recipe):
         t2 = time.perf_counter()
 
         self.module.train()
-        noise_levels = torch.tensor(spec.noise_levels, dtype=torch.float32)
+        noise_levels = torch.tensor(spec.noise_levels, dtype=torch.float32, device=tree.step.device)
         train_metrics = self._update(tree, cond, targets, noise_levels, iteration)
         t3 = time.perf_counter()
 
@@ -226,8 +249,11 @@ class RLRecipe(Recipe):
         The first micro-batch runs before any weight change, so its ratio must be exactly 1
         (docs/ARCHITECTURE.md invariant 2): it is checked, with the first step's other values, in
         that step's single host sync, before the optimizer steps."""
+        device = tree.step.device  # the estimators' targets may live on the CPU; the tree on the model's device
+        targets = replace(targets, advantages=targets.advantages.to(device), trainable=targets.trainable.to(device),
+                          weights=targets.weights.to(device) if targets.weights is not None else None)
         edges = targets.trainable.nonzero().squeeze(1)
-        edges = edges[torch.randperm(len(edges), generator=stream_generator(self.cfg.seed, "shuffle", iteration, self.rank))]
+        edges = edges[torch.randperm(len(edges), generator=stream_generator(self.cfg.seed, "shuffle", iteration, self.rank)).to(device)]
         return self._optimize(edges, lambda mb: self._edge_loss(tree, cond, targets, noise_levels, mb), iteration,
                               check_first=self._check_on_policy)
 
@@ -243,14 +269,23 @@ class RLRecipe(Recipe):
         cfg, acc = self.cfg, self.accelerator
         steps: list[dict[str, float]] = []
         n_micro = 0
-        for k, chunk in enumerate(items.tensor_split(cfg.train.steps_per_iter)):
+        chunks = items.tensor_split(cfg.train.steps_per_iter)
+        passes = self.passes_per_step([len(c.split(cfg.train.micro_batch_size)) for c in chunks])
+        for k, chunk in enumerate(chunks):
             micro_batches = chunk.split(cfg.train.micro_batch_size)
             sums: dict[str, torch.Tensor] = {}
-            for j, mb in enumerate(micro_batches):
-                sync = nullcontext() if j == len(micro_batches) - 1 else acc.no_sync(self.wrapped)
+            for j in range(passes[k]):
+                # a sharded model runs collectives in every pass: a rank with fewer micro-batches than
+                # another repeats its first one with weight 0 (passes_per_step)
+                mb = micro_batches[j] if j < len(micro_batches) else items[:1]
+                weight = len(mb) / len(chunk) if j < len(micro_batches) else 0.0
+                last = j == passes[k] - 1
+                sync = nullcontext() if last else (sync_gradients(self.wrapped, False) if self.fsdp else acc.no_sync(self.wrapped))
                 with sync:
                     loss, m = micro_loss(mb)
-                    acc.backward(loss * (len(mb) / len(chunk)))
+                    acc.backward(loss * weight)
+                if j >= len(micro_batches):
+                    continue
                 if n_micro == 0 and check_first is not None:
                     sums[FIRST_STEP_DEV] = m["ratio_max_dev"]
                 accumulate(sums, m)
@@ -270,7 +305,7 @@ class RLRecipe(Recipe):
         sigma, sigma_next = tree.sigmas[step], tree.sigmas[step + 1]
         x_t = tree.x_t[mb].to(self.adapter.dtype)
         c = cond[tree.prompt_idx[mb]]
-        kwargs = dict(kind=cfg.sampling.sampler, noise_level=noise_levels[step].to(x_t.device), prev_sample=tree.x_next[mb],
+        kwargs = dict(kind=cfg.sampling.sampler, noise_level=noise_levels[step], prev_sample=tree.x_next[mb],
                       cps_log_prob=cfg.sampling.cps_log_prob, check=False)  # the rollout checked this schedule
         with acc.autocast():
             v = self.adapter.predict(x_t, sigma, c, cfg.sampling.guidance_scale)
@@ -318,7 +353,7 @@ class RLRecipe(Recipe):
         groups = [i // e.samples_per_prompt for i in range(len(prompts))]  # one group per held-out prompt
         local_prompts, local_metadata = prompts[shard], _metadata(records[shard], groups[shard])
         self.module.eval()
-        with self._ema_weights(), acc.autocast():
+        with self.ema_weights(), acc.autocast():
             cond = self._encode(local_prompts)
             final = sample_ode(self.adapter, cond, e.num_steps, latents=latents, guidance_scale=cfg.sampling.guidance_scale)
             media = self.adapter.decode(final)
@@ -331,7 +366,7 @@ class RLRecipe(Recipe):
             for comp, values in out.components.items():
                 result[f"eval/{prefix}/{comp}"] = acc.gather(values.float().to(acc.device)).mean().item()
         features = self.embedder[1].embed(media) if self.embedder else final.flatten(1)
-        result["eval/diversity"] = group_diversity(acc.gather(features.float().contiguous()).cpu(), torch.tensor(groups)).item()
+        result["eval/diversity"] = group_diversity(acc.gather(features.float().contiguous().to(acc.device)).cpu(), torch.tensor(groups)).item()
         grid_media = acc.gather((media * 255).round().to(torch.uint8).contiguous())
         n_grid = min(e.grid_prompts, len(self.eval_prompts)) * e.samples_per_prompt
         result["media"] = grid_media[:n_grid].float().div(255).cpu()
@@ -349,7 +384,7 @@ class RLRecipe(Recipe):
         """``lora/`` (diffusers format), the before | after grid (and video grid), the reward curve."""
         cfg, out, before = self.cfg, self.cfg.output_dir, self.before
         if self.adapter.has_lora() and hasattr(self.adapter, "save_lora_weights"):
-            with self._ema_weights():  # diffusers LoRA format: DiffusionPipeline.load_lora_weights(<output_dir>/lora)
+            with self.ema_weights():  # diffusers LoRA format: DiffusionPipeline.load_lora_weights(<output_dir>/lora)
                 write_folder_atomically(os.path.join(out, "lora"), self.adapter.save_lora_weights)
         if before is not None and "media" in before:
             spp, k = cfg.eval.samples_per_prompt, min(4, cfg.eval.samples_per_prompt)

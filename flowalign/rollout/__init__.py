@@ -6,6 +6,6 @@ give the ODE look-ahead of DenseGRPO and VGPO's one-step projections.
 """
 
 from flowalign.rollout.engine import integrate_ode, lookahead_sigmas, rollout, sample_ode
-from flowalign.rollout.spec import BranchSpec
+from flowalign.rollout.spec import BranchSpec, Shard
 
-__all__ = ["BranchSpec", "integrate_ode", "lookahead_sigmas", "rollout", "sample_ode"]
+__all__ = ["BranchSpec", "Shard", "integrate_ode", "lookahead_sigmas", "rollout", "sample_ode"]

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowalign.pipelines.base import PipelineAdapter
-from flowalign.rollout.spec import BranchSpec
+from flowalign.rollout.spec import BranchSpec, Shard
 from flowalign.samplers.steps import ode_step, sde_step
 from flowalign.types import Conditioning, RolloutTree
 
@@ -83,10 +83,12 @@ def _check_cond(cond: Conditioning, n: int, what: str) -> None:
         raise ValueError(f"cond has {len(cond)} rows but there are {n} {what}")
 
 
-def _trained_subsets(spec: BranchSpec, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
-    """``[n, T]`` bool: the steps each of the ``n`` trajectories of a flat group trains when
+def _trained_subsets(spec: BranchSpec, n: int, generator: torch.Generator | None, device: torch.device,
+                     shard: Shard | None = None, num_prompts: int = 1) -> Tensor | None:
+    """``[n, T]`` bool: the steps each of this rank's ``n`` trajectories of a flat group trains when
     ``spec.train_subset`` is set (else ``None``): a uniformly random ``train_subset``-subset of
-    ``spec.train_steps`` per trajectory, independent across trajectories.
+    ``spec.train_steps`` per trajectory, independent across trajectories (drawn for every rank's
+    trajectories, this rank's rows kept: ``shard``).
 
     DanceGRPO (XueZeyue/DanceGRPO @ 15cc71d, fastvideo/train_grpo_flux.py l. 551-561 and 570) draws
     one ``torch.randperm`` of the candidate steps per sample and trains its first
@@ -99,10 +101,20 @@ def _trained_subsets(spec: BranchSpec, n: int, generator: torch.Generator | None
         raise TypeError("spec.train_subset draws each trajectory's trained steps: pass train_generator (a torch.Generator), "
                         f"got {type(generator).__name__}")
     candidates = torch.tensor(spec.train_steps, dtype=torch.long)
-    perm = torch.stack([torch.randperm(len(candidates), generator=generator) for _ in range(n)])
+    shard = shard if shard is not None else Shard()
+    perm = torch.stack([torch.randperm(len(candidates), generator=generator) for _ in range(n * shard.world)])
+    perm = shard.local_rows(perm, num_prompts)
     mask = torch.zeros(n, spec.num_steps, dtype=torch.bool)
     mask.scatter_(1, candidates[perm[:, : spec.train_subset]], True)
     return mask.to(device)
+
+
+def _sde_noise(shape: tuple[int, ...], generator: torch.Generator, shard: Shard, num_prompts: int, device: torch.device) -> Tensor:
+    """Standard-normal fp32 noise ``[N, *latent]`` for this rank's ``N`` nodes: drawn on the
+    generator's device for every rank's nodes (``world * N`` rows), this rank's rows kept, moved to
+    ``device``. With one process this is exactly what ``sde_step`` would draw."""
+    noise = torch.randn((shape[0] * shard.world, *shape[1:]), generator=generator, device=generator.device, dtype=torch.float32)
+    return shard.local_rows(noise, num_prompts).to(device)
 
 
 # -- public API -------------------------------------------------------------------------------------
@@ -122,6 +134,7 @@ def rollout(
     keep_velocities: bool = False,
     decode: bool = True,
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> RolloutTree:
     """Sample the tree described by ``spec`` for ``P`` prompts.
 
@@ -149,6 +162,10 @@ def rollout(
             transition used (so an ODE look-ahead from ``x_t`` need not recompute its first step).
         decode: fill ``media = adapter.decode(leaf_latents)``.
         progress: show a tqdm bar over the steps.
+        shard: this process's part of a rollout split over processes (default: one process). The
+            ``P`` prompts and ``spec`` are this rank's; every random draw is made for all ranks'
+            nodes from generators that must be the same on every rank, and this rank keeps its
+            rows, so each sample is the same whatever the number of processes.
 
     Returns:
         A :class:`RolloutTree` with ``E = P * sum_t nodes_t * k_t`` edges and
@@ -178,17 +195,22 @@ def rollout(
 
     if init_generator is not None and not isinstance(init_generator, torch.Generator):
         raise TypeError(f"init_generator must be a torch.Generator or None, got {type(init_generator).__name__}")
+    shard = shard if shard is not None else Shard()
     if initial_latents is None:
         source = generator if init_generator is None else init_generator
         if spec.shared_noise:
             # DanceGRPO --init_same_noise (XueZeyue/DanceGRPO @ 15cc71d, fastvideo/train_grpo_flux.py
             # l. 333-338): one initial noise for the whole group (a rank's batch is one prompt x
             # num_generations there), so the group differs only by its SDE noises.
-            initial_latents = adapter.init_latents(P, source).repeat_interleave(G, dim=0)
+            prompts_drawn = P * shard.world if shard.by == "prompt" else P
+            per_prompt = adapter.init_latents(prompts_drawn, source)
+            if shard.by == "prompt":
+                per_prompt = shard.local_rows(per_prompt, P)
+            initial_latents = per_prompt.repeat_interleave(G, dim=0)
         else:
-            initial_latents = adapter.init_latents(P * G, source)
+            initial_latents = shard.local_rows(adapter.init_latents(P * G * shard.world, source), P)
     _check_latents("initial_latents", initial_latents, P * G, tuple(adapter.latent_shape))
-    step_mask = _trained_subsets(spec, P * G, train_generator, device)
+    step_mask = _trained_subsets(spec, P * G, train_generator, device, shard, P)
 
     sigmas = _schedule(adapter, T)
     branching = spec.branching
@@ -223,8 +245,8 @@ def rollout(
             std = torch.zeros(m, device=device)
             mean = x_next
         else:
-            out = sde_step(v, sigma, sigma_next, x, kind=spec.sampler, noise_level=a, generator=generator,
-                           cps_log_prob=spec.cps_log_prob)
+            out = sde_step(v, sigma, sigma_next, x, kind=spec.sampler, noise_level=a,
+                           noise=_sde_noise(tuple(x.shape), generator, shard, P, device), cps_log_prob=spec.cps_log_prob)
             x_next, log_prob, std, mean = out.prev_sample.float(), out.log_prob.float(), out.std.float(), out.mean.float()
 
         std = std.expand(m) if std.ndim == 0 else std.reshape(m)

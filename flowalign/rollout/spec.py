@@ -25,10 +25,14 @@ import numbers
 from dataclasses import dataclass
 from typing import Iterable
 
+from torch import Tensor
+
 from flowalign.samplers.steps import CPS_LOG_PROBS, SDE_KINDS
 
 #: what a rollout's leaves are (:attr:`BranchSpec.final_sample`)
 FINAL_SAMPLES = ("sde", "predicted_x0")
+#: how an iteration's rollout is split over processes (:attr:`Shard.by`)
+SHARD_BY = ("group", "prompt")
 
 
 def _is_int(value: object) -> bool:
@@ -254,3 +258,63 @@ class BranchSpec:
             train_subset=train_subset,
             final_sample=final_sample,
         )
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of an iteration's rollout, such that every sample is the same whatever
+    the number of processes (docs/ARCHITECTURE.md, "Several processes").
+
+    The whole rollout of an iteration is ``world`` times what one rank samples; its nodes at every
+    depth are prompt-major (:mod:`flowalign.rollout.engine`). Two placements:
+
+    * ``by="group"``: every rank holds every prompt and block ``rank`` of the ``world`` equal blocks
+      of each prompt's initial noises, hence of their descendants (a flat group spans ranks; its
+      estimator gathers the rewards);
+    * ``by="prompt"``: rank ``r`` holds the prompts ``r*P .. r*P + P - 1`` whole (trees, pairwise
+      judges: estimators and rewards that need a whole group on one rank).
+
+    Every random draw of a rollout (initial noises, SDE noises, DanceGRPO's step subsets) is made
+    for the whole rollout from a stream that all ranks share, and each rank keeps its rows
+    (:meth:`local_rows`): ``world`` times the random numbers, not the model evaluations.
+
+    Attributes:
+        rank, world: this process and the number of processes.
+        by: one of :data:`SHARD_BY`.
+    """
+
+    rank: int = 0
+    world: int = 1
+    by: str = "group"
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.world) and self.world >= 1 and _is_int(self.rank) and 0 <= self.rank < self.world):
+            raise ValueError(f"Shard needs 0 <= rank < world, got rank={self.rank!r}, world={self.world!r}")
+        if self.by not in SHARD_BY:
+            raise ValueError(f"Shard.by must be one of {SHARD_BY}, got {self.by!r}")
+
+    @property
+    def group_split(self) -> int:
+        """Over how many ranks each prompt's group is split (``world`` by group, else 1)."""
+        return self.world if self.by == "group" else 1
+
+    def prompt_slice(self, num_prompts: int) -> slice:
+        """This rank's prompts among an iteration's ``num_prompts`` (all of them by group)."""
+        if self.by == "group":
+            return slice(0, num_prompts)
+        if num_prompts % self.world:
+            raise ValueError(f"Shard: {num_prompts} prompts cannot be split into {self.world} ranks")
+        per_rank = num_prompts // self.world
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def local_rows(self, rows: Tensor, num_prompts: int) -> Tensor:
+        """This rank's rows of ``rows [world * N, ...]``, drawn for the whole rollout at one depth
+        (prompt-major), where this rank holds ``N`` of them for ``num_prompts`` prompts: ``[N, ...]``."""
+        if self.world == 1:
+            return rows
+        if rows.shape[0] % (self.world * num_prompts):
+            raise ValueError(f"Shard.local_rows: {rows.shape[0]} rows cannot be split into {self.world} ranks x {num_prompts} prompts")
+        rest = rows.shape[1:]
+        if self.by == "prompt":
+            return rows.view(self.world, -1, *rest)[self.rank]
+        return rows.view(num_prompts, self.world, -1, *rest)[:, self.rank].reshape(-1, *rest)

@@ -255,6 +255,7 @@ def sde_step(
     noise_level: float | Tensor,
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
+    noise: Tensor | None = None,
     cps_log_prob: str = "exact",
     check: bool = True,
 ) -> StepOutput:
@@ -290,6 +291,9 @@ def sde_step(
         noise_level: float or ``[B]``, ``>= 0`` (``a`` for flow_grpo / cps, ``eta`` for dance).
         generator: source of the noise; None uses the global RNG.
         prev_sample: ``[B, *latent]`` a previously sampled next latent to score instead of sampling.
+        noise: ``[B, *latent]`` standard-normal noise to sample with instead of drawing it from
+            ``generator`` (the rollout engine draws a whole group's noise on every rank and keeps
+            its rows, :class:`flowalign.rollout.spec.Shard`).
         cps_log_prob: ``kind="cps"`` only: ``"exact"`` (the Gaussian log-density) or ``"flow_grpo"``
             (:func:`cps_flow_grpo_log_prob`, Flow-GRPO's constant-free form; 0 where the step is
             deterministic). Rollout and update must use the same form (ratio exactly 1 on-policy).
@@ -325,7 +329,11 @@ def sde_step(
     mean = torch.where(_bcast(a == 0, x.ndim), ode, mean)
 
     if prev_sample is None:
-        noise = _draw_noise(x, generator)
+        if noise is None:
+            noise = _draw_noise(x, generator)
+        else:
+            _check_latent("noise", noise, like=sample)
+            noise = noise.to(device=x.device, dtype=torch.float32)
         prev = mean + _bcast(std, x.ndim) * noise  # == ode exactly where deterministic (std 0)
     else:
         prev = prev_sample.float()

@@ -14,11 +14,13 @@ def end_accelerator(accelerator: Accelerator) -> None:
 
     accelerate keeps mixed-precision and gradient-accumulation settings in singletons; resetting
     them lets a second run in the same process (a notebook, a sweep, a benchmark) choose other
-    settings. The process group (``PartialState``) is kept.
+    settings. The process group (``PartialState``) is kept for the next run of the process
+    (``accelerator.end_training()`` would destroy it); ``flowalign train`` ends it before exit.
     """
     from accelerate.state import AcceleratorState, GradientState
 
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
 

@@ -82,7 +82,8 @@ from flowalign.training.rng import capture_rng_state, restore_rng_state
 
 __all__ = ["Checkpoint", "CheckpointStatus", "CheckpointWarning", "save_checkpoint", "latest_checkpoint",
            "load_checkpoint", "check_checkpoint", "list_checkpoints", "remove_stale_temp_files",
-           "remove_run_checkpoints", "none_intact_message", "save_training_state", "resume_training_state"]
+           "remove_run_checkpoints", "none_intact_message", "save_training_state", "resume_training_state",
+           "TrainingStates", "training_states", "write_training_state"]
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -771,11 +772,64 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu", *, veri
 # ------------------------------------------------------------------------------ training state
 
 
+@dataclass(frozen=True)
+class TrainingStates:
+    """What a training checkpoint holds besides the recipe's ``extra``: the trainable weights
+    (name -> tensor), the optimizer's ``state_dict`` and the EMA shadow (or ``None``)."""
+
+    model: dict[str, Tensor]
+    optimizer: dict
+    ema: dict[str, Tensor] | None
+
+
+def training_states(module: torch.nn.Module, optimizer: Any, ema: Any = None, *, keep: bool = True) -> TrainingStates | None:
+    """The trainable weights of ``module`` (frozen ones come back from the pretrained model), the
+    optimizer state and the EMA shadow (if any), whole.
+
+    With a module sharded by FSDP (:mod:`flowalign.training.fsdp`) this is a collective: every rank
+    calls it, the shards are gathered and only ``keep`` (the main rank) holds the result (``None``
+    elsewhere); the optimizer state is then keyed by parameter name
+    (``torch.distributed.checkpoint.state_dict``), so such a checkpoint resumes a sharded run."""
+    from flowalign.training.fsdp import gathered_state, is_sharded
+
+    ema_state = ema.state_dict() if ema is not None else None
+    if not is_sharded(module):
+        return TrainingStates({n: p.detach() for n, p in module.named_parameters() if p.requires_grad},
+                              optimizer.state_dict(), ema_state) if keep else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = gathered_state({n: p.detach() for n, p in module.named_parameters() if p.requires_grad}, keep)
+    optim = get_optimizer_state_dict(module, _inner(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ema_state = gathered_state(ema_state, keep) if ema_state is not None else None
+    return TrainingStates(model, optim, ema_state) if keep else None
+
+
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def save_training_state(run_dir: str, step: int, module: torch.nn.Module, optimizer: Any, *, ema: Any = None,
                         extra: dict | None = None, keep_last: int | None = 2) -> str:
     """Atomically checkpoint a run at ``step``, for any recipe: the trainable weights of ``module``
     (frozen ones come back from the pretrained model), the optimizer, the EMA shadow (if any), the
     global RNG state and the recipe's ``extra`` (JSON). :func:`resume_training_state` reads it back.
+    One process; a module sharded over several goes through :func:`training_states` on every rank
+    and :func:`write_training_state` on the main one.
+
+    Returns:
+        the checkpoint folder.
+
+    Raises:
+        CheckpointError: the checkpoint could not be written (see :func:`save_checkpoint`).
+    """
+    return write_training_state(run_dir, step, training_states(module, optimizer, ema), extra=extra, keep_last=keep_last)
+
+
+def write_training_state(run_dir: str, step: int, states: TrainingStates, *, extra: dict | None = None,
+                         keep_last: int | None = 2) -> str:
+    """Atomically checkpoint a run at ``step``: ``states`` (:func:`training_states`, whole tensors),
+    the global RNG state and the recipe's ``extra`` (JSON). :func:`resume_training_state` reads it back.
 
     Returns:
         the checkpoint folder.
@@ -785,13 +839,34 @@ def save_training_state(run_dir: str, step: int, module: torch.nn.Module, optimi
     """
     return save_checkpoint(
         run_dir, step,
-        model_state={n: p.detach() for n, p in module.named_parameters() if p.requires_grad},
-        optimizer_state=optimizer.state_dict(),
-        ema_state=ema.state_dict() if ema is not None else None,
+        model_state=states.model,
+        optimizer_state=states.optimizer,
+        ema_state=states.ema,
         rng_state=capture_rng_state(),
         extra=extra,
         keep_last=keep_last,
     )
+
+
+def _load_states(ckpt: Checkpoint, module: torch.nn.Module, optimizer: Any, ema: Any) -> None:
+    """Load a checkpoint's weights, optimizer and EMA states; into a sharded module each rank keeps
+    its shard of the whole tensors it read."""
+    from flowalign.training.fsdp import distribute_like, is_sharded
+
+    if not is_sharded(module):
+        module.load_state_dict(ckpt.model_state, strict=False)
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        if ema is not None and ckpt.ema_state is not None:
+            ema.load_state_dict(ckpt.ema_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(module, ckpt.model_state, options=options)
+    set_optimizer_state_dict(module, _inner(optimizer), ckpt.optimizer_state, options=options)
+    if ema is not None and ckpt.ema_state is not None:
+        shadow = ema.state_dict()
+        ema.load_state_dict({n: distribute_like(v, shadow[n]) if n in shadow else v for n, v in ckpt.ema_state.items()})
 
 
 def none_intact_message(ckpt_root: str, failures: list[tuple[str, str]]) -> str:
@@ -856,10 +931,7 @@ def resume_training_state(resume: str, run_dir: str, module: torch.nn.Module, op
     if missing:
         raise CheckpointError(f"checkpoint {path!r} does not match the model (missing {missing[:3]}...); "
                               "set train.resume=never or use another output_dir")
-    module.load_state_dict(ckpt.model_state, strict=False)
-    optimizer.load_state_dict(ckpt.optimizer_state)
-    if ema is not None and ckpt.ema_state is not None:
-        ema.load_state_dict(ckpt.ema_state)
+    _load_states(ckpt, module, optimizer, ema)
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state)
     return ckpt
