@@ -276,7 +276,7 @@ class RLRecipe(Recipe):
             sums: dict[str, torch.Tensor] = {}
             for j in range(passes[k]):
                 # a sharded model runs collectives in every pass: a rank with fewer micro-batches than
-                # another repeats its first one with weight 0 (passes_per_step)
+                # another runs extra passes over one of its edges with weight 0 (passes_per_step)
                 mb = micro_batches[j] if j < len(micro_batches) else items[:1]
                 weight = len(mb) / len(chunk) if j < len(micro_batches) else 0.0
                 last = j == passes[k] - 1
