@@ -185,9 +185,10 @@ class Recipe:
     # ------------------------------------------------------------------------------------------
     # sharding (FSDP2, flowalign.training.fsdp)
     # ------------------------------------------------------------------------------------------
-    def shard_trainable(self, module: torch.nn.Module) -> None:
+    def shard_trainable(self, module: torch.nn.Module, reference: torch.nn.Module | None = None) -> None:
         """Shard ``module`` in place over every process when ``train.fsdp`` (or an accelerate FSDP
-        launch) asks for it; sets :attr:`fsdp`. Call before building the optimizer."""
+        launch) asks for it, and a frozen ``reference`` copy alike (resharded after each forward: it
+        has no backward); sets :attr:`fsdp`. Call before building the optimizer."""
         try:
             self.fsdp = fsdp_settings(self.cfg.train.fsdp, self.accelerator)
         except ValueError as err:
@@ -195,9 +196,12 @@ class Recipe:
         if self.fsdp is not None and getattr(self.cfg.train, "mixed_precision", "no") == "fp16":
             raise ConfigError("train.mixed_precision: fp16 scales the loss with a gradient scaler that a sharded model's "
                               "gradients bypass; with train.fsdp use bf16 (or train.fsdp.param_dtype)")
-        if self.fsdp is not None:
-            shard_module(module, device_type=self.accelerator.device.type, reshard_after_forward=self.fsdp.reshard_after_forward,
-                         cpu_offload=self.fsdp.cpu_offload, param_dtype=self.fsdp.param_dtype)
+        if self.fsdp is None:
+            return
+        options = dict(device_type=self.accelerator.device.type, cpu_offload=self.fsdp.cpu_offload, param_dtype=self.fsdp.param_dtype)
+        shard_module(module, reshard_after_forward=self.fsdp.reshard_after_forward, **options)
+        if reference is not None:
+            shard_module(reference, reshard_after_forward=True, **options)
 
     def passes_per_step(self, counts: list[int]) -> list[int]:
         """Forward / backward passes of each optimizer step: this rank's micro-batch ``counts``, or

@@ -45,7 +45,7 @@ from flowalign.rewards.registry import build_rewards
 from flowalign.rollout import Shard, rollout, sample_ode
 from flowalign.samplers import sde_step
 from flowalign.training.ema import EMA
-from flowalign.training.fsdp import shard_module, sync_gradients
+from flowalign.training.fsdp import sync_gradients
 from flowalign.training.plots import save_image_grid, save_reward_curve
 from flowalign.training.rng import prompt_indices, stream_generator
 from flowalign.training.rundir import write_folder_atomically
@@ -88,10 +88,7 @@ class RLRecipe(Recipe):
                 raise
             raise ConfigError(f"model.options: {err} (options accepted by {adapter_cls.__name__}.from_pretrained)") from err
         self.module = self._make_trainable(self.adapter.trainable_module())
-        self.shard_trainable(self.module)
-        if self.fsdp is not None and self.adapter.reference_copy is not None:  # the KL reference, sharded alike
-            shard_module(self.adapter.reference_copy, device_type=self.accelerator.device.type,
-                         reshard_after_forward=True, cpu_offload=self.fsdp.cpu_offload, param_dtype=self.fsdp.param_dtype)
+        self.shard_trainable(self.module, reference=self.adapter.reference_copy)  # the KL reference, sharded alike
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg.train.optimizer, self.params)
         if self.fsdp is not None:  # sharded in place: accelerate wraps neither the model nor its optimizer
