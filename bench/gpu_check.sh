@@ -89,7 +89,7 @@ RESULT_PATTERN="passed|failed|error|no tests ran" run pytest_gpu 120 \
     "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests
 RESULT_PATTERN="reward  |accuracy  |Error" run fsdp_launch 75 \
     "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp_1x8.yaml --num_processes 1 -m flowalign \
-    train configs/quickstart.yaml train.iterations=2 eval.every=0 train.checkpoint_every=1 algorithm.ratio_tolerance=1e-4 \
+    train configs/quickstart.yaml train.iterations=2 eval.every=0 train.checkpoint_every=1 \
     output_dir=/tmp/gpu_check_runs/fsdp_run
 RESULT_PATTERN="accuracy  |Error" run dllm_cuda 60 \
     "$PY" -m flowalign train configs/dllm/quickstart.yaml train.iterations=3 eval.every=0 output_dir=/tmp/gpu_check_runs/dllm_run

@@ -73,6 +73,38 @@ WAN21_1_3B = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers
     freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
     rope_max_seq_len=1024,
 )
+WAN21_I2V_14B = dict(  # Wan-AI/Wan2.1-I2V-14B-480P-Diffusers: 16 latent + 4 mask + 16 condition channels in; CLIP ViT-H image
+    # tokens (1280) through the added K/V projections (diffusers scripts/convert_wan_to_diffusers.py, "Wan-I2V-14B-480p")
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16, text_dim=4096,
+    freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+    image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+)
+FLUX2_KLEIN_4B = dict(  # black-forest-labs/FLUX.2-klein-4B (and -base-4B): Qwen3-4B layers (9, 18, 27) -> 3 x 2560
+    patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000, eps=1e-6, guidance_embeds=False,
+)
+Z_IMAGE_TURBO = dict(  # Tongyi-MAI/Z-Image-Turbo (6B): Qwen3-4B captions (2560)
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30,
+    n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=(32, 48, 48), axes_lens=(1024, 512, 512),
+)
+HUNYUAN_VIDEO15_480P = dict(  # hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v (8.3B: 54 blocks x 2048 wide; the values of
+    # diffusers' HunyuanVideo15Transformer3DModel defaults, with the t2v task type and 480p target size)
+    in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54, num_refiner_layers=2,
+    mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=3584, text_embed_2_dim=1472,
+    image_embed_dim=1152, rope_theta=256.0, rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v",
+)
+QWEN_IMAGE = dict(  # Qwen/Qwen-Image (20B MMDiT): Qwen2.5-VL-7B captions (3584)
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+LTX2_19B = dict(  # Lightricks/LTX-2 (19B audio+video: 48 blocks, video 32 x 128 wide, audio 32 x 64; the values of diffusers'
+    # LTX2VideoTransformer3DModel defaults, Gemma-3-12B captions of 3840)
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=128,
+    cross_attention_dim=4096, audio_in_channels=128, audio_out_channels=128, audio_num_attention_heads=32,
+    audio_attention_head_dim=64, audio_cross_attention_dim=2048, num_layers=48, caption_channels=3840,
+)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -88,6 +120,9 @@ class Case:
 
 def cases(full: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Case]:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+    from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel
+    from diffusers import HunyuanVideo15Transformer3DModel, LTX2VideoTransformer3DModel
+    from diffusers import QwenImageTransformer2DModel
 
     rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
     t = lambda b: torch.full((b,), 500.0, device=device)  # noqa: E731
@@ -113,13 +148,113 @@ def cases(full: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Cas
 
     flux = Case("flux.1-dev", f"{fl_double}+{fl_single}/19+38 blocks, {fl_px}px, {fl_text} text tok",
                 lambda: FluxTransformer2DModel(**{**FLUX1_DEV, "num_layers": fl_double, "num_single_layers": fl_single}), flux_inputs)
+
+    # FLUX.1 Kontext [dev] (FLUX.1-dev's transformer config): the source image's packed latents (ids (1, row, col)) follow
+    # the noisy ones, 4096 + 4096 image tokens at 1024 px (pipelines/flux_kontext.py)
+    def kontext_inputs(b: int) -> dict:
+        base = flux_inputs(b)
+        source_ids = base["img_ids"].clone()
+        source_ids[:, 0] = 1
+        return {**base, "hidden_states": torch.cat([base["hidden_states"], rnd(b, n_img, 64)], dim=1),
+                "img_ids": torch.cat([base["img_ids"], source_ids])}
+
+    kontext = Case("flux.1-kontext-dev", f"{fl_double}+{fl_single}/19+38 blocks, {fl_px}px + {fl_px}px source, {fl_text} text tok",
+                   lambda: FluxTransformer2DModel(**{**FLUX1_DEV, "num_layers": fl_double, "num_single_layers": fl_single}),
+                   kontext_inputs)
     # Wan2.1-1.3B at 480p: 81 frames x 480 x 832 -> 21 x 60 x 104 latents; 512 UMT5 tokens
     wan_layers, (f, h, w), wan_text = (30, (81, 480, 832), 512) if full else (2, (9, 128, 128), 64)
     wan = Case("wan2.1-1.3b", f"{wan_layers}/30 layers, {f}x{h}x{w}, {wan_text} text tok",
                lambda: WanTransformer3DModel(**{**WAN21_1_3B, "num_layers": wan_layers}),
                lambda b: dict(hidden_states=rnd(b, 16, (f - 1) // 4 + 1, h // 8, w // 8), encoder_hidden_states=rnd(b, wan_text, 4096),
                               timestep=t(b)))
-    return {"sd3": sd3, "flux": flux, "wan": wan}
+    # FLUX.2 [klein] 4B: 1024 px -> 128 x 64 x 64 patchified latents = 4096 tokens; 512 Qwen3 tokens (x 3 layers)
+    k_double, k_single, k_px, k_text = (5, 20, 1024, 512) if full else (1, 1, 128, 64)
+
+    def klein_inputs(b: int) -> dict:
+        side = k_px // 16
+        img_ids = torch.zeros(side, side, 4, device=device)
+        img_ids[..., 1] = torch.arange(side, device=device)[:, None]
+        img_ids[..., 2] = torch.arange(side, device=device)[None, :]
+        txt_ids = torch.zeros(k_text, 4, device=device)
+        txt_ids[:, 3] = torch.arange(k_text, device=device)
+        return dict(hidden_states=rnd(b, side * side, 128), encoder_hidden_states=rnd(b, k_text, 7680), timestep=t(b) / 1000,
+                    img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids, guidance=None)
+
+    klein = Case("flux.2-klein-4b", f"{k_double}+{k_single}/5+20 blocks, {k_px}px, {k_text} text tok",
+                 lambda: Flux2Transformer2DModel(**{**FLUX2_KLEIN_4B, "num_layers": k_double, "num_single_layers": k_single}),
+                 klein_inputs)
+    # Z-Image-Turbo: 1024 px -> 16 x 128 x 128 latents = 4096 tokens of 2x2 patches; 512 Qwen3 tokens (un-padded)
+    z_layers, z_refiners, z_px, z_text = (30, 2, 1024, 512) if full else (1, 1, 128, 64)
+
+    class ZImageStacked(ZImageTransformer2DModel):
+        """Z-Image returns one tensor per sample: stacked, so the ``[0].square().mean()`` loss here applies."""
+
+        def forward(self, *args, **kwargs):
+            return (torch.stack(super().forward(*args, **kwargs)[0]),)
+
+    zimage = Case("z-image-turbo", f"{z_layers}/30 layers + {z_refiners}/2 refiners, {z_px}px, {z_text} text tok",
+                  lambda: ZImageStacked(**{**Z_IMAGE_TURBO, "n_layers": z_layers, "n_refiner_layers": z_refiners}),
+                  lambda b: dict(x=list(rnd(b, 16, 1, z_px // 8, z_px // 8).unbind(0)), t=t(b) / 1000,
+                                 cap_feats=list(rnd(b, z_text, 2560).unbind(0))))
+    # HunyuanVideo 1.5 480p t2v: 121 frames x 480 x 848 -> 31 x 30 x 53 latents (patch 1) = 49,290 tokens; 1000 Qwen2.5-VL
+    # + 256 ByT5 + 729 (zero, masked) image tokens; input = [x_t, zero cond latents, zero mask] (65 channels)
+    hy_layers, (hf, hh, hw), hy_text = (54, (121, 480, 848), 1000) if full else (2, (9, 128, 128), 64)
+
+    def hunyuan_inputs(b: int) -> dict:
+        latent = (b, 32, (hf - 1) // 4 + 1, hh // 16, hw // 16)
+        x = torch.cat([rnd(*latent), torch.zeros(b, 33, *latent[2:], device=device, dtype=dtype)], dim=1)
+        ones = lambda n: torch.ones(b, n, device=device, dtype=dtype)  # noqa: E731
+        return dict(hidden_states=x, timestep=t(b).to(dtype), encoder_hidden_states=rnd(b, hy_text, 3584),
+                    encoder_attention_mask=ones(hy_text), encoder_hidden_states_2=rnd(b, 256, 1472),
+                    encoder_attention_mask_2=ones(256),
+                    image_embeds=torch.zeros(b, 729, 1152, device=device, dtype=dtype))
+
+    hunyuan = Case("hunyuanvideo-1.5-480p", f"{hy_layers}/54 layers, {hf}x{hh}x{hw}, {hy_text}+256 text tok",
+                   lambda: HunyuanVideo15Transformer3DModel(**{**HUNYUAN_VIDEO15_480P, "num_layers": hy_layers}),
+                   hunyuan_inputs)
+    # Qwen-Image: 1024 px -> 16 x 128 x 128 latents -> 64 x 64 packed 2x2 tokens = 4096; up to 512 Qwen2.5-VL tokens
+    # (padded only to the batch's longest prompt; 512 is the pipeline's max_sequence_length)
+    q_layers, q_px, q_text = (60, 1024, 512) if full else (1, 128, 64)
+    q_side = q_px // 16
+    qwen = Case("qwen-image", f"{q_layers}/60 layers, {q_px}px, {q_text} text tok",
+                lambda: QwenImageTransformer2DModel(**{**QWEN_IMAGE, "num_layers": q_layers}),
+                lambda b: dict(hidden_states=rnd(b, q_side * q_side, 64), encoder_hidden_states=rnd(b, q_text, 3584),
+                               timestep=t(b) / 1000, img_shapes=[[(1, q_side, q_side)]] * b))
+    # Qwen-Image-Edit-2509 (Qwen-Image's transformer config): one 1:1 source at the pipeline's 1024 x 1024 condition area
+    # appends 4096 packed condition tokens to the 4096 noisy ones (img_shapes lists both); Qwen2.5-VL sees the prompt and
+    # the source at 384 x 384 -> 392 x 392 (28-multiple) = 196 merged image tokens (pipelines/qwen_image_edit.py)
+    qe_text = q_text + (196 if full else 16)
+    qwen_edit = Case("qwen-image-edit-2509", f"{q_layers}/60 layers, {q_px}px + {q_px}px source, {qe_text} text+image tok",
+                     lambda: QwenImageTransformer2DModel(**{**QWEN_IMAGE, "num_layers": q_layers}),
+                     lambda b: dict(hidden_states=rnd(b, 2 * q_side * q_side, 64), encoder_hidden_states=rnd(b, qe_text, 3584),
+                                    timestep=t(b) / 1000, img_shapes=[[(1, q_side, q_side), (1, q_side, q_side)]] * b))
+    # Wan2.1-I2V-14B-480P: 33 frames x 480 x 832 (configs/grpo/wan_i2v_jpeg.yaml) -> 9 x 60 x 104 latents = 14,040 tokens;
+    # input = [x_t, 4-channel first-frame mask, 16-channel condition latents]; 512 UMT5 + 257 CLIP image tokens
+    i2v_layers, (i2v_f, i2v_h, i2v_w), i2v_text = (40, (33, 480, 832), 512) if full else (2, (9, 128, 128), 64)
+    wan_i2v = Case("wan2.1-i2v-14b", f"{i2v_layers}/40 layers, {i2v_f}x{i2v_h}x{i2v_w}, {i2v_text}+257 text/image tok",
+                   lambda: WanTransformer3DModel(**{**WAN21_I2V_14B, "num_layers": i2v_layers}),
+                   lambda b: dict(hidden_states=rnd(b, 36, (i2v_f - 1) // 4 + 1, i2v_h // 8, i2v_w // 8),
+                                  encoder_hidden_states=rnd(b, i2v_text, 4096), encoder_hidden_states_image=rnd(b, 257, 1280),
+                                  timestep=t(b)))
+    # LTX-2 at 512 x 768, 121 frames, 24 fps: 16 x 24 x 16 = 6,144 video tokens (VAE 32x / 8x) + 126 audio tokens;
+    # 1024 connector tokens per stream. One call denoises both streams; the loss is on the video output.
+    lx_layers, (lf, lh, lw), lx_text = (48, (121, 512, 768), 1024) if full else (2, (17, 128, 128), 64)
+    lx_shape = ((lf - 1) // 8 + 1, lh // 32, lw // 32)
+    lx_audio = round(lf / 24.0 * 25)  # 16 kHz / hop 160 / 4x temporal = 25 audio latents per second
+
+    def ltx2_inputs(b: int) -> dict:
+        ones = torch.ones(b, lx_text, device=device)
+        return dict(hidden_states=rnd(b, lx_shape[0] * lx_shape[1] * lx_shape[2], 128), audio_hidden_states=rnd(b, lx_audio, 128),
+                    encoder_hidden_states=rnd(b, lx_text, 3840), audio_encoder_hidden_states=rnd(b, lx_text, 3840),
+                    timestep=t(b), sigma=t(b), encoder_attention_mask=ones, audio_encoder_attention_mask=ones,
+                    num_frames=lx_shape[0], height=lx_shape[1], width=lx_shape[2], fps=24.0, audio_num_frames=lx_audio,
+                    use_cross_timestep=True)
+
+    ltx2 = Case("ltx-2-19b", f"{lx_layers}/48 layers, {lf}x{lh}x{lw} + {lx_audio} audio tok, {lx_text} text tok",
+                lambda: LTX2VideoTransformer3DModel(**{**LTX2_19B, "num_layers": lx_layers}), ltx2_inputs)
+    return {"sd3": sd3, "flux": flux, "flux_kontext": kontext, "wan": wan, "wan_i2v": wan_i2v,
+            "flux2": klein, "z_image": zimage, "hunyuan_video15": hunyuan, "ltx2": ltx2,
+            "qwen_image": qwen, "qwen_image_edit_plus": qwen_edit}
 
 
 def _sync(device: torch.device) -> None:
@@ -382,7 +517,9 @@ def fsdp_main(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=["sd3", "flux", "wan"], choices=["sd3", "flux", "wan"])
+    parser.add_argument("--families", nargs="+", default=["sd3", "flux", "wan"],
+                        choices=["sd3", "flux", "flux_kontext", "wan", "wan_i2v", "flux2", "z_image", "hunyuan_video15", "qwen_image",
+                                 "qwen_image_edit_plus", "ltx2"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 2 4 on CUDA, 1 2 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="rollout steps per sample (default 10 on CUDA, 1 on CPU)")
     parser.add_argument("--lora-rank", type=int, default=32)

@@ -4,6 +4,8 @@ Pure tensor functions; the algorithms (:mod:`flowalign.algorithms`) compose them
 
 * :func:`group_advantages` -- the group-relative advantage of GRPO / Flow-GRPO / DanceGRPO: each
   sample's reward minus its group's (prompt's) mean, divided by a std.
+* :func:`leave_one_out_advantages` -- the REINFORCE leave-one-out (RLOO) advantage of LOOP: each
+  sample's reward minus the mean of the other rewards of its group, not divided by a std.
 * :func:`edge_advantages` -- spreads per-leaf advantages onto the edges of a :class:`RolloutTree`:
   an edge gets the mean advantage of the leaves below it.
 
@@ -23,6 +25,7 @@ __all__ = [
     "edge_advantages",
     "group_advantages",
     "joint_ids",
+    "leave_one_out_advantages",
 ]
 
 STD_MODES: tuple[str, ...] = ("group", "global", "none")
@@ -33,6 +36,29 @@ def _check_index_vector(t: Tensor, name: str, n: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name} must have shape [{n}] (one entry per reward), got {tuple(t.shape)}")
+
+
+def _check_group_rewards(rewards: Tensor, group_ids: Tensor) -> None:
+    """``rewards [N]`` real and ``group_ids [N]`` integer, or a TypeError / ValueError naming the argument."""
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if rewards.dtype == torch.bool or rewards.is_complex():
+        raise TypeError(f"rewards must be a real float or integer tensor, got dtype {rewards.dtype}")
+    _check_index_vector(group_ids, "group_ids", rewards.shape[0])
+    if group_ids.dtype == torch.bool or group_ids.is_floating_point() or group_ids.is_complex():
+        raise TypeError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+
+
+def _valid_mask(valid: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """``valid [n]`` bool on ``device`` (all True when ``None``), checked."""
+    if valid is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    _check_index_vector(valid, "valid", n)
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got dtype {valid.dtype}")
+    return valid.to(device)
 
 
 def group_advantages(
@@ -77,16 +103,8 @@ def group_advantages(
         FloatingPointError: a valid reward is NaN/Inf (message names ``rewards``).
         ValueError / TypeError: bad shapes, dtypes, ``std_mode``, ``clip`` or ``eps``.
     """
-    if not isinstance(rewards, Tensor):
-        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
-    if rewards.dtype == torch.bool or rewards.is_complex():
-        raise TypeError(f"rewards must be a real float or integer tensor, got dtype {rewards.dtype}")
+    _check_group_rewards(rewards, group_ids)
     n = rewards.shape[0]
-    _check_index_vector(group_ids, "group_ids", n)
-    if group_ids.dtype == torch.bool or group_ids.is_floating_point() or group_ids.is_complex():
-        raise TypeError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
     if std_mode not in STD_MODES:
         raise ValueError(f"std_mode must be one of {list(STD_MODES)}, got {std_mode!r}")
     if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
@@ -96,13 +114,7 @@ def group_advantages(
     if not isinstance(unbiased, bool):
         raise TypeError(f"unbiased must be a bool, got {type(unbiased).__name__}")
     ddof = 1.0 if unbiased else 0.0
-    if valid is None:
-        valid = torch.ones(n, dtype=torch.bool, device=rewards.device)
-    else:
-        _check_index_vector(valid, "valid", n)
-        if valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool tensor, got dtype {valid.dtype}")
-        valid = valid.to(rewards.device)
+    valid = _valid_mask(valid, n, rewards.device)
 
     # Invalid entries are never read (a reward that could not score may be NaN); valid ones must be finite.
     r = rewards.detach().to(torch.float64).masked_fill(~valid, 0.0)
@@ -142,6 +154,46 @@ def group_advantages(
     adv = torch.where(spread, centered / safe_denom, torch.zeros_like(centered))
     if clip is not None:
         adv = adv.clamp(-float(clip), float(clip))
+    return adv.to(torch.float32)
+
+
+def leave_one_out_advantages(rewards: Tensor, group_ids: Tensor, *, valid: Tensor | None = None) -> Tensor:
+    """Leave-one-out advantages ``A_i = r_i - 1/(k_g - 1) * sum_{j in g, j != i} r_j``.
+
+    The REINFORCE leave-one-out baseline (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline
+    for free!"; Ahmadian et al. 2024, RLOO, arXiv:2402.14740, Eq. 7) that LOOP (Gupta et al. 2025,
+    arXiv:2503.00897, §4) puts into the PPO-clip objective: ``k_g`` samples of one prompt, each judged
+    against the mean of the other ``k_g - 1``. No std division (the baseline keeps the estimator
+    unbiased; a std would rescale it per prompt). Equivalently ``A_i = k_g / (k_g - 1) * (r_i - mean_g)``.
+
+    Args:
+        rewards: ``[N]`` real scores (any float or integer dtype).
+        group_ids: ``[N]`` integer group id per sample (a prompt's index in the global batch).
+        valid: optional ``[N]`` bool; ``False`` samples are left out of every baseline (``k_g`` counts
+            the valid members) and get advantage 0; their rewards are never read (may be NaN).
+
+    Returns:
+        ``[N]`` float32 advantages on ``rewards.device``. A sample whose group has a single valid
+        member has no baseline and gets 0 (ours: no leave-one-out mean exists).
+
+    Raises:
+        FloatingPointError: a valid reward is NaN/Inf (message names ``rewards``).
+        ValueError / TypeError: bad shapes or dtypes.
+    """
+    _check_group_rewards(rewards, group_ids)
+    n = rewards.shape[0]
+    valid = _valid_mask(valid, n, rewards.device)
+    r = rewards.detach().to(torch.float64).masked_fill(~valid, 0.0)
+    assert_finite(r, "rewards")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float32, device=rewards.device)
+    _, inv = torch.unique(group_ids.to(rewards.device), return_inverse=True)  # [N] in 0..G-1
+    w = valid.to(torch.float64)
+    count = torch.zeros(int(inv.max()) + 1, dtype=torch.float64, device=r.device).index_add_(0, inv, w)  # [G] k_g
+    total = torch.zeros_like(count).index_add_(0, inv, r)  # [G] sum of the valid rewards
+    others = count[inv] - 1.0  # [N] k_g - 1
+    baseline = (total[inv] - r) / others.clamp_min(1.0)  # [N] mean of the other valid rewards
+    adv = torch.where(valid & (others > 0), r - baseline, torch.zeros_like(r))
     return adv.to(torch.float32)
 
 

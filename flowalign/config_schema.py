@@ -36,6 +36,13 @@ AUTO_THREADS_HELP = ("CPU threads of torch in this process (torch.set_num_thread
                      "configure_threads). Tiny models run as fast on 1 thread, and 1 does not slow down next to other jobs.")
 
 
+RATIO_TOLERANCE_HELP = ("Max |ratio - 1| allowed at the first inner step (on-policy check: before any update the recomputed "
+                        "log-probs equal the rollout's); null = by where the model computes: 1e-5 float32 on the CPU, 1e-4 "
+                        "float32 on a GPU (cuBLAS / TF32 kernels differ between the rollout's and the update's batches), 1e-2 "
+                        "with bfloat16 / float16 weights, autocast or train.fsdp.param_dtype (flowalign.guards."
+                        "RATIO_TOLERANCES).")
+
+
 TIME_BUDGET_HELP = ("Stop after the iteration at which the training time (evaluation excluded) reaches this many seconds; "
                     "0 = no budget.")
 
@@ -117,7 +124,7 @@ class AlgorithmBase:
                                          "pref_grpo, branch_grpo, multi_reward); the others keep their own.", choices=("population", "unbiased"))
     std_eps: float | None = _f(None, "Added to the std of the advantage normalisation (Flow-GRPO 1e-4; DanceGRPO / MixGRPO / "
                                      "Pref-GRPO / BranchGRPO 1e-8; GDPO's multi-reward 1e-4); null = the algorithm's reference.", ge=0)
-    ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).", gt=0)
+    ratio_tolerance: float | None = _f(None, RATIO_TOLERANCE_HELP, gt=0)
 
 
 AlgorithmConfig = algorithm_config_class("AlgorithmConfig", AlgorithmBase, ("rl", "awm"))
@@ -170,6 +177,12 @@ class FSDPConfig:
     param_dtype: str | None = _f(None, "Weights' dtype in forward / backward (MixedPrecisionPolicy; gradients are "
                                        "reduced in float32): bfloat16 | float16 | float32; null = the model's dtype.",
                                  choices=("bfloat16", "float16", "float32"))
+    state_dict: str = _f("full", "How checkpoints of a sharded run hold the trainable weights, EMA and optimizer state: "
+                                 "full = gathered whole and written by the main process (model.safetensors, optimizer.pt: it "
+                                 "needs host memory for all of them); sharded = every process writes its own shards "
+                                 "(torch.distributed.checkpoint, checkpoints/step-*/shards/), nothing is gathered; resumes with "
+                                 "train.fsdp on any number of processes. best/, final/ and lora/ are gathered whole either way.",
+                         choices=("full", "sharded"))
 
 
 @dataclass

@@ -114,7 +114,7 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
         return
     from flowalign.pipelines import ADAPTERS
 
-    _resolve_adapter(cfg.model._component_)
+    adapter_cls = _resolve_adapter(cfg.model._component_)
     for key, spec in specs:
         check_component_spec(spec, key, resolve=True)
     if cfg.model._component_ in ADAPTERS and not _looks_like_hub_id(cfg.model.pretrained):
@@ -123,4 +123,9 @@ def validate_config(cfg: RLConfig, *, check_files: bool = True, world_size: int 
     n_eval = len(read_prompts(e.prompts, "eval.prompts")) * e.samples_per_prompt
     _require(n_eval % world_size == 0, "eval.samples_per_prompt",
              f"{n_eval} held-out samples cannot be split evenly over {world_size} processes")
+    if getattr(adapter_cls, "source_images", 0):  # an editing model: JSONL records with existing source image(s)
+        from flowalign.data.images import check_image_records
+
+        for key, path in (("data.train_prompts", cfg.data.train_prompts), ("eval.prompts", e.prompts)):
+            check_image_records(path, key, adapter_cls.source_images, cfg.model._component_)
 

@@ -10,7 +10,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["assert_finite", "assert_on_policy"]
+__all__ = ["RATIO_TOLERANCES", "assert_finite", "assert_on_policy", "resolve_ratio_tolerance"]
+
+#: the on-policy check's bound on max |ratio - 1| at the first inner step when ``algorithm.ratio_tolerance`` is
+#: null, by where the model computes (docs/ARCHITECTURE.md invariant 2; image and dLLM recipes alike). The rollout and the update evaluate the
+#: same weights on the same inputs but batch them differently (the update's micro-batches mix steps and trees),
+#: so a log-prob -- a sum over every latent element -- comes out of different kernels / reduction orders:
+#: * ``cpu``: float32 on the CPU: the quickstart presets log 0 to 1.2e-7 (one float32 ulp of 1), so 1e-5 still
+#:   flags any real change;
+#: * ``cuda``: float32 weights on a GPU, where cuBLAS / cuDNN pick algorithms by batch shape and may use TF32
+#:   (10-bit mantissa) matmuls: one H200 FSDP quickstart measured 1.27e-5 (docs/SCALING.md); 1e-4 leaves ~8x room
+#:   and is still the PPO clip range of Flow-GRPO's SD3.5 recipe (1e-4), i.e. no policy step has been taken yet;
+#: * ``half``: bfloat16 / float16 weights or autocast on any device: one rounding of a bfloat16 value is up to
+#:   2^-8 = 3.9e-3 relative (float16 2^-11), so log-probs from differently batched GPU kernels may differ by
+#:   ~1e-3 (an estimate: not measured on a GPU; bf16 autocast on the CPU logs 0, the same kernels either way);
+#:   1e-2 still catches the bugs the check is for (dropout left on, another model or scheduler), which move the
+#:   ratio by O(1).
+RATIO_TOLERANCES: dict[str, float] = {"cpu": 1e-5, "cuda": 1e-4, "half": 1e-2}
+
 
 # How many offending entries an error message lists before summarizing the rest.
 _MAX_REPORTED = 5
@@ -72,3 +89,15 @@ def assert_on_policy(ratio_dev: float, tolerance: float, likely_causes: str) -> 
     if ratio_dev > tolerance:
         raise RuntimeError(f"on-policy check failed: max |ratio - 1| = {ratio_dev:.3g} > algorithm.ratio_tolerance="
                            f"{tolerance} at the first inner step; {likely_causes}")
+
+
+def resolve_ratio_tolerance(tolerance: float | None, device_type: str, dtype: torch.dtype) -> float:
+    """The on-policy check's tolerance: ``algorithm.ratio_tolerance`` when set (a number is used as given),
+    else :data:`RATIO_TOLERANCES` for the device type (``"cpu"``, ``"cuda"``, ``"mps"``...) and the dtype the
+    model computes in (``torch.bfloat16`` / ``torch.float16`` -> ``"half"`` on any device; float32 / float64 on a
+    device other than the CPU -> ``"cuda"``'s)."""
+    if tolerance is not None:
+        return float(tolerance)
+    if dtype in (torch.bfloat16, torch.float16):
+        return RATIO_TOLERANCES["half"]
+    return RATIO_TOLERANCES["cpu" if device_type == "cpu" else "cuda"]

@@ -14,7 +14,16 @@ ADAPTERS: dict[str, str] = {
     "sdxl": "flowalign.pipelines.sdxl:StableDiffusionXLAdapter",
     "sd3": "flowalign.pipelines.sd3:StableDiffusion3Adapter",
     "flux": "flowalign.pipelines.flux:FluxAdapter",
+    "qwen_image": "flowalign.pipelines.qwen_image:QwenImageAdapter",
+    "qwen_image_edit": "flowalign.pipelines.qwen_image_edit:QwenImageEditAdapter",
+    "qwen_image_edit_plus": "flowalign.pipelines.qwen_image_edit:QwenImageEditPlusAdapter",
+    "flux_kontext": "flowalign.pipelines.flux_kontext:FluxKontextAdapter",
+    "flux2": "flowalign.pipelines.flux2:Flux2Adapter",
+    "z_image": "flowalign.pipelines.z_image:ZImageAdapter",
     "wan": "flowalign.pipelines.wan:WanAdapter",
+    "wan_i2v": "flowalign.pipelines.wan_i2v:WanImageToVideoAdapter",
+    "hunyuan_video15": "flowalign.pipelines.hunyuan_video15:HunyuanVideo15Adapter",
+    "ltx2": "flowalign.pipelines.ltx2:LTX2Adapter",
 }
 
 

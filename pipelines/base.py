@@ -35,15 +35,19 @@ class PipelineAdapter(Protocol):
         latent_shape: per-sample latent shape, e.g. ``(C, H, W)`` or ``(C, F, H, W)``.
         lora_target_modules: module-name patterns peft should wrap with LoRA.
         device, dtype: where the adapter's modules live.
+        modality: ``"image"`` or ``"video"``, what ``decode`` returns.
     """
 
     latent_shape: tuple[int, ...]
+    modality: str
     lora_target_modules: list[str]
     device: torch.device
     dtype: torch.dtype
 
-    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> Conditioning:
-        """Encode ``B`` prompts (and their negatives, when CFG is used) into a Conditioning."""
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None,
+               images: list[list[Tensor]] | None = None) -> Conditioning:
+        """Encode ``B`` prompts (and their negatives, when CFG is used) into a Conditioning; editing
+        adapters (``source_images != 0``) also take each prompt's source images ``[3, H, W]`` in [0, 1]."""
         ...
 
     def init_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -108,6 +112,16 @@ class AdapterBase:
     denoiser: nn.Module
     _wrapped: nn.Module | None = None
     _reference: nn.Module | None = None
+    #: source images per prompt: 0 = text-only, 1 = exactly one (FLUX.1 Kontext, Qwen-Image-Edit),
+    #: -1 = one or more (Qwen-Image-Edit-Plus). Non-zero adapters need ``encode(..., images=)``.
+    source_images: int = 0
+
+    @property
+    def modality(self) -> str:
+        """``"video"`` for ``[C, F, h, w]`` latents, else ``"image"``: what ``decode`` returns and so what a
+        plain reward function is wrapped as. Adapters with another latent layout (LTX-2's flat joint
+        latent) set it themselves."""
+        return "video" if len(self.latent_shape) == 4 else "image"
 
     @property
     def device(self) -> torch.device:
@@ -175,14 +189,58 @@ class AdapterBase:
         """Encoder outputs for ``prompts``, each ``[len(prompts), ...]`` on the adapter's device."""
         raise NotImplementedError
 
-    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None) -> Conditioning:
-        """Encode ``B`` prompts; with ``negative_prompts`` also the negative half used by CFG."""
+    def _image_condition(self, images: list[list[Tensor]]) -> dict[str, Tensor]:
+        """Editing adapters: the tensors that depend on the source images alone (e.g. packed VAE latents
+        ``"image_latents": [B, N, D]``), shared by the prompt and the negative half."""
+        raise NotImplementedError
+
+    def _embed_with_images(self, prompts: list[str], images: list[list[Tensor]]) -> dict[str, Tensor]:
+        """Editing adapters: the prompt embeddings; a text encoder that also sees the source images
+        (Qwen2.5-VL) overrides this, a text-only one keeps :meth:`_embed`."""
+        return self._embed(prompts)
+
+    def _check_images(self, prompts: list[str], images: list[list[Tensor]] | None) -> None:
+        """``images`` is required iff ``source_images != 0``: one list per prompt, each with the right count
+        of ``[3, H, W]`` tensors."""
+        name = type(self).__name__
+        if self.source_images == 0:
+            if images is not None:
+                raise ValueError(f"{name} is a text-to-media adapter: it takes no source images (images=...)")
+            return
+        if images is None:
+            raise ValueError(f"{name} edits source images: encode(prompts, images=[[image, ...] per prompt]) is required")
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} source-image lists")
+        for i, per_prompt in enumerate(images):
+            if self.source_images == 1 and len(per_prompt) != 1:
+                raise ValueError(f"{name} edits exactly one source image per prompt; prompt {i} has {len(per_prompt)}")
+            if not per_prompt:
+                raise ValueError(f"{name}: prompt {i} has no source image")
+            for image in per_prompt:
+                if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+                    raise ValueError(f"{name}: prompt {i}'s source images must be [3, H, W] tensors in [0, 1], got "
+                                     f"{getattr(image, 'shape', type(image).__name__)}")
+
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None = None,
+               images: list[list[Tensor]] | None = None) -> Conditioning:
+        """Encode ``B`` prompts; with ``negative_prompts`` also the negative half used by CFG.
+
+        Editing adapters (``source_images != 0``) take ``images``: per prompt a list of ``[3, H, W]``
+        source images in [0, 1]; their condition (:meth:`_image_condition`) joins both halves, so row
+        slicing and CFG batching treat it like any prompt tensor."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
         if negative_prompts is not None and len(negative_prompts) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(negative_prompts)} negative_prompts")
-        negative = self._embed(list(negative_prompts)) if negative_prompts is not None else None
-        return Conditioning(self._embed(list(prompts)), negative)
+        self._check_images(prompts, images)
+        if images is None:
+            negative = self._embed(list(negative_prompts)) if negative_prompts is not None else None
+            return Conditioning(self._embed(list(prompts)), negative)
+        shared = self._image_condition(images)
+        negative = None
+        if negative_prompts is not None:
+            negative = {**self._embed_with_images(list(negative_prompts), images), **shared}
+        return Conditioning({**self._embed_with_images(list(prompts), images), **shared}, negative)
 
     def init_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Standard-normal ``[n, *latent_shape]`` fp32 noise, drawn on the generator's device (so a CPU

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -123,3 +124,79 @@ def save_transformer_lora(pipeline_cls: type, denoiser: nn.Module, directory: st
         transformer_lora_layers=get_peft_model_state_dict(denoiser, adapter_name=name),
         transformer_lora_adapter_metadata=metadata,
     )
+
+
+def model_name(path: str) -> str:
+    """A stable name for ``model.pretrained``: the absolute path of a local folder, else the hub id as given
+    (keys the prompt-embedding cache, so a relative path and its absolute form share entries)."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
+def load_diffusers_pipeline(pipeline_cls: type, path: str, dtype: torch.dtype, **load_kwargs):
+    """``pipeline_cls.from_pretrained(path, torch_dtype=dtype, **load_kwargs)``, with a load failure re-raised
+    as a FileNotFoundError naming ``model.pretrained``."""
+    try:
+        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, **load_kwargs)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"model.pretrained={path!r}: cannot load a {pipeline_cls.__name__}: {err}") from err
+
+
+class TransformerPipelineIO:
+    """Loading and saving for an adapter whose whole diffusers pipeline is ``self.pipe`` and whose trainable
+    denoiser ``self.denoiser`` is ``pipe.transformer`` (FLUX.1, FLUX.1 Kontext, SD3, Z-Image, Qwen-Image).
+
+    Subclasses set ``pipeline_cls`` (the diffusers pipeline class), ``options`` (the accepted ``model.options``)
+    and ``family`` (the adapter's registry name, for error messages), and take
+    ``(pipe, *, device, cache_namespace, **options)`` in ``__init__``.
+    """
+
+    pipeline_cls: type
+    options: tuple[str, ...]
+    family: str
+
+    @classmethod
+    def _load_kwargs(cls, options: dict) -> dict:
+        """Extra ``pipeline_cls.from_pretrained`` keyword arguments chosen by ``options`` (none by default)."""
+        return {}
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        **options):
+        """Load a diffusers checkpoint of ``pipeline_cls`` (local folder in pipeline layout, or hub id);
+        ``options`` are ``model.options`` (the names in ``cls.options``, see the class docstring)."""
+        check_options(options, cls.options, cls.family)
+        pipe = load_diffusers_pipeline(cls.pipeline_cls, path, dtype, **cls._load_kwargs(options))
+        return cls(pipe, device=device, cache_namespace=model_name(path), **options)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Save the pipeline (LoRA merged into a copy of the transformer) so ``from_pretrained`` reloads it."""
+        transformer = merged_lora_copy(self.denoiser) if self.has_lora() else self.denoiser
+        self.pipeline_cls(**{**self.pipe.components, "transformer": transformer}).save_pretrained(directory)
+
+    def save_lora_weights(self, directory: str) -> None:
+        """The LoRA alone, in the format ``pipeline_cls.load_lora_weights`` reads."""
+        save_transformer_lora(self.pipeline_cls, self.denoiser, directory)
+
+
+SETTINGS_FILE = "flowalign_adapter.json"  # adapter options saved beside a video pipeline folder
+
+
+def saved_options(path: str, options: dict, layout: str) -> dict:
+    """``options`` over the defaults a flowalign run saved in ``path/flowalign_adapter.json`` (if any).
+
+    Raises FileNotFoundError when ``path`` is a folder without ``model_index.json``; ``layout`` names the
+    expected pipeline layout in that message.
+    """
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"model.pretrained={path!r} has no model_index.json (expected the {layout} layout)")
+    settings_file = os.path.join(path, SETTINGS_FILE)
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            options = {**json.load(f), **options}
+    return options
+
+
+def save_options(directory: str, settings: dict) -> None:
+    """Write the adapter options ``saved_options`` reads back into ``directory/flowalign_adapter.json``."""
+    with open(os.path.join(directory, SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=2)

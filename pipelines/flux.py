@@ -20,7 +20,6 @@ Schedule: ``FluxPipeline`` passes ``sigmas = linspace(1, 1/T, T)`` and a resolut
 from __future__ import annotations
 
 import math
-import os
 from contextlib import ExitStack
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor
 
 
 from .base import AdapterBase, shift_sigmas
-from .common import PromptEmbeddingCache, check_options, merged_lora_copy, on_device, save_transformer_lora, set_attention_backend
+from .common import PromptEmbeddingCache, TransformerPipelineIO, on_device, set_attention_backend
 
 FLUX_OPTIONS = ("resolution", "shift", "guidance", "max_sequence_length", "attention_backend", "offload_idle",
                 "embedding_cache_dir")
@@ -79,7 +78,7 @@ def latent_image_ids(rows: int, cols: int, device: torch.device | str = "cpu", d
     return ids.to(device=device, dtype=dtype)
 
 
-class FluxAdapter(AdapterBase):
+class FluxAdapter(TransformerPipelineIO, AdapterBase):
     """FLUX.1 pipeline adapter.
 
     Args:
@@ -141,30 +140,10 @@ class FluxAdapter(AdapterBase):
                                c.get("base_shift", 0.5), c.get("max_shift", 1.15))
         self.cache = PromptEmbeddingCache(embedding_cache_dir, f"flux|{cache_namespace}|len={self.max_sequence_length}")
 
-    # -- loading / saving -----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        **options) -> "FluxAdapter":
-        """Load a diffusers FLUX.1 checkpoint (local folder in pipeline layout, or hub id).
-
-        ``options`` are ``model.options``: resolution, shift, guidance, max_sequence_length,
-        attention_backend, offload_idle, embedding_cache_dir.
-        """
-        check_options(options, FLUX_OPTIONS, "flux")
-        try:
-            pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"model.pretrained={path!r}: cannot load a FluxPipeline: {err}") from err
-        return cls(pipe, device=device, cache_namespace=os.path.abspath(path) if os.path.exists(path) else path, **options)
-
-    def save_pretrained(self, directory: str) -> None:
-        """Save the pipeline (LoRA merged into a copy of the transformer) so ``from_pretrained`` reloads it."""
-        transformer = merged_lora_copy(self.denoiser) if self.has_lora() else self.denoiser
-        FluxPipeline(**{**self.pipe.components, "transformer": transformer}).save_pretrained(directory)
-
-    def save_lora_weights(self, directory: str) -> None:
-        """The LoRA alone, in the format ``FluxPipeline.load_lora_weights`` reads."""
-        save_transformer_lora(FluxPipeline, self.denoiser, directory)
+    # -- loading / saving: from_pretrained, save_pretrained, save_lora_weights from TransformerPipelineIO --
+    pipeline_cls: type = FluxPipeline
+    options: tuple[str, ...] = FLUX_OPTIONS
+    family = "flux"
 
     # -- protocol -------------------------------------------------------------------------------
     @torch.no_grad()

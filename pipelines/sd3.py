@@ -13,7 +13,6 @@ was trained with: ``x_t = (1 - sigma) x0 + sigma eps``, output ``v = eps - x0`` 
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 
 import torch
@@ -22,13 +21,13 @@ from torch import Tensor
 
 
 from .base import AdapterBase
-from .common import PromptEmbeddingCache, check_options, merged_lora_copy, on_device, save_transformer_lora, set_attention_backend
+from .common import PromptEmbeddingCache, TransformerPipelineIO, on_device, set_attention_backend
 
 SD3_OPTIONS = ("resolution", "shift", "use_t5", "max_sequence_length", "attention_backend", "offload_idle",
                "embedding_cache_dir")
 
 
-class StableDiffusion3Adapter(AdapterBase):
+class StableDiffusion3Adapter(TransformerPipelineIO, AdapterBase):
     """SD3 / SD3.5 pipeline adapter.
 
     Args:
@@ -79,31 +78,15 @@ class StableDiffusion3Adapter(AdapterBase):
         self.cache = PromptEmbeddingCache(
             embedding_cache_dir, f"sd3|{cache_namespace}|t5={pipe.text_encoder_3 is not None}|len={self.max_sequence_length}")
 
-    # -- loading / saving -----------------------------------------------------------------------
+    # -- loading / saving: from_pretrained, save_pretrained, save_lora_weights from TransformerPipelineIO --
+    pipeline_cls: type = StableDiffusion3Pipeline
+    options: tuple[str, ...] = SD3_OPTIONS
+    family = "sd3"
+
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        **options) -> "StableDiffusion3Adapter":
-        """Load a diffusers SD3 checkpoint (local folder in pipeline layout, or hub id).
-
-        ``options`` are ``model.options``: resolution, shift, use_t5, max_sequence_length,
-        attention_backend, offload_idle, embedding_cache_dir. With ``use_t5=False`` T5 is not loaded.
-        """
-        check_options(options, SD3_OPTIONS, "sd3")
-        skip_t5 = {} if options.get("use_t5", True) else {"text_encoder_3": None, "tokenizer_3": None}
-        try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, **skip_t5)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"model.pretrained={path!r}: cannot load a StableDiffusion3Pipeline: {err}") from err
-        return cls(pipe, device=device, cache_namespace=os.path.abspath(path) if os.path.exists(path) else path, **options)
-
-    def save_pretrained(self, directory: str) -> None:
-        """Save the pipeline (LoRA merged into a copy of the transformer) so ``from_pretrained`` reloads it."""
-        transformer = merged_lora_copy(self.denoiser) if self.has_lora() else self.denoiser
-        StableDiffusion3Pipeline(**{**self.pipe.components, "transformer": transformer}).save_pretrained(directory)
-
-    def save_lora_weights(self, directory: str) -> None:
-        """The LoRA alone, in the format ``StableDiffusion3Pipeline.load_lora_weights`` reads."""
-        save_transformer_lora(StableDiffusion3Pipeline, self.denoiser, directory)
+    def _load_kwargs(cls, options: dict) -> dict:
+        """With ``use_t5=False`` T5 (``text_encoder_3`` / ``tokenizer_3``) is not loaded."""
+        return {} if options.get("use_t5", True) else {"text_encoder_3": None, "tokenizer_3": None}
 
     # -- protocol -------------------------------------------------------------------------------
     @torch.no_grad()

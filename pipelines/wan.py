@@ -16,9 +16,6 @@ Video latents are ``[B, C, F_lat, H/8, W/8]`` with ``F_lat = (num_frames - 1) / 
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -26,9 +23,8 @@ from torch import Tensor, nn
 
 
 from .base import AdapterBase
-from .common import PromptEmbeddingCache, merged_lora_copy, on_device, save_transformer_lora, set_attention_backend
-
-SETTINGS_FILE = "flowalign_adapter.json"  # adapter options saved beside the pipeline folder
+from .common import (PromptEmbeddingCache, merged_lora_copy, on_device, save_options, save_transformer_lora, saved_options,
+                     set_attention_backend)
 
 
 def zero_padding(embeds: Tensor, mask: Tensor) -> Tensor:
@@ -119,12 +115,7 @@ class WanAdapter(AdapterBase):
                         **options) -> "WanAdapter":
         """Load a ``WanPipeline`` folder / hub id; ``options`` are the constructor's keyword arguments
         (defaults from ``flowalign_adapter.json`` in ``path`` when a flowalign run saved it)."""
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "model_index.json")):
-            raise FileNotFoundError(f"Wan model at {path!r} has no model_index.json (expected WanPipeline.save_pretrained layout)")
-        settings_file = os.path.join(path, SETTINGS_FILE)
-        if os.path.exists(settings_file):
-            with open(settings_file) as f:
-                options = {**json.load(f), **options}
+        options = saved_options(path, options, "WanPipeline.save_pretrained")
         pipe = WanPipeline.from_pretrained(path, torch_dtype=dtype)
         adapter = cls(pipe, name=path, **options)
         return adapter.to(device)
@@ -132,16 +123,21 @@ class WanAdapter(AdapterBase):
     def save_pretrained(self, directory: str) -> None:
         """``WanPipeline.save_pretrained`` layout (LoRA merged into a copy of the trained expert)
         plus ``flowalign_adapter.json`` with the video size, shift and expert choice."""
-        denoiser = merged_lora_copy(self.denoiser) if self.has_lora() else self.denoiser
-        experts = {"transformer": self.transformer, "transformer_2": self.transformer_2}
-        experts["transformer" if self.trainable_expert == "high" else "transformer_2"] = denoiser
+        experts = self._experts_to_save()
         pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
                            scheduler=self.pipe.scheduler, boundary_ratio=self.boundary_ratio,
                            expand_timesteps=self.expand_timesteps, **experts)
         pipe.save_pretrained(directory)
-        with open(os.path.join(directory, SETTINGS_FILE), "w") as f:
-            json.dump({"height": self.height, "width": self.width, "num_frames": self.num_frames, "shift": self.shift,
-                       "max_sequence_length": self.max_sequence_length, "trainable_expert": self.trainable_expert}, f, indent=2)
+        save_options(directory, {"height": self.height, "width": self.width, "num_frames": self.num_frames,
+                                 "shift": self.shift, "max_sequence_length": self.max_sequence_length,
+                                 "trainable_expert": self.trainable_expert})
+
+    def _experts_to_save(self) -> dict[str, nn.Module]:
+        """``transformer`` / ``transformer_2`` as saved: the trained expert with its LoRA merged into a copy."""
+        denoiser = merged_lora_copy(self.denoiser) if self.has_lora() else self.denoiser
+        experts = {"transformer": self.transformer, "transformer_2": self.transformer_2}
+        experts["transformer" if self.trainable_expert == "high" else "transformer_2"] = denoiser
+        return experts
 
     def save_lora_weights(self, directory: str) -> None:
         """The trained expert's LoRA in the diffusers format: ``WanPipeline.load_lora_weights(directory)``

@@ -81,6 +81,8 @@ BUILTIN_REWARDS: dict[str, RewardInfo] = {
         modality="image",
         weights="none: JPEG file size (DDPO)",
     ),
+    "source_ssim": RewardInfo(path="flowalign.rewards.source_similarity:SourceSSIM", modality="image",
+                              weights="none: SSIM of the edit and its source image (editing models; needs \"image\" per prompt)"),
     "pickscore": RewardInfo(path="flowalign.rewards.pickscore:PickScore", modality="image",
                             weights="hub: yuvalkirstain/PickScore_v1 (+ processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"),
     "clip_score": RewardInfo(path="flowalign.rewards.clip_score:ClipScore", modality="image",

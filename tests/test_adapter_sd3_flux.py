@@ -3,7 +3,6 @@ built in memory (diffusers' ``get_dummy_components()`` style; tokenizers built o
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -18,6 +17,8 @@ from flowalign.pipelines.flux import (FluxAdapter, calculate_mu, flux_sigmas, la
                                       unpack_latents)
 from flowalign.pipelines.sd3 import StableDiffusion3Adapter
 from flowalign.rollout import BranchSpec, rollout, sample_ode
+from tests.tiny_components import (LORA_IMAGE_GRPO, add_random_lora, assert_same_gradients, byte_level_alphabet,
+                                   denoiser_gradients, grpo_overrides, write_bpe_files)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red apple on a table", "a small dog"]
@@ -27,18 +28,10 @@ RES = 16  # pixels; the tiny VAEs have scale factor 1
 # -- tiny components ------------------------------------------------------------------------------
 def clip_tokenizer(directory: str) -> CLIPTokenizer:
     """A byte-level BPE CLIP tokenizer (every byte a token, a few merges), written and read offline."""
-    chars = [chr(b) for b in range(33, 127)] + [chr(b) for b in range(161, 173)] + [chr(b) for b in range(174, 256)]
-    chars += [chr(256 + i) for i in range(256 - len(chars))]  # GPT-2 byte-to-unicode alphabet (256 symbols)
+    chars = byte_level_alphabet()
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    merges = ["a p", "ap p", "r e", "d o", "o g</w>"]
-    for m in merges:
-        vocab.setdefault(m.replace(" ", ""), len(vocab))
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=77)
+    vocab_file, merges_file = write_bpe_files(directory, vocab, ["a p", "ap p", "r e", "d o", "o g</w>"])
+    tok = CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
     assert len(tok) == len(vocab)  # transformers 5 can silently build an empty vocabulary
     return tok
 
@@ -201,17 +194,6 @@ def test_sd3_loads_from_disk_and_matches_in_memory(sd3_dir, tmp_path):
         StableDiffusion3Adapter.from_pretrained(sd3_dir, resolution=15)
 
 
-def _add_random_lora(adapter, rank: int = 4, alpha: float = 8.0) -> None:
-    from peft import LoraConfig
-
-    adapter.denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=adapter.lora_target_modules))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in adapter.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-
-
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_lora_round_trips_into_official_pipeline(family, sd3_dir, flux_dir, tmp_path):
     base, adapter_cls, pipe_cls = {"sd3": (sd3_dir, StableDiffusion3Adapter, StableDiffusion3Pipeline),
@@ -220,7 +202,7 @@ def test_lora_round_trips_into_official_pipeline(family, sd3_dir, flux_dir, tmp_
     x0 = _noise(adapter)
     cond = adapter.encode(PROMPTS)
     before = sample_ode(adapter, cond, 2, latents=x0)
-    _add_random_lora(adapter)
+    add_random_lora(adapter)
     lora_out = sample_ode(adapter, cond, 2, latents=x0)
     assert (lora_out - before).abs().max() > 1e-3  # the LoRA changes the policy
     adapter.save_lora_weights(str(tmp_path / "lora"))
@@ -248,15 +230,9 @@ def test_gradient_checkpointing_gives_same_gradients(family, tmp_path):
     grads = []
     for checkpointing in (False, True):
         adapter = make()
-        module = adapter.trainable_module().train()
-        if checkpointing:
-            module.enable_gradient_checkpointing()
-        cond = adapter.encode(PROMPTS)
-        v = adapter.predict(_noise(adapter), torch.tensor([0.7, 0.3]), cond)
-        v.square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]))
-    assert grads[0].abs().max() > 0
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+        grads.append(denoiser_gradients(adapter, _noise(adapter), torch.tensor([0.7, 0.3]), adapter.encode(PROMPTS),
+                                        checkpointing))
+    assert_same_gradients(*grads)
 
 
 # -- FLUX -----------------------------------------------------------------------------------------
@@ -308,13 +284,8 @@ def test_grpo_config_runs_two_iterations(config, family, sd3_dir, flux_dir, prom
 
     train, evaluation = prompt_files
     options = {"resolution": RES, "max_sequence_length": 16, "embedding_cache_dir": str(tmp_path / "cache")}
-    overrides = {"model.pretrained": {"sd3": sd3_dir, "flux": flux_dir}[family], "model.dtype": "float32",
-                 "model.lora_rank": 4, "model.lora_alpha": 4, "model.gradient_checkpointing": True,
-                 "model.options": options, "output_dir": str(tmp_path / "run"), "device": "cpu",
-                 "data.train_prompts": train, "data.prompts_per_iter": 2, "sampling.group_size": 2,
-                 "sampling.num_steps": 3, "train.iterations": 2, "train.micro_batch_size": 4,
-                 "train.mixed_precision": "no", "train.checkpoint_every": 0, "eval.prompts": evaluation,
-                 "eval.num_steps": 2, "eval.grid_prompts": 2, "logging.progress": False, "logging.tensorboard": False}
+    overrides = grpo_overrides({"sd3": sd3_dir, "flux": flux_dir}[family], str(tmp_path / "run"), train, evaluation,
+                               LORA_IMAGE_GRPO, **{"model.options": options})
     summary = flowalign.train(os.path.join(REPO, "configs/grpo", config), overrides)
     assert summary["iterations"] == 2 and np.isfinite(summary["after"]["eval/reward"])
     assert os.path.exists(tmp_path / "run" / "final" / "model_index.json")

@@ -12,6 +12,7 @@ import torch
 from flowalign.pipelines.base import shift_sigmas
 from flowalign.rollout import BranchSpec, rollout, sample_ode
 from tests.conftest import REPO
+from tests.tiny_components import VIDEO_GRPO, add_random_lora, assert_same_gradients, denoiser_gradients, grpo_overrides
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel  # noqa: E402
@@ -176,19 +177,9 @@ def test_from_pretrained_round_trip_and_embedding_cache(saved_dir, tmp_path):
 
 
 # -- LoRA interop ----------------------------------------------------------------------------------
-def _add_random_lora(adapter: WanAdapter) -> None:
-    from peft import LoraConfig
-
-    adapter.trainable_module().add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=adapter.lora_target_modules))
-    torch.manual_seed(3)
-    for name, p in adapter.trainable_module().named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.3)
-
-
 def test_lora_saved_in_diffusers_format_reloads_in_wan_pipeline(saved_dir, tmp_path):
     adapter = WanAdapter.from_pretrained(saved_dir, **SIZE)
-    _add_random_lora(adapter)
+    add_random_lora(adapter, seed=3)
     latents = adapter.init_latents(2, torch.Generator().manual_seed(4))
     ours = sample_ode(adapter, adapter.encode(PROMPTS, ["", ""]), 3, latents=latents, guidance_scale=4.0)
     with torch.no_grad(), adapter.disable_adapter():
@@ -207,19 +198,10 @@ def test_lora_saved_in_diffusers_format_reloads_in_wan_pipeline(saved_dir, tmp_p
 
 def test_gradient_checkpointing_gives_same_gradients():
     adapter = WanAdapter(tiny_pipeline(), **SIZE)
-    _add_random_lora(adapter)
-    x = torch.randn(2, *adapter.latent_shape)
+    add_random_lora(adapter, seed=3)
+    x = torch.randn(2, *adapter.latent_shape, generator=torch.Generator().manual_seed(3))
     cond = adapter.encode(PROMPTS)
-    grads = []
-    for checkpointing in (False, True):
-        module = adapter.trainable_module().train()
-        if checkpointing:
-            module.enable_gradient_checkpointing()
-        module.zero_grad()
-        adapter.predict(x, torch.tensor([0.8, 0.4]), cond).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for n, p in module.named_parameters() if p.grad is not None]))
-    assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert_same_gradients(*(denoiser_gradients(adapter, x, torch.tensor([0.8, 0.4]), cond, c) for c in (False, True)))
 
 
 # -- recipe ----------------------------------------------------------------------------------------
@@ -234,11 +216,8 @@ def test_wan_jpeg_config_runs_two_iterations(saved_dir, tmp_path, prompt_files):
         return media.mean(dim=(1, 2, 3, 4))
 
     train, evaluation = prompt_files
-    overrides = {"model.pretrained": saved_dir, "output_dir": str(tmp_path / "run"), "device": "cpu",
-                 "train.iterations": 2, "sampling.group_size": 2, "sampling.num_steps": 2, "data.prompts_per_iter": 1,
-                 "data.train_prompts": train, "eval.prompts": evaluation, "eval.samples_per_prompt": 1, "eval.num_steps": 2,
-                 "train.micro_batch_size": 4, "logging.progress": False, "logging.tensorboard": False,
-                 "model.options": dict(SIZE)}
+    overrides = grpo_overrides(saved_dir, str(tmp_path / "run"), train, evaluation, VIDEO_GRPO,
+                               **{"model.options": dict(SIZE)})
     # a plain function: the recipe gives it the adapter's modality (video)
     summary = flowalign.train(os.path.join(REPO, "configs/grpo/wan_jpeg.yaml"), overrides, rewards=mean_frame_brightness)
     assert os.path.exists(summary["video_grid"][0])

@@ -20,7 +20,7 @@ from flowalign.rollout.schedules import mix_window
 from flowalign.training.metrics import read_metrics
 from tests.conftest import REPO
 
-ALGORITHM_CONFIGS = ["branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_grpo", "pref_grpo", "multi_reward"]
+ALGORITHM_CONFIGS = ["branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_grpo", "pref_grpo", "multi_reward", "loop"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +312,47 @@ def test_every_registered_image_algorithm_has_a_shipped_config(monkeypatch):
 
     monkeypatch.chdir(REPO)
     image = {name: cls for name, cls in ALGORITHMS.items() if cls.recipe != "dllm"}
-    assert set(image) == {"grpo", "awm", *ALGORITHM_CONFIGS}
+    # grpo, awm and diffusion_nft run two iterations in tests/test_recipe.py, test_awm.py, test_diffusion_nft.py
+    assert set(image) == {"grpo", "awm", "diffusion_nft", *ALGORITHM_CONFIGS}
     for name, cls in image.items():
         cfg = load_config(cls.config_file)
         assert cfg.algorithm.name == name and cfg.recipe == cls.recipe
+
+
+# ------------------------------------------------------------------------------------------------
+# the on-policy check's tolerance (algorithm.ratio_tolerance: null = by device and precision)
+# ------------------------------------------------------------------------------------------------
+def test_ratio_tolerance_default_depends_on_device_and_precision(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from flowalign.guards import resolve_ratio_tolerance
+    from flowalign.recipes.base import Recipe
+
+    assert resolve_ratio_tolerance(None, "cpu", torch.float32) == 1e-5
+    assert resolve_ratio_tolerance(None, "cpu", torch.float64) == 1e-5
+    assert resolve_ratio_tolerance(None, "cuda", torch.float32) == 1e-4  # cuBLAS / TF32 kernels differ by batch shape
+    assert resolve_ratio_tolerance(None, "mps", torch.float32) == 1e-4
+    for device in ("cpu", "cuda"):
+        assert resolve_ratio_tolerance(None, device, torch.bfloat16) == resolve_ratio_tolerance(None, device, torch.float16) == 1e-2
+        assert resolve_ratio_tolerance(3e-6, device, torch.bfloat16) == 3e-6  # a number is used as given
+    # what a recipe passes: the model's dtype, overridden by FSDP2's param_dtype, overridden by autocast
+    monkeypatch.chdir(REPO)
+    cfg = load_config("configs/quickstart.yaml", {"output_dir": str(tmp_path)})
+    assert cfg.algorithm.ratio_tolerance is None
+    recipe = Recipe(cfg)
+    recipe.accelerator = SimpleNamespace(device=torch.device("cuda"))
+    assert recipe.compute_dtype() == torch.float32 and recipe.ratio_tolerance() == 1e-4
+    recipe.fsdp = SimpleNamespace(param_dtype=torch.bfloat16)
+    assert recipe.compute_dtype() == torch.bfloat16 and recipe.ratio_tolerance() == 1e-2
+    recipe.fsdp = None
+    cfg.train.mixed_precision = "fp16"
+    assert recipe.compute_dtype() == torch.float16
+    cfg.train.mixed_precision, cfg.model.dtype = "no", "bfloat16"
+    assert recipe.compute_dtype() == torch.bfloat16
+    recipe.accelerator = SimpleNamespace(device=torch.device("cpu"))
+    cfg.model.dtype = "float32"
+    assert recipe.ratio_tolerance() == 1e-5
+    cfg.algorithm.ratio_tolerance = 2e-5
+    assert recipe.ratio_tolerance() == 2e-5
+    with pytest.raises(ConfigError, match="algorithm.ratio_tolerance"):
+        load_config("configs/quickstart.yaml", {"algorithm.ratio_tolerance": 0})

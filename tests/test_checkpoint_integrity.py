@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -281,11 +282,47 @@ def test_unknown_format_is_named(tmp_path):
     _save_steps(run, (1,))
     path = os.path.join(_folder(run, 1), "state.json")
     state = json.loads(open(path).read())
-    state["format"] = 3
+    state["format"] = 4
     with open(path, "w") as fh:
         json.dump(state, fh)
-    with pytest.raises(CheckpointError, match=r"unsupported format 3 \(this flowalign reads formats 1, 2"):
+    with pytest.raises(CheckpointError, match=r"unsupported format 4 \(this flowalign reads formats 1, 2, 3"):
         load_checkpoint(_folder(run, 1))
+
+
+def test_a_sharded_state_json_lists_only_shard_files_and_its_world_size(tmp_path):
+    """Format 3 (per-rank shards, tests/test_fsdp.py writes real ones): the files must lie in shards/ (no
+    escaping it) or be rng.pt, DCP's .metadata must be listed, and the world size recorded."""
+    run = str(tmp_path)
+    _save_steps(run, (1,))
+    folder = _folder(run, 1)
+    path = os.path.join(folder, "state.json")
+    full = json.loads(open(path).read())
+    os.makedirs(os.path.join(folder, "shards"))
+    for name in (".metadata", "__0_0.distcp"):
+        with open(os.path.join(folder, "shards", name), "wb") as fh:
+            fh.write(b"x")
+    files = ["shards/.metadata", "shards/__0_0.distcp", "rng.pt"]
+    sharded = {**full, "format": 3, "files": files,
+               "sha256": {**full["sha256"], **{f: hashlib.sha256(b"x").hexdigest() for f in files[:2]}},
+               "bytes": {**full["bytes"], **{f: 1 for f in files[:2]}},
+               "sharded": {"world_size": 2, "parts": ["model", "optimizer"]}}
+    cases = [({}, None),
+             ({"files": [*files, "model.safetensors"]}, r"unknown files \['model.safetensors'\]"),
+             ({"files": [*files, "shards/../model.safetensors"]}, "unknown files"),
+             ({"files": files[1:]}, "does not list shards/.metadata"),
+             ({"sharded": {"world_size": 0, "parts": ["model", "optimizer"]}}, "'sharded' must hold a world_size"),
+             ({"sharded": None}, "'sharded' must hold")]
+    for change, problem in cases:
+        with open(path, "w") as fh:
+            json.dump({**sharded, **change}, fh)
+        status = check_checkpoint(folder)
+        assert status.intact == (problem is None), (change, status)
+        if problem:
+            assert re.search(problem, status.problem), (change, status.problem)
+    with open(path, "w") as fh:
+        json.dump(sharded, fh)
+    with pytest.raises(CheckpointError, match=r"shards of 2 process\(es\).*train.fsdp.enabled=true.*dcp_to_torch_save"):
+        load_checkpoint(folder)
 
 
 # ------------------------------------------------------------------------------ stale temp files

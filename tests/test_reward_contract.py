@@ -8,11 +8,14 @@ the reason."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from flowalign.rewards.base import RewardOutput
 from flowalign.rewards.registry import BUILTIN_REWARDS, resolve_reward_class
+from tests.conftest import REPO
 
 # Prompts every reward can parse: a digit word (digit rewards) inside quotes (OCR).
 PROMPTS = ['a handwritten "seven"', 'the digit "one"', 'a picture of the number "three"', 'a handwritten "zero"']
@@ -29,7 +32,9 @@ CONTRACT_METADATA = {
         {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
         {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
         {"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]},
-    ]
+    ],
+    # editing rewards compare with the record's source image (the shipped example images)
+    "source_ssim": [{"image": os.path.join(REPO, "assets", "editing", f"digit_{d}.png")} for d in (3, 1, 5, 3)],
 }
 
 

@@ -167,7 +167,10 @@ class FlowAlgorithm(Algorithm):
 
     Class attributes (besides :class:`~flowalign.algorithms.registry.Algorithm`'s):
         advantage: how advantages are computed, in words for ``flowalign ls algorithms``.
-        loss: the loss the recipe trains (``ppo_clip`` or ``awm``).
+        loss: the loss the recipe trains (``ppo_clip`` or ``awm``; in the ``awm`` loop any other name
+            makes the recipe call :meth:`matching_update`).
+        policy_copy: the ``awm`` loop keeps a copy of the policy (``recipe.kl_ema``, an EMA started at the
+            policy and checkpointed with the run) for :meth:`matching_update`.
         keeps_velocities: the rollout keeps each step's velocity (look-ahead estimators reuse it).
         keeps_means: the rollout keeps each step's transition mean (``RolloutTree.mean_old``, passed
             to :meth:`edge_loss`); a property where it depends on the config.
@@ -187,6 +190,7 @@ class FlowAlgorithm(Algorithm):
     keeps_velocities = False
     keeps_means = False
     shard_by = "group"
+    policy_copy = False
     std_estimator = "population"
     std_eps = 1e-4
 
@@ -282,6 +286,14 @@ class FlowAlgorithm(Algorithm):
         a = self.cfg.algorithm
         return ppo_clip_loss(log_prob, log_prob_old, advantages, clip_range=a.clip_range, weights=weights, kl=kl,
                              kl_beta=a.kl_beta, check=False)
+
+    def matching_update(self, recipe: Any, tree: RolloutTree, cond: Any, targets: EdgeTargets, iteration: int
+                        ) -> dict[str, float]:
+        """The ``awm`` loop's update for a ``loss`` other than ``awm``: ``train.steps_per_iter`` optimizer
+        steps over this rank's sampled finals (``recipe`` lends its helpers: ``_optimize``, ``_rows``,
+        ``kl_ema``); returns the metrics."""
+        raise NotImplementedError(f"{type(self).__name__} (loss {self.loss!r}) runs in the awm loop "
+                                  "but defines no matching_update")
 
     @staticmethod
     def require_all_scored(scored: ScoredRollout, what: str) -> Tensor:

@@ -27,6 +27,7 @@ from flowalign.config_schema import (
     AUTO_THREADS_HELP,
     DEVICES,
     DTYPES,
+    RATIO_TOLERANCE_HELP,
     STD_MODES,
     TIME_BUDGET_HELP,
     FSDPConfig,
@@ -131,7 +132,7 @@ class DLLMAlgorithmBase:
                               "null = the algorithm's (diffu_grpo, coupled_grpo: none, as d1 and DiffuCoder's "
                               "scale_rewards: false; others: group).", choices=STD_MODES)
     adv_clip: float = _f(0.0, "Clip advantages to [-adv_clip, adv_clip]; 0 disables.", ge=0)
-    ratio_tolerance: float = _f(1e-5, "Max |ratio - 1| allowed at the first inner step (on-policy check).", gt=0)
+    ratio_tolerance: float | None = _f(None, RATIO_TOLERANCE_HELP, gt=0)
     skip_zero_signal: bool = _f(True, "Leave groups whose rewards are all equal out of the update (no gradient without kl_beta).")
     correct_threshold: float = _f(1.0, "A rollout counts as correct when its reward >= this (accuracy, IGPO's all-wrong test).", gt=0, le=1,
                                   why="task rewards lie in [0, 1]")

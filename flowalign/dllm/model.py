@@ -340,10 +340,39 @@ class MaskedDiffusionLM(torch.nn.Module):
             meta["base_path"] = base
             meta["trust_remote_code"] = bool(getattr(self.model.get_base_model().config, "auto_map", None))
         with _transformers_progress_bars_off():  # a "Writing model shards" bar would cut through the training bar
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(path, **self._whole_state_dict())
         self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, META_FILE), "w") as fh:
             json.dump(meta, fh, indent=2)
+
+    def _whole_state_dict(self) -> dict:
+        """``{}`` for an unsharded model (the inner model's writer reads its own ``state_dict()``);
+        for one sharded with FSDP2 (:func:`flowalign.training.fsdp.shard_module`), ``{"state_dict":
+        ...}``: the inner model's whole tensors, which ``self.state_dict()`` returns inside
+        ``Recipe.full_weights()`` (:func:`flowalign.training.fsdp.state_dict_view`), for
+        transformers' / peft's ``save_pretrained(state_dict=...)``.
+
+        Raises:
+            RuntimeError: a sharded model's weights are not gathered (called outside ``full_weights()``).
+        """
+        from torch.distributed.tensor import DTensor
+
+        from flowalign.training.fsdp import is_sharded
+
+        if not is_sharded(self):
+            return {}
+        state = {k[len("model."):]: v for k, v in self.state_dict().items() if k.startswith("model.")}
+        if any(isinstance(v, DTensor) for v in state.values()):
+            raise RuntimeError("save_pretrained of a sharded MaskedDiffusionLM needs its weights gathered: call it on the "
+                               "main rank inside Recipe.full_weights(), which every rank enters")
+        # tied weights (a masked LM's decoder and input embeddings) were gathered once per name: give every
+        # name of one parameter the same tensor, so that the writer drops the tied copies as it does unsharded
+        first: dict[int, str] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            owner = first.setdefault(id(param), name)
+            if owner != name and name in state and owner in state:
+                state[name] = state[owner]
+        return {"state_dict": state}
 
 
 @contextlib.contextmanager

@@ -182,6 +182,9 @@ class AWMRecipe(RLRecipe):
     def build(self) -> None:
         super().build()
         o = self.algorithm.opts
+        if self.algorithm.loss != "awm":  # another matching update (FlowAlgorithm.matching_update) owns the copy's use
+            self.kl_ema = EMA(self.module, decay=0.0) if self.algorithm.policy_copy else None
+            return
         #: the EMA copy of the policy the update is pulled toward (train_sd3_awm.py lines 649-658: starts at the policy)
         self.kl_ema = EMA(self.module, decay=o.ema_kl_decay) if o.ema_kl_beta > 0 else None
 
@@ -195,7 +198,10 @@ class AWMRecipe(RLRecipe):
     def _update(self, tree: RolloutTree, cond: Conditioning, targets: EdgeTargets, noise_levels: torch.Tensor,
                 iteration: int) -> dict[str, float]:
         """``train.steps_per_iter`` optimizer steps of the AWM loss over this rank's leaves (the
-        rollout's noise levels play no part: AWM uses no sampler log-probs), then the EMA-copy update."""
+        rollout's noise levels play no part: AWM uses no sampler log-probs), then the EMA-copy update.
+        An algorithm with another matching loss runs its own update here (FlowAlgorithm.matching_update)."""
+        if self.algorithm.loss != "awm":
+            return self.algorithm.matching_update(self, tree, cond, targets, iteration)
         cfg, o = self.cfg, self.algorithm.opts
         leaf_adv = leaf_advantages_from_edges(targets.advantages, tree.leaf_edges)
         # drawn for every rank's leaves from one stream (rank 0's index, as a one-process run), this rank's kept

@@ -33,8 +33,11 @@ from tqdm.auto import tqdm
 
 from flowalign.config import ConfigError, to_yaml
 from flowalign.diversity import HackingMonitor
+from flowalign.guards import resolve_ratio_tolerance
 from flowalign.training.accel import configure_threads, end_accelerator
-from flowalign.training.checkpoint import resume_training_state, training_states, write_training_state
+from flowalign.training.checkpoint import (resume_training_state, save_sharded_training_state, training_states,
+                                           write_training_state)
+from flowalign.training.fsdp import DTYPES as TORCH_DTYPES
 from flowalign.training.fsdp import fsdp_settings, full_tensor, gathered_state, shard_module, state_dict_view
 from flowalign.training.interrupt import StopSignal, stopped_run
 from flowalign.training.lr_schedules import build_lr_scheduler
@@ -228,6 +231,28 @@ class Recipe:
         """A context with the EMA weights swapped into the trained module (when an EMA is kept)."""
         return self.ema.swapped_into(self.checkpoint_module()) if self.ema is not None else nullcontext()
 
+    def compute_dtype(self) -> torch.dtype:
+        """The precision the model computes in: ``train.mixed_precision``'s autocast dtype, else
+        FSDP2's ``train.fsdp.param_dtype`` (when sharded), else ``model.dtype``."""
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(self.cfg.train, "mixed_precision", "no"))
+        if autocast is not None:
+            return autocast
+        if self.fsdp is not None and self.fsdp.param_dtype is not None:
+            return self.fsdp.param_dtype
+        return TORCH_DTYPES[self.cfg.model.dtype]
+
+    def ratio_tolerance(self) -> float:
+        """The on-policy check's bound on max |ratio - 1|: ``algorithm.ratio_tolerance``, or when it is
+        null the default for where the model computes (:func:`flowalign.guards.resolve_ratio_tolerance`
+        of the accelerator's device type -- before :meth:`setup`, the CPU with ``device: cpu`` or no GPU,
+        else CUDA -- and :meth:`compute_dtype`)."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None:
+            device = accelerator.device.type
+        else:
+            device = "cpu" if self.cfg.device == "cpu" or not torch.cuda.is_available() else "cuda"
+        return resolve_ratio_tolerance(self.cfg.algorithm.ratio_tolerance, device, self.compute_dtype())
+
     def total_optimizer_steps(self) -> int:
         """Optimizer steps of the whole run (the LR schedule's length)."""
         return self.cfg.train.iterations * self.optimizer_steps_per_iteration()
@@ -348,14 +373,24 @@ class Recipe:
 
     def save_checkpoint(self, step: int) -> None:
         """Atomic checkpoint: trainable weights, optimizer, EMA, RNG, LR schedule, step, elapsed
-        training time, before / best evaluations and the recipe's :meth:`checkpoint_extra`."""
+        training time, before / best evaluations and the recipe's :meth:`checkpoint_extra`. A sharded
+        model with ``train.fsdp.state_dict: sharded`` is written by every rank, its own shards."""
         self.accelerator.wait_for_everyone()
-        states = training_states(self.checkpoint_module(), self.optimizer, self.checkpoint_ema(), keep=self.is_main)
-        if self.is_main:
-            extra = {"step": step, "before": scalars(self.before), "best": self.best, "train_seconds": self.train_seconds,
-                     "lr_scheduler": self.lr_scheduler.state_dict(), **self.checkpoint_extra()}
-            write_training_state(self.cfg.output_dir, step, states, extra=extra, keep_last=self.cfg.train.keep_checkpoints)
+        keep_last = self.cfg.train.keep_checkpoints
+        if self.fsdp is not None and self.fsdp.state_dict == "sharded":
+            save_sharded_training_state(self.cfg.output_dir, step, self.checkpoint_module(), self.optimizer,
+                                        ema=self.checkpoint_ema(), extra=self._run_state(step) if self.is_main else None,
+                                        keep_last=keep_last)
+        else:
+            states = training_states(self.checkpoint_module(), self.optimizer, self.checkpoint_ema(), keep=self.is_main)
+            if self.is_main:
+                write_training_state(self.cfg.output_dir, step, states, extra=self._run_state(step), keep_last=keep_last)
         self.accelerator.wait_for_everyone()
+
+    def _run_state(self, step: int) -> dict[str, Any]:
+        """A checkpoint's ``extra`` (JSON): step, before / best evaluations, training time, LR schedule, the recipe's own."""
+        return {"step": step, "before": scalars(self.before), "best": self.best, "train_seconds": self.train_seconds,
+                "lr_scheduler": self.lr_scheduler.state_dict(), **self.checkpoint_extra()}
 
     def _maybe_resume(self) -> None:
         ckpt = resume_training_state(self.cfg.train.resume, self.cfg.output_dir, self.checkpoint_module(),

@@ -36,6 +36,7 @@ import copy
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -44,7 +45,7 @@ import torch
 
 from flowalign.algorithms import get_algorithm
 from flowalign.algorithms.dllm import DLLMAlgorithm, DLLMRollouts
-from flowalign.config import ConfigError, build_optimizer
+from flowalign.config import build_optimizer
 from flowalign.diversity import distinct_fraction
 from flowalign.dllm.algorithms import (
     RolloutBatch,
@@ -60,6 +61,7 @@ from flowalign.dllm.tasks import get_task
 from flowalign.errors import loading
 from flowalign.guards import assert_finite, assert_on_policy
 from flowalign.recipes.base import FIRST_STEP_DEV, Recipe, accumulate, average_steps
+from flowalign.training.fsdp import sum_gradients, sync_gradients
 from flowalign.training.plots import save_reward_curve
 from flowalign.training.rng import RowStreams, prompt_indices, stream_seed
 
@@ -111,18 +113,22 @@ class DLLMRecipe(Recipe):
         self.reference = None
         if a.kl_beta > 0 and m.lora_rank == 0:  # with LoRA the reference is the model with the adapter disabled
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
-        if cfg.train.fsdp.enabled:
-            # every forward of a sharded model is a collective, and this loop's forward counts depend on the
-            # data (rows with reward signal, EOS early stops, IGPO's hinted re-decodes, uneven held-out batches)
-            raise ConfigError("train.fsdp.enabled: the dLLM recipe does not shard the model yet (its ranks run "
-                              "data-dependent numbers of forwards, which FSDP's per-forward all-gathers cannot match); "
-                              "train with DDP-style replication (train.fsdp.enabled=false) or LoRA (model.lora_rank)")
+        # FSDP2 (train.fsdp or an accelerate FSDP launch): the policy and the frozen KL reference copy are
+        # sharded over every process (the reference resharded after each forward); without it, no-op
+        self.shard_trainable(self.model, reference=self.reference)
         self.params = list(self.model.trainable_parameters())
         optimizer = build_optimizer(cfg.train.optimizer, self.params)
-        # The model is not wrapped in DDP: ranks run different numbers of forwards per update (rows with
-        # signal differ, estimators take several forwards per row), which DDP's per-forward reducer cannot
-        # match; gradients are summed over ranks by hand once per optimizer step (_all_reduce_gradients).
-        self.optimizer = self.accelerator.prepare(optimizer)
+        if self.fsdp is not None:
+            # each rank's loss is its share of the global loss (divided by every rank's total weight): the
+            # reduce-scatter must sum the ranks' gradients, as _all_reduce_gradients does, not average them
+            sum_gradients(self.model)
+            self._watch_forwards()
+            self.optimizer = optimizer  # sharded in place: accelerate wraps neither the model nor its optimizer
+        else:
+            # The model is not wrapped in DDP: ranks run different numbers of forwards per update (rows with
+            # signal differ, estimators take several forwards per row), which DDP's per-forward reducer cannot
+            # match; gradients are summed over ranks by hand once per optimizer step (_all_reduce_gradients).
+            self.optimizer = self.accelerator.prepare(optimizer)
 
         self.task = get_task(cfg.task.name, **cfg.task.kwargs)
         self.reward_fn: RewardFn = self._reward_override or self.task.reward
@@ -178,6 +184,79 @@ class DLLMRecipe(Recipe):
                 return self.model(input_ids, attention_mask)
 
     # ------------------------------------------------------------------------------------------
+    # sharding: every rank runs the same forwards (flowalign.training.fsdp)
+    # ------------------------------------------------------------------------------------------
+    # Every forward (and backward) of a sharded module all-gathers its blocks' weights, a collective: the
+    # ranks must run the same sequence of them. Decoding runs spec.steps forwards on every rank, but some
+    # phases run data-dependent numbers (IGPO re-decodes only all-wrong groups, with hint-dependent step
+    # counts; held-out batches are dealt round-robin; the update trains only rows with signal). Two means:
+    # * no-grad forwards of the policy (rollouts, IGPO's re-decodes and entropy pass, MDPO's predictions,
+    #   old log-probs, held-out decoding): each is announced to the other ranks by an all-reduce of a
+    #   "forward" flag (_announce_forward); before any other collective of the recipe (mean / totals /
+    #   gather_rows, which the algorithms' hooks use too, and the update's reductions) every rank runs
+    #   _lockstep: it answers each announcement with a no-op forward until no rank announces any more
+    #   (a "done" flag agreed by the same all-reduce);
+    # * the update (forwards with grad, then backwards): every rank's batch is padded to the most rows of
+    #   any rank with zero-weight copies of a row (_lockstep_rows), so every rank runs the same
+    #   micro-batches with the same forwards, backwards and gradient reductions; the frozen reference
+    #   copy runs only there, on the padded rows.
+    def _watch_forwards(self) -> None:
+        """Announce every no-grad forward of the sharded policy (:meth:`_announce_forward`), before
+        FSDP's own pre-forward hook all-gathers the weights."""
+        self._padding = False
+        if self.world > 1:
+            self.model.register_forward_pre_hook(self._announce_forward, prepend=True)
+
+    def _announce_forward(self, module: torch.nn.Module, args: Any) -> None:
+        """Forward pre-hook: all-reduce (max) a flag 1 -- "this rank runs a forward" -- that pairs
+        with the same all-reduce of every other rank, announcing a forward or waiting in
+        :meth:`_lockstep`. Forwards with grad (the update, balanced by padding) and
+        :meth:`_lockstep`'s own are not announced."""
+        if self._padding or torch.is_grad_enabled():
+            return
+        flag = torch.ones(1, device=self.accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+
+    def _lockstep(self) -> None:
+        """With a model sharded over several processes: wait until every rank is done with its
+        no-grad forwards, running a no-op forward (one ``[MASK]`` token, no grad, output dropped)
+        for each forward another rank announces meanwhile; every rank leaves together when none
+        announces (all-reduce (max) of flag 0 gives 0). Called by every rank before every collective
+        of the recipe that is not FSDP's own. No-op without FSDP or with one process."""
+        if self.fsdp is None or self.world == 1:
+            return
+        token = torch.full((1, 1), self.mask_id, dtype=torch.long, device=self.accelerator.device)
+        self._padding = True
+        try:
+            while True:
+                flag = torch.zeros(1, device=self.accelerator.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                if not bool(flag.item()):
+                    return
+                with torch.no_grad():
+                    self.model(token, None)
+        finally:
+            self._padding = False
+
+    def _lockstep_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's trained ``rows [n]`` (indices into its rollouts) and, with FSDP, ``real [m]``
+        bool: the rows padded to the most rows ``m`` of any rank with copies of row 0, which the
+        update weighs 0 (``real`` False); without FSDP ``(rows, None)``."""
+        if self.fsdp is None:
+            return rows, None
+        most = torch.tensor([len(rows)], device=self.accelerator.device)
+        if self.world > 1:
+            self._lockstep()
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        real = torch.arange(int(most)) < len(rows)
+        return torch.cat([rows, rows.new_zeros(int(most) - len(rows))]), real
+
+    def _pass_sync(self, last: bool) -> Any:
+        """The context of one micro-batch's forward and backward: with FSDP, gradients are
+        reduce-scattered only in the optimizer step's last pass (accumulated locally before)."""
+        return sync_gradients(self.model, last) if self.fsdp is not None else nullcontext()
+
+    # ------------------------------------------------------------------------------------------
     # one iteration
     # ------------------------------------------------------------------------------------------
     def train_iteration(self, iteration: int) -> dict[str, float]:
@@ -225,8 +304,13 @@ class DLLMRecipe(Recipe):
         keep = group_signal[group_ids] if (a.skip_zero_signal and a.kl_beta == 0) else torch.ones(len(batch), dtype=torch.bool)
         metrics["train/zero_signal_groups"] = self.mean((~group_signal).float())
         metrics["train/advantage_abs_mean"] = self.mean(advantages.abs())
-        rows = keep.nonzero().squeeze(1)
-        metrics.update(self._update(batch.select(rows), advantages[rows], iteration, group_ids[rows] + first))
+        rows, real = self._lockstep_rows(keep.nonzero().squeeze(1))
+        prompts, row_advantages = group_ids[rows] + first, advantages[rows]
+        if real is not None:  # padding rows: a prompt position no group has (their own mask streams), advantage 0
+            prompts = torch.where(real, prompts, s.prompts_per_iter)
+            pad = (~real).to(row_advantages.device).reshape(-1, *[1] * (row_advantages.dim() - 1))
+            row_advantages = row_advantages.masked_fill(pad, 0.0)
+        metrics.update(self._update(batch.select(rows), row_advantages, iteration, prompts, real))
         t3 = time.perf_counter()
         metrics.update({
             "cost/forward_calls": float(self.forward_calls - calls0),
@@ -235,10 +319,13 @@ class DLLMRecipe(Recipe):
         })
         return metrics
 
-    def _update(self, batch: RolloutBatch, advantages: torch.Tensor, iteration: int, prompts: torch.Tensor
-                ) -> dict[str, float]:
+    def _update(self, batch: RolloutBatch, advantages: torch.Tensor, iteration: int, prompts: torch.Tensor,
+                real: torch.Tensor | None = None) -> dict[str, float]:
         """``inner_steps`` clipped-loss optimizer steps on ``batch`` (rows with signal; ``prompts
-        [n]``: each row's prompt position in the iteration, whole groups next to each other).
+        [n]``: each row's prompt position in the iteration, whole groups next to each other; with
+        FSDP ``real [n]`` bool marks the rows that are not padding (:meth:`_lockstep_rows`): the
+        padding weighs 0, and every micro-batch runs its forward and backward on every rank, with
+        loss 0 where this rank has nothing to train in it).
 
         Inner step ``k`` uses the estimator draws of the streams ``("masks", iteration, prompt, k)``
         (each group's rows from its own) for its old log-probs (all computed before the first
@@ -251,7 +338,8 @@ class DLLMRecipe(Recipe):
         cfg, a, acc = self.cfg, self.cfg.algorithm, self.accelerator
         n = len(batch)
         # every rank steps together (gradients are summed over ranks): the rank with the most rows decides
-        n_max = int(acc.gather(torch.tensor([n], device=acc.device)).max()) if self.world > 1 else n
+        # (with FSDP every rank's rows were padded to that already)
+        n_max = int(acc.gather(torch.tensor([n], device=acc.device)).max()) if self.world > 1 and real is None else n
         if n_max == 0:
             return {"train/skipped_update": 1.0}
         k_draws = 1 if self.estimator.deterministic else a.inner_steps
@@ -263,6 +351,7 @@ class DLLMRecipe(Recipe):
                    for d in draws]
             ref = None
             if a.kl_beta > 0:
+                self._lockstep()  # (sharded) every rank done with the policy before the frozen copy runs
                 ref = [torch.cat([self.estimator(self.reference_logits_fn, batch.select(c), select_draws(d, c)) for c in chunks]) if n else None
                        for d in draws]
         unit_shape = old[0].shape if n else (0, 1)
@@ -270,6 +359,8 @@ class DLLMRecipe(Recipe):
         unit_adv = unit_advantages(advantages.to(weights.device), tuple(unit_shape)) if n else torch.zeros(0, 1)
         if n:
             weights = self.algorithm.loss_weights(weights, unit_adv)
+        if real is not None:  # padding rows are never trained
+            weights = weights * real.to(weights.device, weights.dtype).unsqueeze(1)
         units, chunk_weights, total_weight = self._update_inputs(weights, chunks, old, ref)
         steps: list[dict[str, float]] = []
         n_micro = 0
@@ -277,22 +368,28 @@ class DLLMRecipe(Recipe):
             d = k % k_draws
             sums: dict[str, torch.Tensor] = {}
             first_devs: list[torch.Tensor] = []
-            for c, u, w in zip(chunks, units, chunk_weights):
-                if len(u) == 0:  # no trained unit in this micro-batch
+            for j, (c, u, w) in enumerate(zip(chunks, units, chunk_weights)):
+                if len(u) == 0 and real is None:  # no trained unit in this micro-batch
                     continue
-                new = self.estimator(self.logits_fn, batch.select(c), select_draws(draws[d], c))
-                new, ref_c = self.algorithm.ratio_log_probs(new, old[d][c], ref[d][c] if ref is not None else None, weights[c])
-                loss, m, _ = policy_loss(new, old[d][c], unit_adv[c], weights[c], clip_range=a.clip_range,
-                                         clip_range_high=a.clip_range_high,
-                                         ref_log_prob=ref_c, kl_beta=a.kl_beta,
-                                         units=u, check=False)
-                # the loss is the unit-weighted mean over every rank's rows: scale by this chunk's share
-                acc.backward(loss * (w / total_weight))
+                with self._pass_sync(j == len(chunks) - 1):
+                    new = self.estimator(self.logits_fn, batch.select(c), select_draws(draws[d], c))
+                    if len(u) == 0:  # sharded: another rank trains in this pass; this one runs it with loss 0
+                        acc.backward(new.sum() * 0.0)
+                        continue
+                    new, ref_c = self.algorithm.ratio_log_probs(new, old[d][c], ref[d][c] if ref is not None else None,
+                                                                weights[c])
+                    loss, m, _ = policy_loss(new, old[d][c], unit_adv[c], weights[c], clip_range=a.clip_range,
+                                             clip_range_high=a.clip_range_high,
+                                             ref_log_prob=ref_c, kl_beta=a.kl_beta,
+                                             units=u, check=False)
+                    # the loss is the unit-weighted mean over every rank's rows: scale by this chunk's share
+                    acc.backward(loss * (w / total_weight))
                 if k == 0:
                     first_devs.append(m["ratio_max_dev"])
                 accumulate(sums, m)
                 n_micro += 1
-            self._all_reduce_gradients()
+            if self.fsdp is None:  # (FSDP's reduce-scatter sums them: flowalign.training.fsdp.sum_gradients)
+                self._all_reduce_gradients()
             on_policy = None
             if k == 0:  # the first inner step: on-policy check before the weights change
                 dev = torch.stack(first_devs).max() if first_devs else torch.zeros((), device=acc.device)
@@ -302,7 +399,7 @@ class DLLMRecipe(Recipe):
                 on_policy = lambda values: self._check_on_policy(values[FIRST_STEP_DEV])  # noqa: E731
             steps.append(self.optimizer_step(sums, before_step=on_policy))
         out = average_steps(steps, max(n_micro, 1))
-        out["train/trained_rows"] = float(n)
+        out["train/trained_rows"] = float(n if real is None else int(real.sum()))
         return out
 
     def _update_inputs(self, weights: torch.Tensor, chunks: tuple[torch.Tensor, ...], old: list, ref: list | None
@@ -316,6 +413,7 @@ class DLLMRecipe(Recipe):
         units = [(weights[c] > 0).reshape(-1).nonzero().squeeze(1) for c in chunks]
         total = weights.sum().reshape(1).to(acc.device)
         if self.world > 1:
+            self._lockstep()
             total = acc.reduce(total, reduction="sum")
         logprobs = [("log_prob_old", t) for t in old if t is not None]
         logprobs += [("ref_log_prob", t) for t in (ref or []) if t is not None]
@@ -354,7 +452,7 @@ class DLLMRecipe(Recipe):
 
     def _check_on_policy(self, ratio_dev: float) -> None:
         """docs/ARCHITECTURE.md invariant 2: before any update the recomputed log-probs equal the old ones."""
-        assert_on_policy(ratio_dev, self.cfg.algorithm.ratio_tolerance, "old and new log-probs were computed "
+        assert_on_policy(ratio_dev, self.ratio_tolerance(), "old and new log-probs were computed "
                          "differently (different estimator draws? dropout? non-deterministic kernels?)")
 
     def score(self, completions: torch.Tensor, examples: list) -> torch.Tensor:
@@ -376,6 +474,7 @@ class DLLMRecipe(Recipe):
         order -- the order of the iteration's prompts -- on ``values``' device."""
         if self.world == 1:
             return values
+        self._lockstep()
         return self.accelerator.gather(values.to(self.accelerator.device).contiguous()).to(values.device)
 
     def totals(self, values: torch.Tensor) -> torch.Tensor:
@@ -384,6 +483,7 @@ class DLLMRecipe(Recipe):
         values = values.reshape(-1).double()
         if self.world == 1:
             return values.cpu()
+        self._lockstep()
         return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
 
     def mean(self, values: torch.Tensor) -> float:
@@ -391,6 +491,7 @@ class DLLMRecipe(Recipe):
         acc = self.accelerator
         total = torch.tensor([float(values.sum()), float(values.numel())], device=acc.device)
         if self.world > 1:
+            self._lockstep()
             total = acc.reduce(total, reduction="sum")
         return float(total[0] / total[1].clamp_min(1))
 
@@ -404,7 +505,8 @@ class DLLMRecipe(Recipe):
         The held-out set is cut into batches of ``eval.batch_size`` consecutive examples, batch
         ``i`` decoded by rank ``i mod W`` with stream ``("eval", i x batch_size)``: every batch
         holds (and pads) the same examples with any number of processes, so the metrics do not
-        depend on it (up to the summation order of the means)."""
+        depend on it (up to the summation order of the means). With a sharded model a rank with
+        fewer batches catches up with no-op forwards in :meth:`mean` (:meth:`_lockstep`)."""
         cfg = self.cfg
         size = cfg.eval.batch_size
         starts = list(range(0, len(self.eval_examples), size))[self.rank::self.world]

@@ -35,6 +35,7 @@ import torch
 from flowalign.algorithms import get_algorithm
 from flowalign.algorithms.flow import EdgeTargets, FlowAlgorithm, RolloutContext, ScoredRollout
 from flowalign.config import ConfigError, RLConfig, build_optimizer, read_prompt_records
+from flowalign.data.images import load_source_images, resolve_record_images
 from flowalign.diversity import embedding_source, group_diversity
 from flowalign.errors import loading
 from flowalign.guards import assert_finite, assert_on_policy
@@ -100,7 +101,7 @@ class RLRecipe(Recipe):
         self.ema = EMA(self.module, decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
 
         # plain Python functions score what this adapter decodes: [B,3,H,W] images or [B,F,3,H,W] video
-        modality = "video" if len(self.adapter.latent_shape) == 4 else "image"
+        modality = self.adapter.modality
         reward_specs = self._reward_override if self._reward_override is not None else cfg.rewards
         self.reward_fn = build_rewards(_spec_list(reward_specs, modality))
         judge_specs = _spec_list(self._judge_override if self._judge_override is not None else cfg.eval.judges, modality)
@@ -108,6 +109,9 @@ class RLRecipe(Recipe):
         self.embedder = embedding_source({**self.judges, **self.reward_fn.rewards})  # sample diversity's features
         self.train_records = read_prompt_records(cfg.data.train_prompts, "data.train_prompts")
         self.eval_records = read_prompt_records(cfg.eval.prompts, "eval.prompts")
+        if getattr(self.adapter, "source_images", 0):  # editing: absolute "image" paths, for the adapter and the rewards
+            self.train_records = resolve_record_images(self.train_records, source=cfg.data.train_prompts)
+            self.eval_records = resolve_record_images(self.eval_records, source=cfg.eval.prompts)
         self.train_prompts = [r["prompt"] for r in self.train_records]
         self.eval_prompts = [r["prompt"] for r in self.eval_records]
         self.shard = Shard(self.rank, self.world, by=self._shard_by())
@@ -183,7 +187,7 @@ class RLRecipe(Recipe):
         spec = self.algorithm.rollout_spec(iteration, self.shard.group_split)
         self.module.eval()
         with acc.autocast():
-            cond = self._encode(prompts)
+            cond = self._encode(prompts, records, self.cfg.data.train_prompts)
             # Every rank draws the whole rollout's noises from the same streams and keeps its rows (Shard);
             # the streams keep rank 0's index, so a one-process run is what it was before.
             tree = rollout(self.adapter, cond, spec, prompts=prompts,
@@ -322,15 +326,20 @@ class RLRecipe(Recipe):
                                                  delta=(sigma - sigma_next).to(new.std.device))
         return loss * targets.loss_scale, metrics
 
-    def _encode(self, prompts: list[str]) -> Conditioning:
-        """Encode prompts, with the negative prompt when classifier-free guidance is on."""
+    def _encode(self, prompts: list[str], records: list[dict[str, Any]] | None = None, source: str = "") -> Conditioning:
+        """Encode prompts, with the negative prompt when classifier-free guidance is on, and for an editing
+        adapter (``source_images != 0``) each record's source image(s) from the prompt file ``source``."""
         s = self.cfg.sampling
         negatives = [s.negative_prompt] * len(prompts) if s.guidance_scale != 1.0 else None
+        if getattr(self.adapter, "source_images", 0):
+            if records is None:
+                raise ValueError(f"{type(self.adapter).__name__} edits source images: pass the prompts' records")
+            return self.adapter.encode(prompts, negatives, images=load_source_images(records, source=source))
         return self.adapter.encode(prompts, negatives)
 
     def _check_on_policy(self, ratio_dev: float) -> None:
         """Invariant 2 of docs/ARCHITECTURE.md: before any update the recomputed log-probs equal the rollout's."""
-        assert_on_policy(ratio_dev, self.cfg.algorithm.ratio_tolerance, "the rollout and the update compute "
+        assert_on_policy(ratio_dev, self.ratio_tolerance(), "the rollout and the update compute "
                          "log-probs differently (dropout on? different precision? non-deterministic kernels?)")
 
     # ------------------------------------------------------------------------------------------
@@ -351,7 +360,7 @@ class RLRecipe(Recipe):
         local_prompts, local_metadata = prompts[shard], _metadata(records[shard], groups[shard])
         self.module.eval()
         with self.ema_weights(), acc.autocast():
-            cond = self._encode(local_prompts)
+            cond = self._encode(local_prompts, records[shard], cfg.eval.prompts)
             final = sample_ode(self.adapter, cond, e.num_steps, latents=latents, guidance_scale=cfg.sampling.guidance_scale)
             media = self.adapter.decode(final)
         self.module.train()

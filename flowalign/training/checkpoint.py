@@ -15,6 +15,22 @@ and of one checkpoint folder::
     state.json          {"format": 2, "step": int, "files": [...], "sha256": {file: hex},
                          "bytes": {file: size}, "extra": {...}} -- written last
 
+A **sharded** checkpoint (``train.fsdp.state_dict: sharded``, :func:`save_sharded_training_state`)
+holds, instead of ``model.safetensors`` / ``optimizer.pt`` / ``ema.safetensors``, the per-process
+shards that ``torch.distributed.checkpoint`` (DCP) wrote::
+
+    shards/__0_0.distcp  shards/__1_0.distcp ...   each process's own model, optimizer and EMA shards
+    shards/.metadata    DCP's index (global shapes, which chunk lies where)
+    rng.pt              the main process's RNG state, as above
+    state.json          format 3: as above (every shard file hashed) plus "sharded":
+                        {"world_size": W, "parts": ["ema", "model", "optimizer"]}
+
+It is written by every process into the same temp folder (named by the main process), hashed by
+every process (each reads back a share of the files), completed and renamed by the main process
+alone, so it is absent or complete like any other. Only a sharded run reads it back
+(:func:`resume_training_state`), with any number of processes: DCP cuts the saved chunks into the
+current run's shards.
+
 **Writing.** A checkpoint is written into a sibling temp folder ``.tmp-step-000123-<pid>``. Every
 file goes through one Python file object that hashes (sha256) what it writes and keeps the
 ``OSError`` of a failed write: ``torch.save`` streams into it; a safetensors file is serialised in
@@ -54,7 +70,10 @@ filesystem shared between machines, a pid is checked on this machine only: flowa
 main process alone and never while another process resumes the same run.
 
 Only the main process should call :func:`save_checkpoint` (in a multi-process run, gather what
-other ranks own -- e.g. their RNG states -- into ``rng_state`` / ``extra`` first).
+other ranks own -- e.g. their RNG states -- into ``rng_state`` / ``extra`` first);
+:func:`save_sharded_training_state` and, for a sharded module, :func:`resume_training_state` are
+collectives that every process calls. When resuming a sharded module, the processes check the
+candidate folders together (each hashes a share of the files) and all pick the same one.
 
 ``.pt`` files are loaded with ``torch.load(weights_only=True)``: no arbitrary unpickling.
 """
@@ -83,10 +102,12 @@ from flowalign.training.rng import capture_rng_state, restore_rng_state
 __all__ = ["Checkpoint", "CheckpointStatus", "CheckpointWarning", "save_checkpoint", "latest_checkpoint",
            "load_checkpoint", "check_checkpoint", "list_checkpoints", "remove_stale_temp_files",
            "remove_run_checkpoints", "none_intact_message", "save_training_state", "resume_training_state",
-           "TrainingStates", "training_states", "write_training_state"]
+           "TrainingStates", "training_states", "write_training_state", "save_sharded_training_state"]
 
 FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+#: the format of a sharded (per-process, torch.distributed.checkpoint) checkpoint
+SHARDED_FORMAT = 3
+READABLE_FORMATS = (1, 2, SHARDED_FORMAT)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 STATE_FILE = "state.json"
@@ -95,12 +116,17 @@ OPTIMIZER_FILE = "optimizer.pt"
 EMA_FILE = "ema.safetensors"
 RNG_FILE = "rng.pt"
 CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, EMA_FILE, RNG_FILE)
+SHARDS_DIR = "shards"
+SHARDS_METADATA = f"{SHARDS_DIR}/.metadata"
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _TEMP_DIR = re.compile(r"^\.(tmp|old)-(step-\d{6,})-(\d+)$")
 _TEMP_LATEST = re.compile(r"^" + re.escape(LATEST_FILE) + r"\.tmp-(\d+)$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_FILE = re.compile(r"^" + SHARDS_DIR + r"/(?!\.\.?$)[^/\\]+$")
 _READ_CHUNK = 8 << 20
+#: the last line of a traceback: ``ValueError: ...``
+_RAISED = re.compile(r"^[\w.]*(Error|Exception|Warning): ")
 
 
 class CheckpointWarning(UserWarning):
@@ -261,15 +287,19 @@ def _bytes_writer(data: bytes) -> Callable[[_HashingWriter], None]:
     return lambda sink: sink.write(data)
 
 
-def _state_json(step: int, files: list[str], digests: dict[str, tuple[str, int]], extra: dict) -> str:
-    """The ``state.json`` text (``digests``: file -> (sha256, size)).
+def _state_json(step: int, files: list[str], digests: dict[str, tuple[str, int]], extra: dict,
+                sharded: dict | None = None) -> str:
+    """The ``state.json`` text (``digests``: file -> (sha256, size)); with ``sharded`` (``{"world_size":
+    W, "parts": [...]}``) that of a sharded checkpoint (:data:`SHARDED_FORMAT`).
 
     Raises:
         TypeError: ``extra`` is not JSON-serialisable.
     """
-    state = {"format": FORMAT_VERSION, "step": step, "files": files, "extra": extra,
+    state = {"format": FORMAT_VERSION if sharded is None else SHARDED_FORMAT, "step": step, "files": files, "extra": extra,
              "sha256": {f: digests[f][0] for f in files if f in digests},
              "bytes": {f: digests[f][1] for f in files if f in digests}}
+    if sharded is not None:
+        state["sharded"] = sharded
     try:
         return json.dumps(state, indent=2, sort_keys=True)
     except (TypeError, ValueError) as err:
@@ -320,6 +350,31 @@ def _discard_attempt(tmp: str, final: str, trash: str) -> None:
             os.replace(trash, final)
         except OSError:
             pass
+
+
+def _move_into_place(tmp: str, final: str, trash: str, ckpt_root: str) -> None:
+    """Rename the completed temp folder ``tmp`` to ``final``. A non-empty directory cannot be
+    ``os.replace()``d over, so an existing checkpoint of the same step is first moved aside to
+    ``trash``; readers fall back to the newest complete folder meanwhile."""
+    if os.path.exists(final):
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+
+
+def _point_latest(ckpt_root: str, name: str, final: str, keep_last: int | None) -> None:
+    """After ``final`` (folder ``name``) is in place: point ``latest`` at it, prune to ``keep_last``.
+
+    Raises:
+        CheckpointError: ``latest`` could not be written (the checkpoint itself is complete).
+    """
+    try:
+        _write_latest(ckpt_root, name)
+    except OSError as err:
+        raise _write_error(err, f"{os.path.join(ckpt_root, LATEST_FILE)} (checkpoint {final} itself is complete)",
+                           ckpt_root) from err
+    if keep_last is not None:
+        _prune(ckpt_root, keep_last, keep=name)
 
 
 def _write_latest(ckpt_root: str, name: str) -> None:
@@ -410,12 +465,7 @@ def save_checkpoint(
         # last: the completion marker, holding every file's hash
         _write_file(os.path.join(tmp, STATE_FILE), _bytes_writer(_state_json(step, files, digests, extra).encode()))
         _fsync_dir(tmp)
-        # A non-empty directory cannot be os.replace()d over, so an existing checkpoint of the same
-        # step is first moved aside; readers fall back to the newest complete folder meanwhile.
-        if os.path.exists(final):
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        _move_into_place(tmp, final, trash, ckpt_root)
     except OSError as err:
         _discard_attempt(tmp, final, trash)
         raise _write_error(err, what, ckpt_root) from err
@@ -423,15 +473,7 @@ def save_checkpoint(
         _discard_attempt(tmp, final, trash)
         raise
     shutil.rmtree(trash, ignore_errors=True)
-
-    try:
-        _write_latest(ckpt_root, name)
-    except OSError as err:
-        raise _write_error(err, f"{os.path.join(ckpt_root, LATEST_FILE)} (checkpoint {final} itself is complete)",
-                           ckpt_root) from err
-
-    if keep_last is not None:
-        _prune(ckpt_root, keep_last, keep=name)
+    _point_latest(ckpt_root, name, final, keep_last)
     return final
 
 
@@ -574,14 +616,33 @@ def _read_state(folder: str) -> dict:
     for key, typ in (("step", int), ("files", list), ("extra", dict)):
         if not isinstance(state.get(key), typ) or isinstance(state.get(key), bool):
             raise _Damaged(f"corrupt {STATE_FILE}: key {key!r} missing or not {typ.__name__}")
-    unknown = [f for f in state["files"] if f not in CHECKPOINT_FILES]
+    sharded = state["format"] == SHARDED_FORMAT
+    unknown = [f for f in state["files"] if not _known_file(f, sharded)]
     if unknown:
         raise _Damaged(f"corrupt {STATE_FILE}: unknown files {unknown}")
-    if MODEL_FILE not in state["files"]:
-        raise _Damaged(f"{STATE_FILE} does not list {MODEL_FILE}")
+    required = SHARDS_METADATA if sharded else MODEL_FILE
+    if required not in state["files"]:
+        raise _Damaged(f"{STATE_FILE} does not list {required}")
     if state["format"] >= 2:
         _check_recorded_digests(state)
+    if sharded:
+        info = state.get("sharded")
+        world = info.get("world_size") if isinstance(info, dict) else None
+        parts = info.get("parts") if isinstance(info, dict) else None
+        if (not isinstance(world, int) or isinstance(world, bool) or world < 1 or not isinstance(parts, list)
+                or not {"model", "optimizer"} <= set(parts) <= {"model", "optimizer", "ema"}):
+            raise _Damaged(f"corrupt {STATE_FILE}: 'sharded' must hold a world_size >= 1 and the parts saved")
     return state
+
+
+def _known_file(fname: Any, sharded: bool) -> bool:
+    """Whether ``state.json`` may list ``fname``: a shard file or ``rng.pt`` in a sharded checkpoint,
+    one of :data:`CHECKPOINT_FILES` in any other."""
+    if not isinstance(fname, str):
+        return False
+    if sharded:
+        return fname == RNG_FILE or bool(_SHARD_FILE.match(fname))
+    return fname in CHECKPOINT_FILES
 
 
 def _check_recorded_digests(state: dict) -> None:
@@ -736,8 +797,11 @@ def _load_torch(folder: str, fname: str, map_location: str) -> Any:
 
 
 def _load(path: str, device: str, verify: bool) -> Checkpoint:
-    """Check ``path`` (hashes first, when ``verify``) then load it; raises :class:`_Damaged`."""
+    """Check ``path`` (hashes first, when ``verify``) then load it; raises :class:`_Damaged`, or
+    :class:`CheckpointError` for a sharded checkpoint (intact, but not readable as whole tensors)."""
     state = _checked_state(path, verify)
+    if state["format"] == SHARDED_FORMAT:
+        raise CheckpointError(_sharded_only_message(path, state))
     files = set(state["files"])
     return Checkpoint(
         path=path,
@@ -869,6 +933,264 @@ def _load_states(ckpt: Checkpoint, module: torch.nn.Module, optimizer: Any, ema:
         ema.load_state_dict({n: distribute_like(v, shadow[n]) if n in shadow else v for n, v in ckpt.ema_state.items()})
 
 
+# ------------------------------------------------------------------- sharded training state (DCP)
+
+
+def _sharded_state(module: torch.nn.Module, optimizer: Any, ema: Any) -> dict[str, Any]:
+    """What a sharded checkpoint holds, as this rank's shards (DTensors, nothing gathered):
+    ``{"model": trainable weights, "optimizer": state keyed by parameter name, "ema": shadow}``
+    (``torch.distributed.checkpoint.state_dict.get_state_dict``; frozen weights are left out, they
+    come back from the pretrained model; ``"ema"`` only when ``ema`` is given). The same dict read
+    from a fresh run is what :func:`torch.distributed.checkpoint.load` fills in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, optim = get_state_dict(module, _inner(optimizer), options=StateDictOptions(ignore_frozen_params=True))
+    state: dict[str, Any] = {"model": model, "optimizer": optim}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def _agree(produce: Callable[[], Any], what: str, near: str) -> list[Any]:
+    """Run ``produce`` on every rank and gather what each returned (a collective). If it raised on
+    any rank, every rank raises the same :class:`CheckpointError`, naming the first failure and
+    its rank, so that no rank waits for one that gave up.
+
+    Args:
+        what: what was being written (``"checkpoint <folder>"``), for the message.
+        near: a folder on the filesystem written to (for the free space of a full disk).
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import CheckpointException
+
+    result, problem = None, None
+    try:
+        result = produce()
+    except CheckpointError as err:
+        problem = str(err)
+    except OSError as err:
+        problem = str(_write_error(err, what, near))
+    except (Exception, CheckpointException) as err:  # DCP's (a BaseException: every rank's errors), a bad extra, ...
+        problem = f"cannot write {what}: {type(err).__name__}: {_first_cause(err)}"
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (problem, result))
+    failed = [(rank, p) for rank, (p, _) in enumerate(gathered) if p is not None]
+    if failed:
+        rank, first = failed[0]
+        raise CheckpointError(first if len(gathered) == 1 else f"{first} (process {rank})")
+    return [r for _, r in gathered]
+
+
+def _begin_sharded(ckpt_root: str, name: str, step: int, extra: dict) -> str:
+    """Main rank: check ``extra``, clean up stale temp files, create the temp folder; returns it."""
+    _state_json(step, [], {}, extra)  # fail on a bad ``extra`` before anything is written
+    os.makedirs(ckpt_root, exist_ok=True)
+    remove_stale_temp_files(ckpt_root)
+    tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
+    os.makedirs(tmp)
+    return tmp
+
+
+def _write_shards(state: dict[str, Any], folder: str) -> None:
+    """Every rank: write this rank's shards of ``state`` into ``folder`` (``torch.distributed.checkpoint.save``,
+    a collective; the main rank also writes DCP's ``.metadata``; every file is fsync'ed)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    dcp_save(state, storage_writer=FileSystemWriter(folder, sync_files=True))
+
+
+def _first_cause(err: BaseException) -> str:
+    """The line that says what went wrong: for DCP's ``CheckpointException`` (every failed rank's
+    traceback in one message) the last line of the first traceback (``ValueError: Size mismatch ...``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(err).__name__
+    causes = [line for line in lines if _RAISED.match(line)]
+    return (causes[0] if causes else lines[-1])[:500]
+
+
+def _shard_files(tmp: str) -> list[str]:
+    """Main rank: the files DCP wrote under ``tmp/shards`` (``shards/<name>``), sorted."""
+    folder = os.path.join(tmp, SHARDS_DIR)
+    _fsync_dir(folder)
+    return sorted(f"{SHARDS_DIR}/{n}" for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+
+
+def _digest(path: str) -> tuple[str, int]:
+    """``(sha256 hex, size)`` of a file, read back from the disk."""
+    return _sha256_of(path), os.path.getsize(path)
+
+
+def _complete_sharded(tmp: str, final: str, trash: str, ckpt_root: str, step: int, files: list[str],
+                      digests: dict[str, tuple[str, int]], extra: dict, sharded: dict, keep_last: int | None) -> None:
+    """Main rank: write ``rng.pt`` and ``state.json`` (listing every rank's files with their hashes)
+    into ``tmp``, rename it to ``final``, point ``latest`` at it and prune."""
+    digests = {**digests, RNG_FILE: _write_file(os.path.join(tmp, RNG_FILE), _torch_writer(capture_rng_state()))}
+    files = [*files, RNG_FILE]
+    _write_file(os.path.join(tmp, STATE_FILE), _bytes_writer(_state_json(step, files, digests, extra, sharded).encode()))
+    _fsync_dir(tmp)
+    _move_into_place(tmp, final, trash, ckpt_root)
+    shutil.rmtree(trash, ignore_errors=True)
+    _point_latest(ckpt_root, os.path.basename(final), final, keep_last)
+
+
+def save_sharded_training_state(run_dir: str, step: int, module: torch.nn.Module, optimizer: Any, *, ema: Any = None,
+                                extra: dict | None = None, keep_last: int | None = 2) -> str:
+    """Atomically checkpoint a sharded run at ``step`` with every process writing its own shards
+    (``torch.distributed.checkpoint.save``; a collective: every rank calls it). Nothing is gathered:
+    no rank holds more than its shards of the trainable weights, optimizer state and EMA shadow.
+
+    The main rank names a temp folder ``.tmp-step-*-<its pid>``; every rank writes its shards into
+    ``<temp>/shards/``; the files are hashed (each rank reads back a share of them); the main rank
+    writes ``rng.pt`` and ``state.json`` (format 3: every file's sha256 and size, the world size)
+    and renames the folder into place, as :func:`save_checkpoint` does. A failure on any rank raises
+    the same :class:`~flowalign.errors.CheckpointError` on every rank and leaves earlier
+    checkpoints as they were.
+
+    Args:
+        module: the sharded module (:func:`flowalign.training.fsdp.shard_module`).
+        optimizer: its optimizer (accelerate's wrapper or a torch optimizer).
+        ema: an object with ``state_dict`` / ``load_state_dict`` of (sharded) shadow weights, or ``None``.
+        extra: the recipe's JSON run state; only the main rank's is written (others may pass ``None``).
+        keep_last: as in :func:`save_checkpoint`.
+
+    Returns:
+        the checkpoint folder (on every rank).
+    """
+    import torch.distributed as dist
+
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    main = rank == 0
+    ckpt_root = os.path.join(run_dir, CHECKPOINTS_DIR)
+    name = step_dir_name(step)
+    final = os.path.join(ckpt_root, name)
+    what = f"checkpoint {final}"
+    state = _sharded_state(module, optimizer, ema)
+    tmp = _agree(lambda: _begin_sharded(ckpt_root, name, step, extra or {}) if main else None, what, ckpt_root)[0]
+    trash = os.path.join(ckpt_root, ".old-" + os.path.basename(tmp)[len(".tmp-"):])  # .old-step-*-<main's pid>
+    try:
+        _agree(lambda: _write_shards(state, os.path.join(tmp, SHARDS_DIR)), what, ckpt_root)
+        files = _agree(lambda: _shard_files(tmp) if main else None, what, ckpt_root)[0]
+        shares = _agree(lambda: {f: _digest(os.path.join(tmp, f)) for f in files[rank::world]}, what, ckpt_root)
+        digests = {f: d for share in shares for f, d in share.items()}
+        sharded = {"world_size": world, "parts": sorted(state)}
+        _agree(lambda: _complete_sharded(tmp, final, trash, ckpt_root, step, files, digests, extra or {}, sharded, keep_last)
+               if main else None, what, ckpt_root)
+    except BaseException:
+        if main:
+            _discard_attempt(tmp, final, trash)
+        raise
+    return final
+
+
+def _sharded_only_message(path: str, state: dict) -> str:
+    """Why a sharded checkpoint cannot be read as whole tensors (by one unsharded process)."""
+    return (f"checkpoint {path} holds the shards of {state['sharded']['world_size']} process(es) (train.fsdp.state_dict="
+            "sharded): resume it with train.fsdp.enabled=true (any number of processes), or turn it into one file with "
+            f"torch.distributed.checkpoint.format_utils.dcp_to_torch_save('{os.path.join(path, SHARDS_DIR)}', 'state.pt')")
+
+
+def _load_sharded_states(path: str, state: dict, module: torch.nn.Module, optimizer: Any, ema: Any) -> None:
+    """Read a sharded checkpoint into this rank's shards of ``module``, the optimizer and the EMA
+    (``torch.distributed.checkpoint.load``, a collective; with another number of processes than
+    wrote it, DCP cuts the saved chunks into the current shards).
+
+    Raises:
+        CheckpointError: the shards do not fit the model (another model, LoRA rank, ...).
+    """
+    from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    target = _sharded_state(module, optimizer, ema if "ema" in state["sharded"]["parts"] else None)
+    try:
+        dcp_load(target, storage_reader=FileSystemReader(os.path.join(path, SHARDS_DIR)))
+    except (Exception, CheckpointException) as err:  # DCP's holds every rank's errors (a missing key, a shape mismatch)
+        raise CheckpointError(f"checkpoint {path!r} does not match the model ({_first_cause(err)}); set train.resume=never "
+                              "or use another output_dir") from err
+    set_state_dict(module, _inner(optimizer), model_state_dict=target["model"], optim_state_dict=target["optimizer"],
+                   options=StateDictOptions(strict=False))
+    if "ema" in target:
+        ema.load_state_dict(target["ema"])
+
+
+def _collective_problem(folder: str) -> str | None:
+    """Check ``folder`` together with every other rank (a collective): each checks ``state.json``
+    and the sizes and hashes a share of the files. Returns the first problem any rank found (the
+    same on every rank), or ``None`` when the folder is intact."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problem = None
+    try:
+        state = _checked_state(folder, verify=False)
+        for fname in state["files"][rank::world]:
+            _check_file(folder, fname, state, verify=True)
+    except _Damaged as err:
+        problem = str(err)
+    problems: list[str | None] = [None] * world
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def _broadcast(value: Any) -> Any:
+    """The main rank's ``value`` on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _resume_sharded_module(resume: str, ckpt_root: str, module: torch.nn.Module, optimizer: Any,
+                           ema: Any) -> Checkpoint | None:
+    """:func:`resume_training_state` for a module sharded over the processes (a collective): the
+    ranks agree on the folder (checked together), then read it -- a sharded checkpoint with DCP,
+    a full one whole on every rank, each keeping its shard."""
+    if resume == "auto":
+        failures: list[tuple[str, str]] = []
+        for folder in _broadcast(_candidates(ckpt_root)):
+            problem = _collective_problem(folder)
+            if problem is None:
+                break
+            _warn_damaged(folder, problem)
+            failures.append((folder, problem))
+        else:
+            if failures:
+                raise CheckpointError(none_intact_message(ckpt_root, failures))
+            return None
+    else:
+        folder = resume
+        problem = _collective_problem(folder)
+        if problem is not None:
+            raise CheckpointError(f"cannot resume from {resume} (train.resume): {problem}; pass train.resume=auto "
+                                  "for the newest intact checkpoint, or name another one")
+    try:
+        state = _checked_state(folder, verify=False)
+        if state["format"] != SHARDED_FORMAT:
+            ckpt = _load(folder, "cpu", verify=False)
+            _check_matches(ckpt, module)
+            _load_states(ckpt, module, optimizer, ema)
+            return ckpt
+        rng = _load_torch(folder, RNG_FILE, "cpu") if RNG_FILE in state["files"] else None
+    except _Damaged as err:
+        raise CheckpointError(f"checkpoint {folder}: {err}") from err
+    _load_sharded_states(folder, state, module, optimizer, ema)
+    return Checkpoint(path=folder, step=state["step"], model_state={}, optimizer_state=None, ema_state=None,
+                      rng_state=rng, extra=state["extra"])
+
+
+def _check_matches(ckpt: Checkpoint, module: torch.nn.Module) -> None:
+    """Raise :class:`CheckpointError` when ``ckpt`` lacks a trainable parameter of ``module``."""
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in ckpt.model_state]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt.path!r} does not match the model (missing {missing[:3]}...); "
+                              "set train.resume=never or use another output_dir")
+
+
 def none_intact_message(ckpt_root: str, failures: list[tuple[str, str]]) -> str:
     """The refusal for a checkpoints folder whose ``(folder, problem)`` checkpoints are all damaged."""
     found = "; ".join(f"{os.path.basename(folder)}: {problem}" for folder, problem in failures)
@@ -897,7 +1219,8 @@ def _load_newest_intact(ckpt_root: str) -> Checkpoint | None:
 
 def resume_training_state(resume: str, run_dir: str, module: torch.nn.Module, optimizer: Any,
                           ema: Any = None) -> Checkpoint | None:
-    """Restore a run from the checkpoint that ``train.resume`` names, for any recipe.
+    """Restore a run from the checkpoint that ``train.resume`` names, for any recipe (with a module
+    sharded by FSDP a collective: every rank calls it; see :func:`_resume_sharded_module`).
 
     ``resume`` is ``"never"``, ``"auto"`` (the newest intact checkpoint in ``run_dir``: damaged
     ones are named in a :class:`CheckpointWarning` and skipped) or a checkpoint folder. Stale temp
@@ -905,17 +1228,26 @@ def resume_training_state(resume: str, run_dir: str, module: torch.nn.Module, op
     trainable weights into ``module`` (non-strict: frozen weights come from the pretrained model),
     the optimizer state, the EMA shadow (when both exist) and the global RNG state. Returns the
     checkpoint, whose ``extra`` the recipe reads, or ``None`` (``"never"``, or ``"auto"`` on a run
-    without checkpoint folders).
+    without checkpoint folders). A sharded checkpoint (format 3) is read straight into the shards:
+    its ``model_state`` comes back empty and ``optimizer_state`` / ``ema_state`` ``None``.
 
     Raises:
         CheckpointError: ``"auto"`` finds ``step-*`` folders but none is intact (each is named with
-            its cause; nothing is deleted), or the folder named by ``resume`` fails its check.
-        ValueError: the checkpoint lacks a trainable parameter of ``module`` (another model).
+            its cause; nothing is deleted), or the folder named by ``resume`` fails its check, or the
+            checkpoint lacks a trainable parameter of ``module`` (another model), or it is a sharded
+            checkpoint and ``module`` is not sharded.
     """
+    from flowalign.training.fsdp import is_sharded
+
     if resume == "never":
         return None
     ckpt_root = os.path.join(run_dir, CHECKPOINTS_DIR)
     remove_stale_temp_files(ckpt_root)
+    if is_sharded(module):
+        ckpt = _resume_sharded_module(resume, ckpt_root, module, optimizer, ema)
+        if ckpt is not None and ckpt.rng_state is not None:
+            restore_rng_state(ckpt.rng_state)
+        return ckpt
     if resume == "auto":
         ckpt = _load_newest_intact(ckpt_root)
         if ckpt is None:
@@ -926,11 +1258,7 @@ def resume_training_state(resume: str, run_dir: str, module: torch.nn.Module, op
         except _Damaged as err:
             raise CheckpointError(f"cannot resume from {resume} (train.resume): {err}; pass train.resume=auto "
                                   "for the newest intact checkpoint, or name another one") from err
-    path = ckpt.path
-    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in ckpt.model_state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path!r} does not match the model (missing {missing[:3]}...); "
-                              "set train.resume=never or use another output_dir")
+    _check_matches(ckpt, module)
     _load_states(ckpt, module, optimizer, ema)
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state)

@@ -13,6 +13,7 @@ plugin does not run on CPU processes), on the same process group that ``accelera
   onto the main process (collectives: every rank calls them);
 * :func:`distribute_like` -- a full tensor read back from disk, cut into this rank's shard;
 * :func:`sync_gradients` -- the FSDP analogue of DDP's ``no_sync`` for gradient accumulation.
+* :func:`sum_gradients` -- reduce-scatter gradients as a sum over the ranks instead of FSDP's mean.
 
 Every function here is a no-op on a module that is not sharded, so the recipes call them
 unconditionally.
@@ -23,14 +24,14 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["FSDPSettings", "distribute_like", "fsdp_settings", "full_tensor", "gathered_state", "is_sharded",
-           "shard_module", "sharded_blocks", "state_dict_view", "sync_gradients"]
+           "shard_module", "sharded_blocks", "state_dict_view", "sum_gradients", "sync_gradients"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -42,6 +43,8 @@ class FSDPSettings:
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     param_dtype: torch.dtype | None = None
+    #: checkpoints gather the shards whole (``"full"``) or every rank writes its own (``"sharded"``)
+    state_dict: str = "full"
 
 
 def fsdp_settings(cfg: Any, accelerator: Any) -> FSDPSettings | None:
@@ -74,7 +77,7 @@ def fsdp_settings(cfg: Any, accelerator: Any) -> FSDPSettings | None:
     if offload and accelerator.device.type != "cuda":
         raise ValueError("train.fsdp.cpu_offload keeps the shards in CPU memory between uses of a GPU; this run has no GPU "
                          f"(device {accelerator.device}): set train.fsdp.cpu_offload=false")
-    return FSDPSettings(reshard, offload, DTYPES[cfg.param_dtype] if cfg.param_dtype else None)
+    return FSDPSettings(reshard, offload, DTYPES[cfg.param_dtype] if cfg.param_dtype else None, cfg.state_dict)
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
@@ -123,10 +126,57 @@ def shard_module(module: nn.Module, *, device_type: str, reshard_after_forward: 
                    offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     if param_dtype is not None:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    sharded: list[nn.Module] = []
     for block in sharded_blocks(module):
-        fully_shard(block, **options)
-    fully_shard(module, **options)
+        _shard_by_dtype(block, sharded, lambda unit: fully_shard(unit, **options))
+    _shard_by_dtype(module, sharded, lambda unit: fully_shard(unit, **options))
     return module
+
+
+def _shard_by_dtype(unit: nn.Module, sharded: list[nn.Module], shard: Callable[[nn.Module], Any]) -> None:
+    """``shard(unit)`` after sharding, innermost first, each of its :func:`mixed_dtype_parts` the same way
+    (a part may hold submodules of yet another dtype); appends every sharded module to ``sharded``."""
+    for part in mixed_dtype_parts(unit, inside=sharded):
+        if not any(part is done for done in sharded):
+            _shard_by_dtype(part, sharded, shard)
+    shard(unit)
+    sharded.append(unit)
+
+
+def mixed_dtype_parts(unit: nn.Module, inside: list[nn.Module]) -> list[nn.Module]:
+    """The submodules of ``unit`` to shard on their own because FSDP2 needs one original parameter dtype
+    per unit: diffusers keeps some modules of a bfloat16 model in float32 (``_keep_in_fp32_modules``, e.g.
+    Wan's norms, time embedder and ``scale_shift_table``), and peft may keep LoRA weights in float32.
+    The dtype ``unit`` keeps is that of its own direct parameters, else the one holding the most elements;
+    every module (outside the already sharded ``inside`` blocks) whose direct parameters are of another
+    dtype is returned, innermost first. Empty when ``unit`` has one dtype.
+
+    Raises:
+        ValueError: one module holds direct parameters of two dtypes (no FSDP2 unit can hold them).
+    """
+    skip = {id(m) for m in inside}
+    owners: list[tuple[str, nn.Module, set[torch.dtype]]] = []
+    numel: dict[torch.dtype, int] = {}
+    stack = [("", unit)]
+    while stack:
+        name, mod = stack.pop()
+        direct = list(mod.parameters(recurse=False))
+        if direct:
+            owners.append((name, mod, {p.dtype for p in direct}))
+            for p in direct:
+                numel[p.dtype] = numel.get(p.dtype, 0) + p.numel()
+        stack.extend(reversed([(f"{name}.{child_name}".lstrip("."), child) for child_name, child in mod.named_children()
+                               if id(child) not in skip]))  # reversed: the walk visits modules in their order
+    if len(numel) <= 1:
+        return []
+    for name, _, dtypes in owners:
+        if len(dtypes) > 1:
+            raise ValueError(f"FSDP2 cannot shard {type(unit).__name__}.{name or '<root>'}: it holds parameters of "
+                             f"dtypes {sorted(map(str, dtypes))} itself")
+    own = next((dtypes for _, mod, dtypes in owners if mod is unit), None)
+    keep = next(iter(own)) if own else max(numel, key=numel.get)
+    parts = [mod for _, mod, dtypes in owners if mod is not unit and dtypes != {keep}]
+    return parts[::-1]  # the walk visits parents before their children
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -193,3 +243,18 @@ def sync_gradients(module: nn.Module, sync: bool) -> Iterator[None]:
         yield
     finally:
         module.set_requires_gradient_sync(True)
+
+
+def sum_gradients(module: nn.Module) -> None:
+    """Make every FSDP unit inside ``module`` (blocks and root) reduce its gradients as a SUM over
+    the ranks instead of FSDP2's default mean (``set_gradient_divide_factor(1.0)``), for a recipe
+    whose per-rank losses are already shares of the global loss (the dLLM recipe scales each
+    micro-batch by its weight over every rank's total). The sum is forced to be a plain
+    ``ReduceOp.SUM`` (``set_force_sum_reduction_for_comms``): with a factor FSDP2 would otherwise
+    use NCCL's ``PREMUL_SUM``, which gloo lacks. No-op on a module that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.set_gradient_divide_factor(1.0)
+            sub.set_force_sum_reduction_for_comms(True)
