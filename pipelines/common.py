@@ -84,6 +84,26 @@ def set_attention_backend(module: nn.Module, backend: str | None) -> None:
         raise ValueError(f"attention_backend={backend!r} is not available here: {err}") from err
 
 
+def place_modules(denoiser: nn.Module, frozen: list[nn.Module], device: torch.device | str, offload: bool,
+                  attention_backend: str | None) -> None:
+    """Freeze the ``frozen`` modules (text encoders, VAE) in eval mode, parked on the CPU with ``offload``
+    (``model.options.offload_idle``; :func:`on_device` brings them in per use) or else on ``device``; put the
+    denoiser on ``device`` with diffusers' ``attention_backend`` (:func:`set_attention_backend`)."""
+    for module in frozen:
+        module.requires_grad_(False).eval()
+        module.to("cpu" if offload else device)
+    denoiser.to(device)
+    set_attention_backend(denoiser, attention_backend)
+
+
+def checked_resolution(resolution: int, multiple: int, why: str) -> int:
+    """``resolution`` (pixels) as an int, or a ValueError naming it when it is not a positive multiple of
+    ``multiple`` (``why`` says what makes the multiple, e.g. "VAE factor x 2x2 packing")."""
+    if resolution <= 0 or resolution % multiple:
+        raise ValueError(f"resolution={resolution} must be a positive multiple of {multiple} ({why})")
+    return int(resolution)
+
+
 def check_options(options: dict, allowed: tuple[str, ...], family: str) -> None:
     """Raise a ValueError naming the unknown ``model.options`` keys of an adapter."""
     unknown = sorted(set(options) - set(allowed))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 
 from .base import AdapterBase, shift_sigmas
-from .common import PromptEmbeddingCache, TransformerPipelineIO, on_device, set_attention_backend
+from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
 
 FLUX_OPTIONS = ("resolution", "shift", "guidance", "max_sequence_length", "attention_backend", "offload_idle",
                 "embedding_cache_dir")
@@ -109,11 +109,7 @@ class FluxAdapter(TransformerPipelineIO, AdapterBase):
         self.offload = bool(offload_idle)
         self.max_sequence_length = int(max_sequence_length)
         self.encoders = [pipe.text_encoder, pipe.text_encoder_2]
-        for m in self.encoders + [self.vae]:
-            m.requires_grad_(False).eval()
-            m.to("cpu" if self.offload else device)
-        self.denoiser.to(device)
-        set_attention_backend(self.denoiser, attention_backend)
+        place_modules(self.denoiser, self.encoders + [self.vae], device, self.offload, attention_backend)
 
         if self.denoiser.config.guidance_embeds:
             self.guidance = 3.5 if guidance is None else float(guidance)
@@ -123,9 +119,7 @@ class FluxAdapter(TransformerPipelineIO, AdapterBase):
             self.guidance = None
 
         multiple = pipe.vae_scale_factor * 2
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution={resolution} must be a positive multiple of {multiple} (VAE factor x 2x2 packing)")
-        self.resolution = int(resolution)
+        self.resolution = checked_resolution(resolution, multiple, "VAE factor x 2x2 packing")
         side = 2 * (self.resolution // multiple)
         self.latent_shape = (self.denoiser.config.in_channels // 4, side, side)
 

@@ -34,8 +34,8 @@ from torch import Tensor
 from flowalign.types import Conditioning
 
 from .base import AdapterBase, shift_sigmas
-from .common import (PromptEmbeddingCache, check_options, merged_lora_copy, model_name, on_device, save_transformer_lora,
-                     set_attention_backend)
+from .common import (PromptEmbeddingCache, check_options, checked_resolution, merged_lora_copy, model_name, on_device,
+                     place_modules, save_transformer_lora)
 from .flux import time_shift
 
 FLUX2_OPTIONS = ("resolution", "shift", "guidance", "max_sequence_length", "text_encoder_out_layers",
@@ -177,11 +177,7 @@ class Flux2Adapter(AdapterBase):
         self.max_sequence_length = int(max_sequence_length)
         layers = DEFAULT_OUT_LAYERS[Flux2KleinPipeline if self.klein else Flux2Pipeline]
         self.out_layers = tuple(int(i) for i in (text_encoder_out_layers or layers))
-        for m in (pipe.text_encoder, self.vae):
-            m.requires_grad_(False).eval()
-            m.to("cpu" if self.offload else device)
-        self.denoiser.to(device)
-        set_attention_backend(self.denoiser, attention_backend)
+        place_modules(self.denoiser, [pipe.text_encoder, self.vae], device, self.offload, attention_backend)
 
         if self.denoiser.config.guidance_embeds:
             self.guidance = 4.0 if guidance is None else float(guidance)
@@ -195,9 +191,7 @@ class Flux2Adapter(AdapterBase):
         self.cfg_allowed = self.klein and not pipe.config.get("is_distilled", False)
 
         multiple = pipe.vae_scale_factor * 2
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution={resolution} must be a positive multiple of {multiple} (VAE factor x 2x2 patches)")
-        self.resolution = int(resolution)
+        self.resolution = checked_resolution(resolution, multiple, "VAE factor x 2x2 patches")
         side = self.resolution // multiple
         self.latent_shape = (self.denoiser.config.in_channels, side, side)
         self.shift = None if shift is None else float(shift)

@@ -38,7 +38,7 @@ from torch import Tensor
 from flowalign.types import Conditioning
 
 from .base import AdapterBase, shift_sigmas, sigma_batch
-from .common import PromptEmbeddingCache, TransformerPipelineIO, on_device, set_attention_backend
+from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
 from .flux import calculate_mu, pack_latents, unpack_latents
 from .flux2 import shifted_sigmas
 
@@ -167,16 +167,10 @@ class QwenImageAdapter(TransformerPipelineIO, AdapterBase):
         if not 0 < int(max_sequence_length) <= 1024:
             raise ValueError(f"max_sequence_length={max_sequence_length} must be in 1..1024 (QwenImagePipeline's limit)")
         self.max_sequence_length = int(max_sequence_length)
-        for m in (pipe.text_encoder, self.vae):
-            m.requires_grad_(False).eval()
-            m.to("cpu" if self.offload else device)
-        self.denoiser.to(device)
-        set_attention_backend(self.denoiser, attention_backend)
+        place_modules(self.denoiser, [pipe.text_encoder, self.vae], device, self.offload, attention_backend)
 
         multiple = pipe.vae_scale_factor * 2
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution={resolution} must be a positive multiple of {multiple} (VAE factor x 2x2 packing)")
-        self.resolution = int(resolution)
+        self.resolution = checked_resolution(resolution, multiple, "VAE factor x 2x2 packing")
         side = 2 * (self.resolution // multiple)
         self.latent_shape = (self.denoiser.config.in_channels // 4, side, side)
 

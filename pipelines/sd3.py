@@ -21,7 +21,7 @@ from torch import Tensor
 
 
 from .base import AdapterBase
-from .common import PromptEmbeddingCache, TransformerPipelineIO, on_device, set_attention_backend
+from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
 
 SD3_OPTIONS = ("resolution", "shift", "use_t5", "max_sequence_length", "attention_backend", "offload_idle",
                "embedding_cache_dir")
@@ -59,18 +59,12 @@ class StableDiffusion3Adapter(TransformerPipelineIO, AdapterBase):
         self.offload = bool(offload_idle)
         self.max_sequence_length = int(max_sequence_length)
         self.encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
-        for m in self.encoders + [self.vae]:
-            m.requires_grad_(False).eval()
-            m.to("cpu" if self.offload else device)
-        self.denoiser.to(device)
-        set_attention_backend(self.denoiser, attention_backend)
+        place_modules(self.denoiser, self.encoders + [self.vae], device, self.offload, attention_backend)
 
         scale = pipe.vae_scale_factor
         resolution = int(resolution) if resolution is not None else self.denoiser.config.sample_size * scale
         multiple = scale * self.denoiser.config.patch_size
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution={resolution} must be a positive multiple of {multiple} (VAE factor x patch size)")
-        self.resolution = resolution
+        self.resolution = checked_resolution(resolution, multiple, "VAE factor x patch size")
         self.latent_shape = (self.denoiser.config.in_channels, resolution // scale, resolution // scale)
 
         overrides = {} if shift is None else {"shift": float(shift), "use_dynamic_shifting": False}

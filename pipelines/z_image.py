@@ -29,7 +29,7 @@ from diffusers import ZImagePipeline
 from torch import Tensor
 
 from .base import AdapterBase, shift_sigmas
-from .common import PromptEmbeddingCache, TransformerPipelineIO, on_device, set_attention_backend
+from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
 from .flux import calculate_mu
 from .flux2 import flow_match_sigmas
 
@@ -78,16 +78,10 @@ class ZImageAdapter(TransformerPipelineIO, AdapterBase):
         self.vae = pipe.vae
         self.offload = bool(offload_idle)
         self.max_sequence_length = int(max_sequence_length)
-        for m in (pipe.text_encoder, self.vae):
-            m.requires_grad_(False).eval()
-            m.to("cpu" if self.offload else device)
-        self.denoiser.to(device)
-        set_attention_backend(self.denoiser, attention_backend)
+        place_modules(self.denoiser, [pipe.text_encoder, self.vae], device, self.offload, attention_backend)
 
         multiple = pipe.vae_scale_factor * 2
-        if resolution <= 0 or resolution % multiple:
-            raise ValueError(f"resolution={resolution} must be a positive multiple of {multiple} (VAE factor x 2x2 patches)")
-        self.resolution = int(resolution)
+        self.resolution = checked_resolution(resolution, multiple, "VAE factor x 2x2 patches")
         side = 2 * (self.resolution // multiple)
         self.latent_shape = (self.denoiser.in_channels, side, side)
         self.shift = None if shift is None else float(shift)
