@@ -27,6 +27,12 @@ def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
+def static_shift_sigmas(num_steps: int, shift: float) -> Tensor:
+    """``[num_steps + 1]`` fp32 schedule: :func:`shift_sigmas` on ``linspace(1, 0, T + 1)`` computed in
+    float64 (the ``shift`` option of the FLUX-style adapters, DanceGRPO's static shift)."""
+    return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).float()
+
+
 @runtime_checkable
 class PipelineAdapter(Protocol):
     """What flowalign needs from a model family.

@@ -27,7 +27,7 @@ from diffusers import FluxPipeline
 from torch import Tensor
 
 
-from .base import AdapterBase, shift_sigmas
+from .base import AdapterBase, static_shift_sigmas
 from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
 
 FLUX_OPTIONS = ("resolution", "shift", "guidance", "max_sequence_length", "attention_backend", "offload_idle",
@@ -158,7 +158,7 @@ class FluxAdapter(TransformerPipelineIO, AdapterBase):
         """The pipeline's schedule (:func:`flux_sigmas` with this resolution's ``mu``), or with the
         ``shift`` option the static shift of Esser et al. 2024 Eq. 23 on ``linspace(1, 0, T+1)``."""
         if self.shift is not None:
-            return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), self.shift).float()
+            return static_shift_sigmas(num_steps, self.shift)
         return flux_sigmas(num_steps, self.mu)
 
     def _velocity(self, x_t: Tensor, sigma: Tensor, tensors: dict[str, Tensor]) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from flowalign.types import Conditioning
 
-from .base import AdapterBase, shift_sigmas
+from .base import AdapterBase, shift_sigmas, static_shift_sigmas
 from .common import (PromptEmbeddingCache, check_options, checked_resolution, merged_lora_copy, model_name, on_device,
                      place_modules, save_transformer_lora)
 from .flux import time_shift
@@ -254,7 +254,7 @@ class Flux2Adapter(AdapterBase):
         """The pipeline's schedule (:func:`flow_match_sigmas` with ``compute_empirical_mu(h/2 * w/2, T)``), or
         with the ``shift`` option the static shift of Esser et al. 2024 Eq. 23 on ``linspace(1, 0, T+1)``."""
         if self.shift is not None:
-            return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), self.shift).float()
+            return static_shift_sigmas(num_steps, self.shift)
         _, h, w = self.latent_shape
         return flow_match_sigmas(self.scheduler_config, num_steps, compute_empirical_mu(h * w, num_steps))
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from flowalign.types import Conditioning
 
-from .base import AdapterBase, shift_sigmas, sigma_batch
+from .base import AdapterBase, sigma_batch, static_shift_sigmas
 from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
 from .flux import calculate_mu, pack_latents, unpack_latents
 from .flux2 import shifted_sigmas
@@ -205,7 +205,7 @@ class QwenImageAdapter(TransformerPipelineIO, AdapterBase):
         """The pipeline's schedule (:func:`qwen_image_sigmas` with this resolution's ``mu``), or with the
         ``shift`` option the static shift of Esser et al. 2024 Eq. 23 on ``linspace(1, 0, T+1)``."""
         if self.shift is not None:
-            return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), self.shift).float()
+            return static_shift_sigmas(num_steps, self.shift)
         return qwen_image_sigmas(self.scheduler_config, num_steps, self.mu)
 
     def _packed_velocity(self, x_t: Tensor, sigma: Tensor, tensors: dict[str, Tensor]) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from diffusers import ZImagePipeline
 from torch import Tensor
 
-from .base import AdapterBase, shift_sigmas
+from .base import AdapterBase, static_shift_sigmas
 from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
 from .flux import calculate_mu
 from .flux2 import flow_match_sigmas
@@ -124,7 +124,7 @@ class ZImageAdapter(TransformerPipelineIO, AdapterBase):
         """The pipeline's schedule (:func:`flow_match_sigmas` with this resolution's ``mu``), or with the
         ``shift`` option the static shift of Esser et al. 2024 Eq. 23 on ``linspace(1, 0, T+1)``."""
         if self.shift is not None:
-            return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), self.shift).float()
+            return static_shift_sigmas(num_steps, self.shift)
         return flow_match_sigmas(self.scheduler_config, num_steps, self.mu)
 
     def _velocity(self, x_t: Tensor, sigma: Tensor, tensors: dict[str, Tensor]) -> Tensor:

@@ -87,3 +87,27 @@ def join_processes(rank: int, world: int, port: int) -> None:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def train_preempted(recipe_cls: type, rank: int, out: str, train) -> None:
+    """``train()`` (a 2-iteration run writing to ``out``) with rank 1 getting a SIGTERM at the end of the
+    first iteration, as a scheduler's preemption would send it: every rank finishes the iteration,
+    checkpoints and stops with exit code 143."""
+    import signal
+    from unittest import mock
+
+    from flowalign.errors import TrainingInterrupted
+
+    original = recipe_cls.train_iteration
+
+    def signalled(self, iteration):
+        metrics = original(self, iteration)
+        if iteration == 0 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    with mock.patch.object(recipe_cls, "train_iteration", signalled), \
+            pytest.raises(TrainingInterrupted, match="stopped at iteration 1/2") as info:
+        train()
+    assert info.value.exit_code == 143
+    assert os.path.isdir(os.path.join(out, "checkpoints", "step-000001"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -32,7 +31,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from flowalign.training.fsdp import fsdp_settings, mixed_dtype_parts, sharded_blocks
-from tests.conftest import REPO, free_port, join_processes
+from tests.conftest import REPO, free_port, join_processes, train_preempted
 
 CONFIG = os.path.join(REPO, "configs", "quickstart.yaml")
 TINY = {"data.prompts_per_iter": 2, "sampling.num_steps": 4, "eval.num_steps": 4, "train.steps_per_iter": 1,
@@ -223,26 +222,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def _train_interrupted(out: str, rank: int, state_dict: str = "full") -> None:
-    """:func:`_train` for 2 iterations, rank 1 getting a SIGTERM at the end of the first (as a
-    scheduler's preemption would send it): every rank finishes the iteration, checkpoints and stops."""
-    from unittest import mock
-
-    from flowalign.errors import TrainingInterrupted
+    """:func:`_train` for 2 iterations, stopped by a SIGTERM to rank 1 after the first (conftest.train_preempted)."""
     from flowalign.recipes.rl import RLRecipe
 
-    original = RLRecipe.train_iteration
-
-    def signalled(self, iteration):
-        metrics = original(self, iteration)
-        if iteration == 0 and rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    with mock.patch.object(RLRecipe, "train_iteration", signalled), \
-            pytest.raises(TrainingInterrupted, match="stopped at iteration 1/2") as info:
-        _train(out, 2, state_dict)
-    assert info.value.exit_code == 143
-    assert os.path.isdir(os.path.join(out, "checkpoints", "step-000001"))
+    train_preempted(RLRecipe, rank, out, lambda: _train(out, 2, state_dict))
 
 
 def _train_continued(out: str, state_dict: str = "full") -> None:

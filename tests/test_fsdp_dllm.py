@@ -24,13 +24,12 @@ import functools
 import glob
 import json
 import os
-import signal
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import REPO, free_port, join_processes
+from tests.conftest import REPO, free_port, join_processes, train_preempted
 
 QUICKSTART = os.path.join(REPO, "assets", "dllm_quickstart")
 SEED = 3
@@ -128,26 +127,10 @@ def _train(out: str, iterations: int, state_dict: str = "full") -> None:
 
 
 def _train_interrupted(out: str, rank: int, state_dict: str) -> None:
-    """:func:`_train` for 2 iterations, rank 1 getting a SIGTERM at the end of the first: every rank
-    finishes the iteration, checkpoints and stops."""
-    from unittest import mock
-
-    from flowalign.errors import TrainingInterrupted
+    """:func:`_train` for 2 iterations, stopped by a SIGTERM to rank 1 after the first (conftest.train_preempted)."""
     from flowalign.recipes.dllm_rl import DLLMRecipe
 
-    original = DLLMRecipe.train_iteration
-
-    def signalled(self, iteration):
-        metrics = original(self, iteration)
-        if iteration == 0 and rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    with mock.patch.object(DLLMRecipe, "train_iteration", signalled), \
-            pytest.raises(TrainingInterrupted, match="stopped at iteration 1/2") as info:
-        _train(out, 2, state_dict)
-    assert info.value.exit_code == 143
-    assert os.path.isdir(os.path.join(out, "checkpoints", "step-000001"))
+    train_preempted(DLLMRecipe, rank, out, lambda: _train(out, 2, state_dict))
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
