@@ -2,6 +2,7 @@
 
     python bench/algorithms.py                         # 60 s of training per method, all methods
     python bench/algorithms.py --budget 30 --methods grpo branch_grpo awm
+    python bench/algorithms.py --jobs 6 --threads 2          # 6 methods at a time on a 12+ core machine
 
 Each method starts from the shipped base model with the same seed and trains (rollout + reward +
 update; held-out evaluation is not counted) until its budget is spent, evaluating every
@@ -23,6 +24,7 @@ Timings depend on the machine and on what else runs on it; the README records on
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -38,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flowalign.api import recipe_class  # noqa: E402
 from flowalign.config import load_config  # noqa: E402
 from flowalign.training.plots import format_table, save_curves  # noqa: E402
+from parallel import run_jobs  # noqa: E402  (bench/parallel.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: method -> config (relative to configs/); "pretrain" is the continued-pretraining control.
@@ -73,6 +76,7 @@ def continued_pretraining_step(recipe: Any, images: torch.Tensor, labels: torch.
 def run_method(name: str, budget: float, eval_every: int, eval_samples: int, seed: int, out: str, metric: str,
                overrides: dict[str, str]) -> dict[str, Any]:
     """Train one method for ``budget`` seconds of training time; returns its curve and rates."""
+    print(f"[bench] {name}: {budget:.0f} s of training ...", flush=True)
     cfg = load_config(os.path.join(ROOT, METHODS[name]), {
         "seed": seed, "output_dir": os.path.join(out, name), "train.resume": "never", "train.iterations": 100_000,
         "num_threads": torch.get_num_threads(),  # --threads, not the config's
@@ -124,7 +128,8 @@ def main() -> None:
     p.add_argument("--metric", default="eval/judge/digit_judge/accuracy", help="held-out metric compared")
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="config override for one method, e.g. awm:train.optimizer.lr=3e-4 (repeatable)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads per method")
+    p.add_argument("--jobs", type=int, default=1, help="methods trained at once, each in its own process (bench/parallel.py)")
     p.add_argument("--plot", default=os.path.join(ROOT, "assets", "figures", "algorithms_reward_vs_time.png"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -136,12 +141,9 @@ def main() -> None:
         if method not in overrides or not key or not value:
             p.error(f"--set {item!r}: expected METHOD:KEY=VALUE with METHOD among {methods}")
         overrides[method][key] = yaml.safe_load(value)
-    results = {}
     with tempfile.TemporaryDirectory() as out:
-        for name in methods:
-            print(f"[bench] {name}: {args.budget:.0f} s of training ...", flush=True)
-            results[name] = run_method(name, args.budget, args.eval_every, args.eval_samples, args.seed, out, args.metric,
-                                       overrides[name])
+        results = run_jobs(run_method, {name: (name, args.budget, args.eval_every, args.eval_samples, args.seed, out, args.metric,
+                                               overrides[name]) for name in methods}, args.jobs, args.threads)
     ref = results["grpo"]
     target = ref["curve"][-1][1]
     ref_reach = time_to_reach(ref["curve"], target)
@@ -152,11 +154,14 @@ def main() -> None:
         rows.append([name, r["iterations"], r["nfe"], r["nfe"] / ref["nfe"] if relative else None,
                      r["seconds"], r["seconds"] / ref["seconds"] if relative else None,
                      r["curve"][0][1], r["curve"][-1][1], max(v for _, v in r["curve"]),
-                     reach if math.isfinite(reach) else "never", reach / ref_reach if math.isfinite(reach) else None])
+                     reach if math.isfinite(reach) else "never", reach / ref_reach if math.isfinite(reach) and ref_reach > 0 else None])
     print(f"held-out metric: {args.metric}")
     print(format_table(["method", "iterations", "rollout NFE / it", "x GRPO", "s / it", "x GRPO", "before",
                         "at budget", "best", f"s to reach {target:.3f}", "x GRPO time"], rows))
-    print(save_curves(args.plot, {name: r["curve"] for name, r in results.items()}, xlabel="training seconds (2 CPU cores)",
+    with open(os.path.splitext(args.plot)[0] + ".json", "w") as f:  # the curves, to redraw or compare without a rerun
+        json.dump({"command": " ".join(sys.argv[1:]), "metric": args.metric, "budget_s": args.budget,
+                   "curves": {name: r["curve"] for name, r in results.items()}}, f, indent=1)
+    print(save_curves(args.plot, {name: r["curve"] for name, r in results.items()}, xlabel=f"training seconds ({args.threads} CPU thread(s) per method)",
                       ylabel=args.metric.removeprefix("eval/"), title=f"quickstart digits, {args.budget:.0f} s per method",
                       reference=(target, "flat GRPO at budget")))
 

@@ -2,6 +2,7 @@
 
     python bench/dllm_estimators.py                         # every section
     python bench/dllm_estimators.py --section estimators    # log-likelihood estimator variance only
+    python bench/dllm_estimators.py --section algorithms --jobs 8   # 8 runs at a time (one thread each)
     python bench/dllm_estimators.py --section estimators --sequences 16 --repeats 32 --budgets 2 4 8 16
 
 Section ``estimators``: completions are sampled from the model (temperature 1, low-confidence
@@ -65,6 +66,7 @@ from flowalign.dllm.logprob import (
 from flowalign.dllm.model import MaskedDiffusionLM
 from flowalign.dllm.sampling import SamplingSpec, generate
 from flowalign.training.plots import format_table, save_curves
+from parallel import run_jobs  # noqa: E402  (bench/parallel.py)
 
 QUICKSTART = os.path.join(REPO, "assets", "dllm_quickstart")
 GEN_LENGTH = 5  # the quickstart completion window: 4 answer digits + [EOS]
@@ -289,26 +291,32 @@ def _bench_overrides(args: argparse.Namespace, out_dir: str) -> dict:
             "task.eval": args.prompts}
 
 
+def _train_algorithm(name: str, args: argparse.Namespace, run_dir: str) -> dict:
+    """One dLLM algorithm's shipped ``configs/dllm/<name>_addition.yaml`` for ``--budget`` training seconds."""
+    import flowalign
+
+    summary = flowalign.train(os.path.join(REPO, "configs", "dllm", f"{name}_addition.yaml"), _bench_overrides(args, run_dir))
+    return {"curve": _curve_from_metrics(run_dir), "seconds_per_iteration": summary["seconds_per_iteration"],
+            "forwards_per_iteration": summary["sequence_forwards_per_iteration"], "iterations": summary["iterations"]}
+
+
+def _call(fn: Callable[..., dict], *args) -> dict:
+    return fn(*args)
+
+
 def run_algorithms(args: argparse.Namespace) -> dict:
     """Every dLLM algorithm (its shipped configs/dllm/<name>_addition.yaml) and the
     continued-pretraining control, each for ``--budget`` seconds of training (evaluation excluded),
     same seed; a table and ``assets/figures/dllm_algorithms.png`` (held-out accuracy vs time)."""
-    import flowalign
     from flowalign.algorithms import algorithm_names
 
     t_start = time.perf_counter()
     names = args.algorithms or sorted(algorithm_names(("dllm",)))
-    results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            run_dir = os.path.join(tmp, name)
-            summary = flowalign.train(os.path.join(REPO, "configs", "dllm", f"{name}_addition.yaml"),
-                                      _bench_overrides(args, run_dir))
-            results[name] = {"curve": _curve_from_metrics(run_dir), "seconds_per_iteration": summary["seconds_per_iteration"],
-                             "forwards_per_iteration": summary["sequence_forwards_per_iteration"],
-                             "iterations": summary["iterations"]}
+        jobs = {name: (_train_algorithm, name, args, os.path.join(tmp, name)) for name in names}
         if not args.no_control:
-            results["continued pretraining"] = _continued_pretraining(args, os.path.join(tmp, "control"))
+            jobs["continued pretraining"] = (_continued_pretraining, args, os.path.join(tmp, "control"))
+        results = run_jobs(_call, jobs, args.jobs, args.threads)
 
     rows = []
     for name, r in results.items():
@@ -323,16 +331,16 @@ def run_algorithms(args: argparse.Namespace) -> dict:
     print(f"(held-out accuracy on {args.prompts}, greedy decoding; {args.budget:.0f} s of training each, evaluation "
           f"every {args.eval_every} iterations excluded from the clock; forwards = sequences through the model, "
           "rollouts + updates; the control trains the masked-diffusion loss on fresh flawed data, forwards = batch)")
-    figure = _plot_algorithms(results, args.figure, args.budget)
+    figure = _plot_algorithms(results, args.figure, args.budget, args.threads)
     print(f"figure: {figure}   (algorithms section: {time.perf_counter() - t_start:.0f} s)")
     return {"runs": results, "figure": figure}
 
 
-def _plot_algorithms(results: dict[str, dict], path: str, budget: float) -> str:
+def _plot_algorithms(results: dict[str, dict], path: str, budget: float, threads: int) -> str:
     """Held-out accuracy against training seconds, one curve per run, with the +15 points line."""
     base = next(iter(results.values()))["curve"][0][1]
     return save_curves(path, {name: r["curve"] for name, r in results.items()},
-                       xlabel="training time (s, 1 CPU thread; evaluation excluded)", ylabel="held-out accuracy (greedy)",
+                       xlabel=f"training time (s, {threads} CPU thread(s) per run; evaluation excluded)", ylabel="held-out accuracy (greedy)",
                        title=f"dLLM quickstart: 3-digit addition with dropped carries, {budget:.0f} s per run",
                        reference=(base + 0.15, "base + 15 points"))
 
@@ -353,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=int, nargs="+", default=[2, 4, 8, 16], help="forwards per sequence (even)")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per model call")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="algorithm runs at once, each in its own process (algorithms section; "
+                   "bench/parallel.py)")
     p.add_argument("--budget", type=float, default=40.0, help="training seconds per run (algorithms section)")
     p.add_argument("--eval-every", type=int, default=5, help="iterations between evaluations (algorithms section)")
     p.add_argument("--algorithms", nargs="*", default=None, help="dLLM algorithms to run (default all; algorithms section)")

@@ -84,6 +84,12 @@ FLUX2_KLEIN_4B = dict(  # black-forest-labs/FLUX.2-klein-4B (and -base-4B): Qwen
     joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
     rope_theta=2000, eps=1e-6, guidance_embeds=False,
 )
+FLUX2_DEV = dict(  # black-forest-labs/FLUX.2-dev (32B; = diffusers' Flux2Transformer2DModel defaults): Mistral-Small-3.1-24B
+    # layers (10, 20, 30) -> 3 x 5120 = 15360; guidance-distilled (guidance embedding on)
+    patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+    joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000, eps=1e-6, guidance_embeds=True,
+)
 Z_IMAGE_TURBO = dict(  # Tongyi-MAI/Z-Image-Turbo (6B): Qwen3-4B captions (2560)
     all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30,
     n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
@@ -98,6 +104,12 @@ HUNYUAN_VIDEO15_480P = dict(  # hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v
 QWEN_IMAGE = dict(  # Qwen/Qwen-Image (20B MMDiT): Qwen2.5-VL-7B captions (3584)
     patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
     joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+QWEN_IMAGE21 = dict(  # Qwen/Qwen-Image-2.1 (~7B single-stream, block-causal): no public config.json reachable here, so
+    # these are diffusers' QwenImage21Transformer2DModel defaults, which the pipeline docs match (32 blocks; 64-channel
+    # VAE latents, unpatched; Qwen3-VL-8B captions of 4096)
+    patch_size=1, in_channels=64, out_channels=64, num_layers=32, attention_head_dim=128, num_attention_heads=32,
+    context_in_dim=4096, mlp_ratio=3, axes_dims_rope=(16, 56, 56), causal_condition=True,
 )
 LTX2_19B = dict(  # Lightricks/LTX-2 (19B audio+video: 48 blocks, video 32 x 128 wide, audio 32 x 64; the values of diffusers'
     # LTX2VideoTransformer3DModel defaults, Gemma-3-12B captions of 3840)
@@ -122,7 +134,7 @@ def cases(full: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Cas
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
     from diffusers import Flux2Transformer2DModel, ZImageTransformer2DModel
     from diffusers import HunyuanVideo15Transformer3DModel, LTX2VideoTransformer3DModel
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import QwenImage21Transformer2DModel, QwenImageTransformer2DModel
 
     rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
     t = lambda b: torch.full((b,), 500.0, device=device)  # noqa: E731
@@ -183,6 +195,23 @@ def cases(full: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Cas
     klein = Case("flux.2-klein-4b", f"{k_double}+{k_single}/5+20 blocks, {k_px}px, {k_text} text tok",
                  lambda: Flux2Transformer2DModel(**{**FLUX2_KLEIN_4B, "num_layers": k_double, "num_single_layers": k_single}),
                  klein_inputs)
+    # FLUX.2 [dev]: the same 4096 image tokens at 1024 px; 512 Mistral-3 tokens of 15360; guidance 4.0 (Flux2Pipeline's
+    # default guidance_scale, fed unscaled as `guidance`)
+    d_double, d_single, d_px, d_text = (8, 48, 1024, 512) if full else (1, 1, 128, 64)
+
+    def flux2_dev_inputs(b: int) -> dict:
+        side = d_px // 16
+        img_ids = torch.zeros(side, side, 4, device=device)
+        img_ids[..., 1] = torch.arange(side, device=device)[:, None]
+        img_ids[..., 2] = torch.arange(side, device=device)[None, :]
+        txt_ids = torch.zeros(d_text, 4, device=device)
+        txt_ids[:, 3] = torch.arange(d_text, device=device)
+        return dict(hidden_states=rnd(b, side * side, 128), encoder_hidden_states=rnd(b, d_text, 15360), timestep=t(b) / 1000,
+                    img_ids=img_ids.reshape(-1, 4), txt_ids=txt_ids, guidance=torch.full((b,), 4.0, device=device))
+
+    flux2_dev = Case("flux.2-dev", f"{d_double}+{d_single}/8+48 blocks, {d_px}px, {d_text} text tok",
+                     lambda: Flux2Transformer2DModel(**{**FLUX2_DEV, "num_layers": d_double, "num_single_layers": d_single}),
+                     flux2_dev_inputs)
     # Z-Image-Turbo: 1024 px -> 16 x 128 x 128 latents = 4096 tokens of 2x2 patches; 512 Qwen3 tokens (un-padded)
     z_layers, z_refiners, z_px, z_text = (30, 2, 1024, 512) if full else (1, 1, 128, 64)
 
@@ -228,6 +257,19 @@ def cases(full: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Cas
                      lambda: QwenImageTransformer2DModel(**{**QWEN_IMAGE, "num_layers": q_layers}),
                      lambda b: dict(hidden_states=rnd(b, 2 * q_side * q_side, 64), encoder_hidden_states=rnd(b, qe_text, 3584),
                                     timestep=t(b) / 1000, img_shapes=[[(1, q_side, q_side), (1, q_side, q_side)]] * b))
+    # Qwen-Image 2.1: 1024 px -> 64 x 64 x 64 latents = 4096 unpatched tokens (1024 image slots) after up to 512 Qwen3-VL
+    # tokens in one block-causal sequence; the adapter never pads text (pipelines/qwen_image21.py)
+    q21_layers, q21_px, q21_text = (32, 1024, 512) if full else (1, 128, 64)
+    q21_side = q21_px // 16
+
+    def qwen21_inputs(b: int) -> dict:
+        img_mask = torch.zeros(b, q21_text + q21_side * q21_side // 4, dtype=torch.bool, device=device)
+        img_mask[:, q21_text:] = True
+        return dict(hidden_states=rnd(b, q21_side * q21_side, 64), encoder_hidden_states=rnd(b, q21_text, 4096),
+                    timestep=t(b) / 1000, img_shapes=[[(1, q21_side, q21_side)]] * b, img_mask=img_mask)
+
+    qwen21 = Case("qwen-image-2.1", f"{q21_layers}/32 layers, {q21_px}px, {q21_text} text tok",
+                  lambda: QwenImage21Transformer2DModel(**{**QWEN_IMAGE21, "num_layers": q21_layers}), qwen21_inputs)
     # Wan2.1-I2V-14B-480P: 33 frames x 480 x 832 (configs/grpo/wan_i2v_jpeg.yaml) -> 9 x 60 x 104 latents = 14,040 tokens;
     # input = [x_t, 4-channel first-frame mask, 16-channel condition latents]; 512 UMT5 + 257 CLIP image tokens
     i2v_layers, (i2v_f, i2v_h, i2v_w), i2v_text = (40, (33, 480, 832), 512) if full else (2, (9, 128, 128), 64)
@@ -253,8 +295,8 @@ def cases(full: bool, device: torch.device, dtype: torch.dtype) -> dict[str, Cas
     ltx2 = Case("ltx-2-19b", f"{lx_layers}/48 layers, {lf}x{lh}x{lw} + {lx_audio} audio tok, {lx_text} text tok",
                 lambda: LTX2VideoTransformer3DModel(**{**LTX2_19B, "num_layers": lx_layers}), ltx2_inputs)
     return {"sd3": sd3, "flux": flux, "flux_kontext": kontext, "wan": wan, "wan_i2v": wan_i2v,
-            "flux2": klein, "z_image": zimage, "hunyuan_video15": hunyuan, "ltx2": ltx2,
-            "qwen_image": qwen, "qwen_image_edit_plus": qwen_edit}
+            "flux2": klein, "flux2_dev": flux2_dev, "z_image": zimage, "hunyuan_video15": hunyuan, "ltx2": ltx2,
+            "qwen_image": qwen, "qwen_image_edit_plus": qwen_edit, "qwen_image21": qwen21}
 
 
 def _sync(device: torch.device) -> None:
@@ -518,8 +560,8 @@ def fsdp_main(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=["sd3", "flux", "wan"],
-                        choices=["sd3", "flux", "flux_kontext", "wan", "wan_i2v", "flux2", "z_image", "hunyuan_video15", "qwen_image",
-                                 "qwen_image_edit_plus", "ltx2"])
+                        choices=["sd3", "flux", "flux_kontext", "wan", "wan_i2v", "flux2", "flux2_dev", "z_image", "hunyuan_video15", "qwen_image",
+                                 "qwen_image_edit_plus", "qwen_image21", "ltx2"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 2 4 on CUDA, 1 2 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="rollout steps per sample (default 10 on CUDA, 1 on CPU)")
     parser.add_argument("--lora-rank", type=int, default=32)

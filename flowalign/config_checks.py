@@ -208,6 +208,15 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _require_gaussian_log_probs(cfg: Any, key: str) -> None:
+    """The ratio normalisation of Pref-GRPO / GRPO-Guard (``key``, when on) adds the Gaussian bias term
+    ``‖μ − μ_old‖² / (2 s²)``, which CPS's constant-free Flow-GRPO log-prob does not have."""
+    s = cfg.sampling
+    _require(not (s.sampler == "cps" and s.cps_log_prob == "flow_grpo"), key,
+             "needs Gaussian log-probs: it cannot be combined with sampling.cps_log_prob: flow_grpo "
+             "(set one of them to false / exact)")
+
+
 def _bound_text(value: float) -> str:
     if isinstance(value, int) and value > 2**20 and value & (value - 1) == 0:
         return f"2**{value.bit_length() - 1}"

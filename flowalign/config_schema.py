@@ -75,7 +75,8 @@ class DataConfig:
 @dataclass
 class SamplingConfig:
     num_steps: int = _f(10, "Denoising steps per rollout (T).", ge=1)
-    sampler: str = _f("flow_grpo", "SDE used for rollouts: flow_grpo | dance | cps.", choices=("flow_grpo", "dance", "cps"))
+    sampler: str = _f("flow_grpo", "SDE used for rollouts: flow_grpo | dance | cps | sage (SAGE-GRPO's step-integrated "
+                      "variance).", choices=("flow_grpo", "dance", "cps", "sage"))
     noise_level: float = _f(0.7, "SDE noise level a (Flow-GRPO a, DanceGRPO eta, CPS a).", gt=0,
                             why="policy-gradient training needs stochastic steps")
     group_size: int = _f(8, "Samples per prompt (G); a group may span ranks.", ge=2,

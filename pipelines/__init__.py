@@ -15,6 +15,7 @@ ADAPTERS: dict[str, str] = {
     "sd3": "flowalign.pipelines.sd3:StableDiffusion3Adapter",
     "flux": "flowalign.pipelines.flux:FluxAdapter",
     "qwen_image": "flowalign.pipelines.qwen_image:QwenImageAdapter",
+    "qwen_image21": "flowalign.pipelines.qwen_image21:QwenImage21Adapter",
     "qwen_image_edit": "flowalign.pipelines.qwen_image_edit:QwenImageEditAdapter",
     "qwen_image_edit_plus": "flowalign.pipelines.qwen_image_edit:QwenImageEditPlusAdapter",
     "flux_kontext": "flowalign.pipelines.flux_kontext:FluxKontextAdapter",

@@ -8,10 +8,17 @@ already is the velocity ``v = eps - x0`` at ``x_t = (1 - sigma) x0 + sigma eps``
 
 Wan 2.2 A14B carries two experts: ``transformer`` denoises while ``1000 sigma >= 1000 *
 boundary_ratio`` (high noise), ``transformer_2`` below. Both are loaded when present; the one named
-by ``trainable_expert`` is trained (LoRA), the other stays frozen. Wan 2.2 TI2V
-(``expand_timesteps``) gets its per-token timestep as in ``WanPipeline``.
+by ``trainable_expert`` is trained (LoRA), the other stays frozen.
 
-Video latents are ``[B, C, F_lat, H/8, W/8]`` with ``F_lat = (num_frames - 1) / 4 + 1``.
+Wan 2.2 TI2V-5B, text-to-video (``expand_timesteps=True`` in ``model_index.json``): one 48-channel
+transformer on the Wan 2.2 VAE (48 latent channels, 16x spatial compression, the VAE's own 2x2 patchify
+inside ``encode`` / ``decode``). ``WanPipeline`` then gives the transformer one timestep per latent token,
+``(mask[0][0][:, ::2, ::2] * t).flatten()`` with ``mask = ones`` (every token at ``1000 sigma``), which
+:meth:`WanAdapter._expert_call` reproduces. Its image-to-video mode is refused by
+:class:`~flowalign.pipelines.wan_i2v.WanImageToVideoAdapter` (see there).
+
+Video latents are ``[B, C, F_lat, H/s, W/s]`` with ``F_lat = (num_frames - 1) / 4 + 1`` and ``s`` the VAE's
+``scale_factor_spatial`` (8 for Wan 2.1 / 2.2 A14B, 16 for the Wan 2.2 VAE).
 """
 
 from __future__ import annotations

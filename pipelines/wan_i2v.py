@@ -19,12 +19,19 @@ video's first frame. The conditioning follows ``WanImageToVideoPipeline``:
 Both tensors are per-prompt rows of ``Conditioning.tensors`` and are shared by the negative half
 under CFG (the pipeline feeds the same ``condition`` / ``image_embeds`` to both CFG calls).
 
-Not supported (refused in the constructor): Wan 2.2 TI2V-5B's ``expand_timesteps`` image-to-video,
-which overwrites the first latent frame with the clean image latent after every step and at the end
-(``latents = (1 - first_frame_mask) * condition + first_frame_mask * latents``): under the rollout's
-SDE the first frame would carry sampler noise, and ``decode(latents)`` has no access to the condition
-to restore it. The last-frame (FLF2V, ``last_image``) variant is not supported either
-(``source_images = 1``).
+Not supported (refused in the constructor): Wan 2.2 TI2V-5B's ``expand_timesteps`` image-to-video
+(its text-to-video mode is supported by :class:`~flowalign.pipelines.wan.WanAdapter`,
+``configs/grpo/wan22_ti2v_jpeg.yaml``). ``WanImageToVideoPipeline`` feeds the transformer
+``(1 - first_frame_mask) * condition + first_frame_mask * latents`` (the clean image latent as latent
+frame 0, timestep 0 on its tokens, ``1000 sigma`` on the others) and writes the condition back into
+frame 0 at the end. A faithful rollout must keep that frame out of the sampled state: in the state,
+every SDE step (Flow-GRPO Eq. 9) would add noise to it and the transition log-prob would average over
+its tokens, which the policy does not generate. With the state holding only latent frames ``1..``,
+``decode`` needs the per-sample condition latent to put frame 0 back before the causal VAE decodes
+the video, and ``decode(latents)`` of the adapter protocol gets no conditioning. That protocol change
+(the rollout engine, the recipe's evaluation, look-ahead scoring and ``flowalign.sample`` pass the
+conditioning rows to decode) is outside this adapter. The last-frame (FLF2V, ``last_image``) variant
+is not supported either (``source_images = 1``).
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ class WanImageToVideoAdapter(WanAdapter):
             raise TypeError(f"WanImageToVideoAdapter needs a WanImageToVideoPipeline, got {type(pipe).__name__}")
         if pipe.config.get("expand_timesteps", False):
             raise ValueError("WanImageToVideoAdapter: expand_timesteps=True (Wan 2.2 TI2V-5B first-frame replacement) is not "
-                             "supported: the rollout cannot keep the replaced first latent frame clean (see the module docstring)")
+                             "supported: the rollout cannot keep the replaced first latent frame clean (see the module docstring); "
+                             "for TI2V-5B text-to-video load the folder with the 'wan' adapter")
         super().__init__(pipe, **kwargs)
         self.image_encoder = pipe.image_encoder
         self.image_processor = pipe.image_processor

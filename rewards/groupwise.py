@@ -186,9 +186,13 @@ class PairwiseAsPointwise:
         self.modality = getattr(judge, "modality", "image")
         self.dimensions = judge_dimensions(judge)
 
-    def _judge(self, media: Tensor, a: Tensor, b: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+    def _judge(self, media: Tensor, a: Tensor, b: Tensor, prompts: Sequence[str],
+               metadata: Sequence[dict[str, Any]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(p [P], ok [P], dims [P, D])`` for pairs ``(a[k], b[k])``, chunked by ``batch_size``
-        (``D = 0`` for a judge without dimensions; NaN: no verdict in that dimension)."""
+        (``D = 0`` for a judge without dimensions; NaN: no verdict in that dimension). A judge with
+        ``needs_metadata = True`` (the editing VLM judge) also gets ``metadata=`` of sample ``a[k]``
+        (both samples of a pair share a prompt group, hence its record)."""
+        pass_meta = bool(getattr(self.judge, "needs_metadata", False))
         step = self.batch_size or max(len(a), 1)
         n_dims = len(self.dimensions)
         ps, oks = [torch.zeros(0)], [torch.zeros(0, dtype=torch.bool)]  # no pairs (groups of one): empty results
@@ -204,6 +208,8 @@ class PairwiseAsPointwise:
                                      f"{tuple(d.shape)} for {len(ia)} pairs and dimensions {self.dimensions}")
                 d = torch.where(torch.isfinite(d) & (d >= 0) & (d <= 1), d, torch.full_like(d, float("nan")))
                 dims.append(d)
+            elif pass_meta:
+                overall = self.judge.compare(*args, metadata=None if metadata is None else [metadata[i] for i in ia.tolist()])
             else:
                 overall = self.judge.compare(*args)
             out = as_reward_output(overall)
@@ -227,9 +233,9 @@ class PairwiseAsPointwise:
         a, b = torch.triu_indices(batch, batch, offset=1)
         keep = groups[a] == groups[b]
         a, b = a[keep], b[keep]
-        p, ok, dims = self._judge(media, a, b, prompts)
+        p, ok, dims = self._judge(media, a, b, prompts, metadata)
         if self.symmetric:
-            p_rev, ok_rev, dims_rev = self._judge(media, b, a, prompts)
+            p_rev, ok_rev, dims_rev = self._judge(media, b, a, prompts, metadata)
             both = ok & ok_rev
             p = torch.where(both, (p + 1 - p_rev) / 2, torch.where(ok_rev, 1 - p_rev, p))
             ok = ok | ok_rev

@@ -11,7 +11,14 @@ a vision-language model the prompt and both images and asks which one is better.
   data URLs; timeouts and retries with backoff; the reply's first standalone ``A``/``B`` gives
   ``P(A) = 1`` or ``0``. A failure or an unparsable reply gives ``0.5`` and ``valid=False``.
 
-Wrap the judge with :class:`flowalign.rewards.groupwise.PairwiseAsPointwise` for per-sample win rates.
+Editing (``use_source=True``): the judge also sees each sample's source image(s), read from the prompt
+record's ``metadata["image"]`` (one path or a list of paths, as the editing recipes store them). The chat
+message shows ``Source image:`` (``Source image 1:`` ... for several) before ``Image A:`` / ``Image B:``
+and asks with :data:`DEFAULT_EDIT_QUESTION` (``{prompt}`` is the edit instruction) which edit follows the
+instruction while preserving the rest of the source. Both back-ends send the same images in that order.
+
+Wrap the judge with :class:`flowalign.rewards.groupwise.PairwiseAsPointwise` for per-sample win rates
+(it passes each pair's metadata on to judges with ``needs_metadata = True``, which ``use_source`` sets).
 """
 
 from __future__ import annotations
@@ -34,12 +41,18 @@ from torch import Tensor
 from ._media import check_media, to_pil_images
 from .base import RewardOutput
 
-__all__ = ["VLMJudge", "png_data_url", "parse_choice"]
+__all__ = ["VLMJudge", "png_data_url", "parse_choice", "source_paths", "DEFAULT_QUESTION", "DEFAULT_EDIT_QUESTION"]
 
 DEFAULT_QUESTION = (
     "You are given a text prompt and two images generated from it, Image A and Image B.\n"
     "Prompt: {prompt}\n"
     "Which image matches the prompt better and has higher visual quality? Answer A or B."
+)
+DEFAULT_EDIT_QUESTION = (
+    "You are given the source image(s) above, an editing instruction, and two edited images, Image A and Image B.\n"
+    "Instruction: {prompt}\n"
+    "Which edit follows the instruction better while keeping the rest of the source image unchanged, "
+    "with higher visual quality? Answer A or B."
 )
 _CHOICE = re.compile(r"\b([AB])\b")
 
@@ -59,6 +72,20 @@ def parse_choice(text: Any) -> float | None:
     return None if match is None else (1.0 if match.group(1) == "A" else 0.0)
 
 
+def source_paths(meta: Any, i: int) -> list[str]:
+    """The source image path(s) of sample ``i`` from its metadata record (``"image"``: a path or a list of paths).
+
+    Raises:
+        ValueError: naming the sample and ``metadata["image"]`` when the record has no source path.
+    """
+    image = meta.get("image") if isinstance(meta, dict) else None
+    paths = [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"vlm_judge (use_source=True): sample {i} has no source image: its prompt record needs "
+                         f"\"image\": \"path.png\" (or a list of paths), got metadata {meta!r}")
+    return paths
+
+
 class VLMJudge:
     """Pairwise judge over a local VLM (``path``) or an OpenAI-compatible endpoint (``base_url`` + ``model``).
 
@@ -66,7 +93,9 @@ class VLMJudge:
         path: local/hub ``AutoModelForImageTextToText`` checkpoint with its processor (local back-end).
         base_url: e.g. ``"http://127.0.0.1:8000/v1"`` (endpoint back-end); ``model``: its model name.
         api_key_env: name of the environment variable holding the API key (sent as a Bearer token if set).
-        question: the instruction, with ``{prompt}`` for the generation prompt.
+        question: the instruction, with ``{prompt}`` for the generation prompt (default: :data:`DEFAULT_QUESTION`,
+            or :data:`DEFAULT_EDIT_QUESTION` with ``use_source``).
+        use_source: editing judge: show each sample's source image(s) (``metadata["image"]``) before the two edits.
         timeout, retries, max_workers: endpoint request timeout (s), extra attempts, parallel requests.
         device, batch_size: local back-end placement and pairs per forward pass.
     """
@@ -75,10 +104,15 @@ class VLMJudge:
     modality = "image"
 
     def __init__(self, path: str | None = None, base_url: str | None = None, model: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", question: str = DEFAULT_QUESTION, timeout: float = 60.0,
-                 retries: int = 2, max_workers: int = 8, device: str = "cpu", batch_size: int = 8) -> None:
+                 api_key_env: str = "OPENAI_API_KEY", question: str | None = None, timeout: float = 60.0,
+                 retries: int = 2, max_workers: int = 8, device: str = "cpu", batch_size: int = 8,
+                 use_source: bool = False) -> None:
         if (path is None) == (base_url is None):
             raise ValueError("VLMJudge: give exactly one of path (local VLM) or base_url (OpenAI-compatible endpoint)")
+        if not isinstance(use_source, bool):
+            raise ValueError(f"VLMJudge: use_source must be true or false, got {use_source!r}")
+        if question is None:
+            question = DEFAULT_EDIT_QUESTION if use_source else DEFAULT_QUESTION
         if "{prompt}" not in question:
             raise ValueError(f"VLMJudge: question must contain '{{prompt}}', got {question!r}")
         if timeout <= 0 or retries < 0 or max_workers < 1 or batch_size < 1:
@@ -86,6 +120,7 @@ class VLMJudge:
                              f"{timeout}, {retries}, {max_workers}, {batch_size}")
         self.question, self.timeout, self.retries, self.max_workers = question, float(timeout), int(retries), max_workers
         self.batch_size, self.device = batch_size, torch.device(device)
+        self.use_source = self.needs_metadata = use_source  # PairwiseAsPointwise passes metadata when set
         self.base_url, self.model_name, self.api_key_env = base_url, model, api_key_env
         if base_url is not None:
             if not model:
@@ -102,30 +137,54 @@ class VLMJudge:
             raise ValueError(f"VLMJudge: 'A' / 'B' must be single distinct tokens of {path!r}'s tokenizer, got {ids}")
         self.choice_ids = [ids[0][0], ids[1][0]]
 
-    def _messages(self, prompt: str) -> list[dict[str, Any]]:
-        text = self.question.format(prompt=prompt)
-        return [{"role": "user", "content": [{"type": "text", "text": "Image A:"}, {"type": "image"},
-                                             {"type": "text", "text": "Image B:"}, {"type": "image"},
-                                             {"type": "text", "text": text}]}]
+    def _content(self, prompt: str, images: Sequence[Any]) -> list[dict[str, Any]]:
+        """The user turn's content: ``[sources..., A, B]`` images, each after its label, then the question.
+
+        ``images`` holds one item per shown image (``len - 2`` sources first); each item is the chat part
+        of that image (``{"type": "image"}`` for the local processor, an ``image_url`` part for the endpoint)."""
+        n_src = len(images) - 2
+        labels = ["Source image:"] if n_src == 1 else [f"Source image {k + 1}:" for k in range(n_src)]
+        content: list[dict[str, Any]] = []
+        for label, part in zip(labels + ["Image A:", "Image B:"], images):
+            content += [{"type": "text", "text": label}, part]
+        return content + [{"type": "text", "text": self.question.format(prompt=prompt)}]
+
+    def _messages(self, prompt: str, n_sources: int = 0) -> list[dict[str, Any]]:
+        """Chat messages for the local processor, with ``n_sources`` source images before A and B."""
+        return [{"role": "user", "content": self._content(prompt, [{"type": "image"}] * (n_sources + 2))}]
+
+    def _sources(self, metadata: Sequence[Any] | None, batch: int) -> list[list[Image.Image]]:
+        """Per pair its source images as PIL (empty lists without ``use_source``)."""
+        if not self.use_source:
+            return [[] for _ in range(batch)]
+        from flowalign.data.images import load_image
+
+        if metadata is None or len(metadata) != batch:
+            raise ValueError(f"vlm_judge (use_source=True): needs one metadata record with \"image\" per pair, got "
+                             f"{'none' if metadata is None else len(metadata)} for {batch} pairs")
+        return [[to_pil_images(load_image(path, where=f"vlm_judge: sample {i}")[None])[0] for path in source_paths(m, i)]
+                for i, m in enumerate(metadata)]
 
     @torch.no_grad()
-    def _local(self, a: list[Image.Image], b: list[Image.Image], prompts: Sequence[str]) -> Tensor:
-        """``P(A)`` ``[P]`` from the next-token logits of ``"A"`` vs ``"B"``."""
+    def _local(self, a: list[Image.Image], b: list[Image.Image], prompts: Sequence[str],
+               sources: list[list[Image.Image]]) -> Tensor:
+        """``P(A)`` ``[P]`` from the next-token logits of ``"A"`` vs ``"B"``; each row shows ``sources[i] + [a, b]``."""
         probs = []
         for k in range(0, len(prompts), self.batch_size):
-            texts = [self.processor.apply_chat_template(self._messages(p), add_generation_prompt=True, tokenize=False)
-                     for p in prompts[k:k + self.batch_size]]
-            images = [im for pair in zip(a[k:k + self.batch_size], b[k:k + self.batch_size]) for im in pair]
+            rows = range(k, min(k + self.batch_size, len(prompts)))
+            texts = [self.processor.apply_chat_template(self._messages(prompts[i], len(sources[i])),
+                                                        add_generation_prompt=True, tokenize=False) for i in rows]
+            images = [im for i in rows for im in (*sources[i], a[i], b[i])]  # in the order of the <image> slots
             inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.device)
             logits = self.model(**inputs).logits[:, -1, self.choice_ids].float()
             probs.append(logits.softmax(-1)[:, 0].cpu())
         return torch.cat(probs)
 
-    def _request(self, image_a: Image.Image, image_b: Image.Image, prompt: str) -> float | None:
-        """One chat-completions call; ``P(A)`` in {0, 1}, or ``None`` after all retries failed."""
-        content = [{"type": "text", "text": "Image A:"}, {"type": "image_url", "image_url": {"url": png_data_url(image_a)}},
-                   {"type": "text", "text": "Image B:"}, {"type": "image_url", "image_url": {"url": png_data_url(image_b)}},
-                   {"type": "text", "text": self.question.format(prompt=prompt)}]
+    def _request(self, image_a: Image.Image, image_b: Image.Image, prompt: str,
+                 sources: Sequence[Image.Image] = ()) -> float | None:
+        """One chat-completions call (``sources`` shown first); ``P(A)`` in {0, 1}, or ``None`` after all retries failed."""
+        content = self._content(prompt, [{"type": "image_url", "image_url": {"url": png_data_url(im)}}
+                                         for im in (*sources, image_a, image_b)])
         body = json.dumps({"model": self.model_name, "messages": [{"role": "user", "content": content}],
                            "temperature": 0, "max_tokens": 8}).encode()
         headers = {"Content-Type": "application/json"}
@@ -149,18 +208,21 @@ class VLMJudge:
 
     def compare(self, media_a: Tensor, media_b: Tensor, prompts: Sequence[str],
                 metadata: Sequence[dict[str, Any]] | None = None) -> RewardOutput:
-        """``P(a ≻ b)`` ``[B]`` for image batches ``[B, 3, H, W]`` in [0, 1]; ``valid`` False where judging failed."""
+        """``P(a ≻ b)`` ``[B]`` for image batches ``[B, 3, H, W]`` in [0, 1]; ``valid`` False where judging failed.
+
+        ``metadata`` (``[B]`` records) is read only with ``use_source``: each record's ``"image"`` path(s)."""
         media_a, media_b = check_media(media_a, "image"), check_media(media_b, "image")
         if not media_a.shape[0] == media_b.shape[0] == len(prompts):
             raise ValueError(f"VLMJudge.compare: media_a has {media_a.shape[0]} images, media_b {media_b.shape[0]}, "
                              f"prompts {len(prompts)}")
         a, b = to_pil_images(media_a), to_pil_images(media_b)
+        sources = self._sources(metadata, len(prompts))
         if self.base_url is None:
-            p = self._local(a, b, list(prompts))
+            p = self._local(a, b, list(prompts), sources)
             valid = torch.isfinite(p)
         else:
             with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-                answers = list(pool.map(self._request, a, b, prompts))
+                answers = list(pool.map(self._request, a, b, prompts, sources))
             valid = torch.tensor([x is not None for x in answers])
             p = torch.tensor([0.5 if x is None else x for x in answers], dtype=torch.float32)
         p = torch.where(valid, p, torch.full_like(p, 0.5))

@@ -204,6 +204,111 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert_same_gradients(*(denoiser_gradients(adapter, x, torch.tensor([0.8, 0.4]), cond, c) for c in (False, True)))
 
 
+# -- Wan 2.2 TI2V-5B (expand_timesteps, 48-channel Wan 2.2 VAE), text-to-video ------------------------
+TI2V_SIZE = dict(height=32, width=32, num_frames=5, max_sequence_length=12)  # VAE 16x spatial: latents [48, 2, 2, 2]
+
+
+def tiny_ti2v_pipeline(shift: float = 5.0) -> WanPipeline:
+    """diffusers' Wan 2.2 5B test components (tests/pipelines/wan/test_wan_22.py, ``Wan225BPipelineTesterConfig``):
+    the residual, 2x2-patchified 48-channel VAE, a 48-channel transformer, ``expand_timesteps=True``; tiny UMT5."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=8)).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                           latents_mean=torch.randn(48).mul(0.1).tolist(), latents_std=torch.rand(48).add(0.5).tolist(),
+                           dim_mult=[1, 1, 1, 1], num_res_blocks=1, scale_factor_spatial=16, scale_factor_temporal=4,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=48,
+                                        out_channels=48, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+                                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), expand_timesteps=True)
+
+
+def ti2v_pipeline_output(pipe: WanPipeline, latents, steps, guidance, output_type="latent", negative=None):
+    return pipe(PROMPTS, negative_prompt=negative, height=TI2V_SIZE["height"], width=TI2V_SIZE["width"],
+                num_frames=TI2V_SIZE["num_frames"], num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
+                output_type=output_type, max_sequence_length=TI2V_SIZE["max_sequence_length"]).frames
+
+
+@pytest.fixture(scope="module")
+def ti2v_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-wan22-ti2v"))
+    tiny_ti2v_pipeline().save_pretrained(path)
+    return path
+
+
+def test_ti2v_per_token_timestep_matches_pipeline_mask():
+    """WanPipeline (expand_timesteps): ``timestep = (mask[0][0][:, ::2, ::2] * t).flatten()`` with ``mask = ones`` of
+    the latent's shape, one entry per 1x2x2 patch token; the adapter hands the transformer the same ``[B, tokens]``."""
+    adapter = WanAdapter(tiny_ti2v_pipeline(), **TI2V_SIZE)
+    assert adapter.expand_timesteps and adapter.latent_shape == (48, 2, 2, 2)
+    seen = []
+    hook = adapter.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"]), with_kwargs=True)
+    x = torch.randn(2, *adapter.latent_shape)
+    adapter._velocity(x, torch.tensor([0.9, 0.25]), adapter.encode(PROMPTS).tensors)
+    hook.remove()
+    mask = torch.ones(2, *adapter.latent_shape)
+    expected = torch.stack([(mask[0][0][:, ::2, ::2] * t).flatten() for t in (900.0, 250.0)])
+    assert seen[0].shape == (2, 2 * 1 * 1) and torch.equal(seen[0], expected)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0], ids=["no-cfg", "cfg"])
+def test_ti2v_ode_rollout_reproduces_pipeline(guidance):
+    pipe = tiny_ti2v_pipeline()
+    adapter = WanAdapter(pipe, **TI2V_SIZE)
+    assert adapter.shift == 5.0
+    latents = adapter.init_latents(2, torch.Generator().manual_seed(0))
+    negative = ["blurry", "blurry"] if guidance > 1 else None
+    cond = adapter.encode(PROMPTS, negative)
+    ours = sample_ode(adapter, cond, 3, latents=latents, guidance_scale=guidance)
+    ref = ti2v_pipeline_output(pipe, latents, 3, guidance, negative=negative)
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(adapter.sigmas(3), pipe.scheduler.sigmas, atol=1e-6, rtol=0)
+    if guidance == 1.0:  # decoded by the Wan 2.2 VAE (un-normalised, un-patchified) as output_type="pt"
+        video = adapter.decode(ours)
+        assert video.shape == (2, TI2V_SIZE["num_frames"], 3, TI2V_SIZE["height"], TI2V_SIZE["width"])
+        torch.testing.assert_close(video, ti2v_pipeline_output(pipe, latents, 3, 1.0, output_type="pt").float(),
+                                   atol=1e-4, rtol=0)
+
+
+def test_ti2v_lora_round_trip_and_save_keep_expand_timesteps(ti2v_dir, tmp_path):
+    adapter = WanAdapter.from_pretrained(ti2v_dir, **TI2V_SIZE)
+    assert adapter.expand_timesteps and adapter.shift == 5.0
+    add_random_lora(adapter, seed=5)
+    latents = adapter.init_latents(2, torch.Generator().manual_seed(6))
+    ours = sample_ode(adapter, adapter.encode(PROMPTS), 2, latents=latents)
+    with torch.no_grad(), adapter.disable_adapter():
+        assert (sample_ode(adapter, adapter.encode(PROMPTS), 2, latents=latents) - ours).abs().max() > 1e-3
+    adapter.save_lora_weights(str(tmp_path / "lora"))
+    pipe = WanPipeline.from_pretrained(ti2v_dir)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(ti2v_pipeline_output(pipe, latents, 2, 1.0), ours, atol=1e-4, rtol=0)
+    adapter.save_pretrained(str(tmp_path / "merged"))
+    merged = WanAdapter.from_pretrained(str(tmp_path / "merged"))
+    assert merged.expand_timesteps and WanPipeline.from_pretrained(str(tmp_path / "merged")).config.expand_timesteps
+    torch.testing.assert_close(sample_ode(merged, merged.encode(PROMPTS), 2, latents=latents), ours, atol=1e-4, rtol=0)
+
+
+def test_wan22_ti2v_config_runs_two_iterations(ti2v_dir, tmp_path, prompt_files):
+    import flowalign
+
+    def mean_frame_brightness(media, prompts, metadata=None):
+        assert media.shape[1:] == (TI2V_SIZE["num_frames"], 3, 32, 32)
+        return media.mean(dim=(1, 2, 3, 4))
+
+    train, evaluation = prompt_files
+    overrides = grpo_overrides(ti2v_dir, str(tmp_path / "run"), train, evaluation, VIDEO_GRPO,
+                               **{"model.options": dict(TI2V_SIZE)})
+    summary = flowalign.train(os.path.join(REPO, "configs/grpo/wan22_ti2v_jpeg.yaml"), overrides, rewards=mean_frame_brightness)
+    assert summary["iterations"] == 2
+    assert os.path.exists(os.path.join(tmp_path, "run", "final", "model_index.json"))
+
+
 # -- recipe ----------------------------------------------------------------------------------------
 def test_wan_jpeg_config_runs_two_iterations(saved_dir, tmp_path, prompt_files):
     import flowalign

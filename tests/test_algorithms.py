@@ -21,6 +21,11 @@ from flowalign.training.metrics import read_metrics
 from tests.conftest import REPO
 
 ALGORITHM_CONFIGS = ["branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_grpo", "pref_grpo", "multi_reward", "loop"]
+#: image / video algorithms whose two-iteration run lives in a test file of their own
+OWN_TEST_FILES = {"grpo": "test_recipe.py", "awm": "test_awm.py", "diffusion_nft": "test_diffusion_nft.py",
+                  "sage_grpo": "test_algo_sage_grpo.py", "find": "test_algo_find_gdro.py", "gdro": "test_algo_find_gdro.py",
+                  "d3po": "test_algo_dpo.py", "diffusion_dpo": "test_algo_dpo.py", "grpo_guard": "test_algo_guard_dgpo.py",
+                  "dgpo": "test_algo_guard_dgpo.py", "mix_grpo_flash": "test_algo_mix_grpo_flash.py"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,8 +317,8 @@ def test_every_registered_image_algorithm_has_a_shipped_config(monkeypatch):
 
     monkeypatch.chdir(REPO)
     image = {name: cls for name, cls in ALGORITHMS.items() if cls.recipe != "dllm"}
-    # grpo, awm and diffusion_nft run two iterations in tests/test_recipe.py, test_awm.py, test_diffusion_nft.py
-    assert set(image) == {"grpo", "awm", "diffusion_nft", *ALGORITHM_CONFIGS}
+    assert set(image) == {*OWN_TEST_FILES, *ALGORITHM_CONFIGS}
+    assert all(os.path.isfile(os.path.join(REPO, "tests", f)) for f in OWN_TEST_FILES.values())
     for name, cls in image.items():
         cfg = load_config(cls.config_file)
         assert cfg.algorithm.name == name and cfg.recipe == cls.recipe

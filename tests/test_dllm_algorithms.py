@@ -39,7 +39,8 @@ DLLM_ALGORITHMS = sorted(algorithm_names(("dllm",)))
 # the algorithms' defaults
 # ------------------------------------------------------------------------------------------------
 def test_the_dllm_algorithms_are_registered():
-    assert DLLM_ALGORITHMS == sorted(["diffu_grpo", "coupled_grpo", "gdpo", "mdpo", "cj_grpo", "igpo", "just_grpo"])
+    assert DLLM_ALGORITHMS == sorted(["diffu_grpo", "coupled_grpo", "gdpo", "mdpo", "cj_grpo", "igpo", "just_grpo", "co_grpo",
+                                      "token_commitment"])
 
 
 @pytest.mark.parametrize("name", DLLM_ALGORITHMS)

@@ -31,7 +31,7 @@ from flowalign.rewards.groupwise import GroupwiseRank, PairwiseAsPointwise, grou
 from flowalign.rewards.image_reward import (CLIP_MEAN, CLIP_STD, REWARD_MEAN, REWARD_STD,
                                             ImageReward, hf_to_original_key, original_to_hf_key,
                                             preprocess_images)
-from flowalign.rewards.vlm_judge import VLMJudge, parse_choice
+from flowalign.rewards.vlm_judge import DEFAULT_EDIT_QUESTION, VLMJudge, parse_choice
 
 PROMPTS = ["a red dog", "two cats", "the blue car", "a photo of a cat"]
 
@@ -390,6 +390,80 @@ def test_local_judge_reads_the_a_b_logits(local_judge):
     torch.testing.assert_close(out.scores[1], expected, rtol=1e-4, atol=1e-5)
 
 
+def _write_sources(tmp_path, n: int, seed: int) -> list[str]:
+    """``n`` random 24 x 36 RGB PNG source images; their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(n):
+        path = tmp_path / f"source_{seed}_{k}.png"
+        Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def edit_judge(local_judge) -> VLMJudge:
+    """The same tiny LLaVA as ``local_judge``, as an editing judge (source image shown first)."""
+    return VLMJudge(path=local_judge.model.name_or_path, batch_size=3, use_source=True)
+
+
+def test_edit_judge_message_shows_the_source_first(edit_judge):
+    content = edit_judge._messages("make it red", 1)[0]["content"]
+    assert [c.get("text", c["type"]) for c in content[:6]] == ["Source image:", "image", "Image A:", "image", "Image B:", "image"]
+    assert content[6]["text"] == DEFAULT_EDIT_QUESTION.format(prompt="make it red") and "Instruction: make it red" in content[6]["text"]
+    labels = [c["text"] for c in edit_judge._messages("p", 2)[0]["content"] if c["type"] == "text"][:4]
+    assert labels == ["Source image 1:", "Source image 2:", "Image A:", "Image B:"]
+
+
+def test_edit_judge_pixels_carry_the_source(edit_judge, tmp_path):
+    a, b = _images(3, 32, 40, seed=1), _images(3, 32, 40, seed=2)
+    src1, src2 = _write_sources(tmp_path, 1, seed=10), _write_sources(tmp_path, 1, seed=11)
+    meta = [{"image": src1[0]}, {"image": src1}, {"image": src2[0]}]
+    out = edit_judge.compare(a, b, PROMPTS[:3], meta)
+    assert out.valid.all() and ((out.scores > 0) & (out.scores < 1)).all()
+    # independent: the prompt written out by hand, the pixels [source, A, B], full-vocabulary softmax
+    proc = edit_judge.processor
+    text = ("<s>user\nSource image:<image>Image A:<image>Image B:<image>"
+            + DEFAULT_EDIT_QUESTION.format(prompt=PROMPTS[2]) + "</s>\n<s>assistant\n")
+    source = Image.open(src2[0]).convert("RGB")
+    inputs = proc(text=[text], images=[source, *to_pil_images(torch.stack([a[2], b[2]]))], return_tensors="pt")
+    assert inputs["pixel_values"].shape[0] == 3
+    with torch.no_grad():
+        logp = edit_judge.model(**inputs).logits[0, -1].log_softmax(-1)
+    ia, ib = proc.tokenizer.convert_tokens_to_ids(["A", "B"])
+    torch.testing.assert_close(out.scores[2], logp[ia].exp() / (logp[ia].exp() + logp[ib].exp()), rtol=1e-4, atol=1e-5)
+    # a path and a one-element list are the same source; another source changes the verdict on the same pair
+    as_list = edit_judge.compare(a[:1], b[:1], PROMPTS[:1], [{"image": src1}]).scores
+    torch.testing.assert_close(as_list, out.scores[:1], rtol=1e-4, atol=1e-5)
+    same_pair = edit_judge.compare(a[:1].expand(2, -1, -1, -1), b[:1].expand(2, -1, -1, -1), PROMPTS[:1] * 2,
+                                   [{"image": src1[0]}, {"image": src2[0]}]).scores
+    assert (same_pair[0] - same_pair[1]).abs() > 1e-4
+
+
+def test_edit_judge_batches_rows_with_different_source_counts(edit_judge, tmp_path):
+    a, b = _images(4, 32, 40, seed=3), _images(4, 32, 40, seed=4)
+    two, one = _write_sources(tmp_path, 2, seed=12), _write_sources(tmp_path, 1, seed=13)
+    meta = [{"image": two}, {"image": one[0]}, {"image": two}, {"image": one}]
+    out = edit_judge.compare(a, b, PROMPTS, meta)  # batch_size 3: rows of 4 and 3 images in one forward
+    singles = torch.cat([edit_judge.compare(a[i:i + 1], b[i:i + 1], PROMPTS[i:i + 1], meta[i:i + 1]).scores for i in range(4)])
+    torch.testing.assert_close(singles, out.scores, rtol=1e-4, atol=1e-5)
+    first_only = edit_judge.compare(a[:1], b[:1], PROMPTS[:1], [{"image": two[0]}]).scores
+    assert (first_only - out.scores[0]).abs() > 1e-4  # the second source image reaches the verdict
+
+
+def test_edit_judge_needs_the_source_path(edit_judge, tmp_path):
+    a = _images(2, 16, 16)
+    source = _write_sources(tmp_path, 1, seed=14)[0]
+    with pytest.raises(ValueError, match=r'sample 1 has no source image: its prompt record needs "image"'):
+        edit_judge.compare(a, a, PROMPTS[:2], [{"image": source}, {"prompt": "p"}])
+    with pytest.raises(ValueError, match=r"vlm_judge: sample 1: source image not found: 'missing.png'"):
+        edit_judge.compare(a, a, PROMPTS[:2], [{"image": source}, {"image": ["missing.png"]}])
+    with pytest.raises(ValueError, match="needs one metadata record"):
+        edit_judge.compare(a, a, PROMPTS[:2])
+    with pytest.raises(ValueError, match="use_source must be true or false"):
+        VLMJudge(base_url="http://127.0.0.1:1/v1", model="m", use_source="yes")
+
+
 def test_judge_arguments_are_checked():
     with pytest.raises(ValueError, match="exactly one of path"):
         VLMJudge()
@@ -433,7 +507,8 @@ class _ChatServer:
                     time.sleep(1.0)
                 urls = [c["image_url"]["url"] for c in body["messages"][0]["content"] if c["type"] == "image_url"]
                 means = [np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1])))).mean() for u in urls]
-                answer = "I cannot tell" if server.mode == "garbage" else ("A" if means[0] > means[1] else "B")
+                # the last two images are A and B (an editing judge shows its source image(s) first)
+                answer = "I cannot tell" if server.mode == "garbage" else ("A" if means[-2] > means[-1] else "B")
                 self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
 
             def _send(self, code, payload):
@@ -503,6 +578,25 @@ def test_endpoint_judge_as_groupwise_win_rate(chat_server):
     out = reward(media, ["p"] * 6)
     torch.testing.assert_close(out.scores, win_rates(media.mean(dim=(1, 2, 3)), torch.arange(6) // 3))
     assert reward.name == "vlm_judge_winrate" and out.valid.all()
+
+
+def test_endpoint_edit_judge_sends_the_source_through_the_win_rate(chat_server, tmp_path):
+    """``PairwiseAsPointwise`` hands each pair its group's metadata; the request shows [source, A, B]."""
+    chat_server.mode, chat_server.requests = "ok", []
+    sources = _write_sources(tmp_path, 2, seed=20)
+    media = _images(4, 8, 8, seed=9)
+    meta = [{"image": sources[0]}] * 2 + [{"image": sources[1]}] * 2
+    judge = VLMJudge(base_url=chat_server.url, model="m", use_source=True, max_workers=1)
+    out = PairwiseAsPointwise(judge, group_size=2)(media, ["make it red"] * 4, meta)
+    torch.testing.assert_close(out.scores, win_rates(media.mean(dim=(1, 2, 3)), torch.arange(4) // 2))
+    assert len(chat_server.requests) == 2
+    for request, source in zip(chat_server.requests, sources):
+        content = request["messages"][0]["content"]
+        assert [c["text"] for c in content if c["type"] == "text"][:3] == ["Source image:", "Image A:", "Image B:"]
+        urls = [c["image_url"]["url"] for c in content if c["type"] == "image_url"]
+        first = np.asarray(Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1]))))
+        assert len(urls) == 3 and np.array_equal(first, np.asarray(Image.open(source).convert("RGB")))
+        assert "Instruction: make it red" in content[-1]["text"]
 
 
 def test_wrappers_build_from_config_style_specs(chat_server):

@@ -289,11 +289,12 @@ def test_cli_version_and_listings(capsys):
     assert main(["ls", "algorithms"]) == 0
     out = capsys.readouterr().out
     names = ("grpo", "branch_grpo", "tempflow_grpo", "dense_grpo", "vgpo", "mix_grpo", "awm", "pref_grpo",
-             "multi_reward", "diffusion_nft", "loop", "diffu_grpo", "coupled_grpo", "gdpo", "mdpo", "cj_grpo", "igpo",
-             "just_grpo")
+             "multi_reward", "diffusion_nft", "loop", "sage_grpo", "d3po", "diffusion_dpo", "grpo_guard", "dgpo", "find",
+             "gdro", "mix_grpo_flash", "diffu_grpo", "coupled_grpo", "gdpo", "mdpo", "cj_grpo", "igpo", "just_grpo", "co_grpo",
+             "token_commitment")
     for name in names:
         assert f"\n{name} " in out, name
-    assert len(out.strip().splitlines()) == 2 + len(names) and "arXiv:2509.06040" in out  # header, rule, 18 rows
+    assert len(out.strip().splitlines()) == 2 + len(names) and "arXiv:2509.06040" in out  # header, rule, a row each
     assert main(["ls", "losses"]) == 0 and "ppo_clip" in capsys.readouterr().out
     assert main(["ls", "samplers"]) == 0 and "flow_grpo" in capsys.readouterr().out
 

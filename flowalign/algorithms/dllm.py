@@ -13,7 +13,10 @@ method subclasses :class:`DLLMAlgorithm` and declares or overrides what it chang
   advantages (IGPO re-decodes all-wrong groups with reference hints);
 * **advantages** -- :meth:`~DLLMAlgorithm.advantages`: per sequence ``[N]`` (group-relative) or per
   estimator unit ``[N, U]`` (MDPO: per denoising step, from the intermediate predictions);
-* **checks** -- :meth:`~DLLMAlgorithm.check`: validation of the config, naming the key.
+* **checks** -- :meth:`~DLLMAlgorithm.check`: validation of the config, naming the key;
+* **own modules** -- :meth:`~DLLMAlgorithm.setup`, :meth:`~DLLMAlgorithm.trainable_parameters`,
+  :meth:`~DLLMAlgorithm.param_groups`, :meth:`~DLLMAlgorithm.save_pretrained`, and the decode's
+  :meth:`~DLLMAlgorithm.commit_policy` (token_commitment / co_grpo: a learned unmasking head).
 
 The hooks reach the model, the decoder settings and the reward through the recipe they are given
 (its ``logits_fn``, ``score``, ``mean``, ``gather_rows``, ``model``, ``spec``, ``mask_id``, ``eos_id``,
@@ -178,6 +181,29 @@ class DLLMAlgorithm(Algorithm):
     # ------------------------------------------------------------------------------------------
     # hooks of the loop
     # ------------------------------------------------------------------------------------------
+    def setup(self, recipe: Any) -> None:
+        """Called by the recipe once the model is loaded, before the optimizer is built: a method
+        with modules of its own builds them here (the learned commitment policy of ``co_grpo`` /
+        ``token_commitment``). By default nothing."""
+
+    def trainable_parameters(self, recipe: Any) -> list:
+        """The parameters the optimizer trains: by default the model's (LoRA factors only with LoRA)."""
+        return list(recipe.model.trainable_parameters())
+
+    def param_groups(self, recipe: Any, params: list) -> Any:
+        """What the optimizer is built over, from :meth:`trainable_parameters`: by default the list
+        itself (one group at ``train.optimizer.lr``); a method may return torch parameter groups."""
+        return params
+
+    def commit_policy(self, recipe: Any, greedy: bool) -> Any:
+        """The ``commit_policy`` of :func:`flowalign.dllm.sampling.generate` for the rollouts
+        (``greedy`` False) and the held-out decode (``greedy`` True): by default ``None``, the
+        ``sampling.remasking`` rule."""
+        return None
+
+    def save_pretrained(self, path: str) -> None:
+        """Write what the method trains besides the model into ``best/`` and ``final/``; by default nothing."""
+
     def augment_rollouts(self, recipe: Any, iteration: int, rollouts: DLLMRollouts) -> tuple[DLLMRollouts, dict[str, float]]:
         """The rollouts the advantages and the update see, and metrics to log; by default the
         rollouts as decoded (same object), no metrics.

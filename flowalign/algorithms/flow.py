@@ -12,6 +12,9 @@ An image algorithm subclasses :class:`FlowAlgorithm` and overrides what it chang
   edges from their new and old log-probs (PPO-clip; Pref-GRPO normalises the ratio);
 * **state** -- :meth:`~FlowAlgorithm.state_dict` / :meth:`~FlowAlgorithm.load_state_dict`: what
   a checkpoint keeps (DenseGRPO's calibrated noise levels);
+* **trained module / initial noise** -- :meth:`~FlowAlgorithm.prepare_module` (freeze or attach parts of
+  the trained module before its optimizer is built) and :meth:`~FlowAlgorithm.initial_latents` with
+  :attr:`~FlowAlgorithm.shapes_initial_noise` (FIND's policy over ``x_T``; off by default);
 * **checks** -- :meth:`~FlowAlgorithm.check`: validation of the config, naming the key.
 
 The loss is PPO-clip on the trained edges' log-probs (``rl``, through :meth:`~FlowAlgorithm.edge_loss`)
@@ -169,8 +172,14 @@ class FlowAlgorithm(Algorithm):
         advantage: how advantages are computed, in words for ``flowalign ls algorithms``.
         loss: the loss the recipe trains (``ppo_clip`` or ``awm``; in the ``awm`` loop any other name
             makes the recipe call :meth:`matching_update`).
+        needs_reference: the loop keeps the frozen reference policy (``adapter.disable_adapter()``) even
+            with ``algorithm.kl_beta: 0`` under full fine-tuning (DPO's losses compare against it).
         policy_copy: the ``awm`` loop keeps a copy of the policy (``recipe.kl_ema``, an EMA started at the
             policy and checkpointed with the run) for :meth:`matching_update`.
+        shapes_initial_noise: the loops draw each sample's standard-normal initial noise themselves and pass
+            it through :meth:`initial_latents` (FIND's noise policy); ``False`` leaves the rollout's own draw.
+        deterministic_rollouts: every rollout step is an ODE step, whatever ``sampling.noise_level`` (DGPO,
+            FIND); the run's header says so.
         keeps_velocities: the rollout keeps each step's velocity (look-ahead estimators reuse it).
         keeps_means: the rollout keeps each step's transition mean (``RolloutTree.mean_old``, passed
             to :meth:`edge_loss`); a property where it depends on the config.
@@ -191,6 +200,9 @@ class FlowAlgorithm(Algorithm):
     keeps_means = False
     shard_by = "group"
     policy_copy = False
+    needs_reference = False
+    shapes_initial_noise = False
+    deterministic_rollouts = False
     std_estimator = "population"
     std_eps = 1e-4
 
@@ -287,6 +299,19 @@ class FlowAlgorithm(Algorithm):
         return ppo_clip_loss(log_prob, log_prob_old, advantages, clip_range=a.clip_range, weights=weights, kl=kl,
                              kl_beta=a.kl_beta, check=False)
 
+    def reference_policy(self, recipe: Any) -> AbstractContextManager:
+        """Context in which ``recipe.adapter.predict`` runs the policy the ``rl`` recipe's KL term
+        (``algorithm.kl_beta``) compares against: the frozen base by default (``adapter.disable_adapter()``);
+        SAGE-GRPO's periodically refreshed anchor."""
+        return recipe.adapter.disable_adapter()
+
+    def trajectory_update(self, recipe: Any, tree: RolloutTree, cond: Any, targets: EdgeTargets, noise_levels: Tensor,
+                          iteration: int) -> dict[str, float] | None:
+        """The ``rl`` loop's whole update, for a loss that couples edges (D3PO's pairs): the metrics, or
+        ``None`` (the default) for the recipe's per-edge update through :meth:`edge_loss`. ``recipe``
+        lends its helpers (``_optimize``, ``_check_on_policy``, ``adapter``)."""
+        return None
+
     def matching_update(self, recipe: Any, tree: RolloutTree, cond: Any, targets: EdgeTargets, iteration: int
                         ) -> dict[str, float]:
         """The ``awm`` loop's update for a ``loss`` other than ``awm``: ``train.steps_per_iter`` optimizer
@@ -302,6 +327,19 @@ class FlowAlgorithm(Algorithm):
             raise FloatingPointError(f"{what} needs every leaf scored, but the reward marked "
                                      f"{int((~scored.valid).sum())} samples invalid")
         return scored.scores
+
+    # ------------------------------------------------------------------------------------------
+    # the trained module and the initial noise (FIND)
+    # ------------------------------------------------------------------------------------------
+    def prepare_module(self, module: torch.nn.Module, adapter: Any) -> None:
+        """Change the trained module in place before its optimizer is built (the loops train the parameters
+        that require gradients; checkpoints, EMA and resume follow): FIND freezes the generator and attaches
+        its noise policy. Default: nothing."""
+
+    def initial_latents(self, noise: Tensor, cond: Conditioning) -> Tensor:
+        """``[N, *latent]`` initial latents ``x_T`` from standard-normal ``noise [N, *latent]`` and the
+        conditioning of each sample's prompt (``N`` rows); called only with :attr:`shapes_initial_noise`."""
+        return noise
 
     # ------------------------------------------------------------------------------------------
     # state and checks

@@ -140,23 +140,23 @@ class MixGRPO(FlowAlgorithm):
         """Trained steps per sample of the shortest window the schedule visits (with
         ``window_end: reference`` the windows near the end hold fewer than ``size`` steps); each
         iteration's own count is :func:`num_trained_steps` of its window (``rollout_spec``)."""
-        w, s = cfg.algorithm.mix_grpo, cfg.sampling
+        w, s = cls.options(cfg), cfg.sampling
         shortest = min(end - start for start, end in window_positions(s.num_steps, size=w.size, stride=w.stride,
                                                                       window_end=w.window_end, strategy=w.strategy))
         return num_trained_steps(s, shortest), "edges"
 
     @classmethod
     def check(cls, cfg: Any, world_size: int) -> None:
-        w, s = cfg.algorithm.mix_grpo, cfg.sampling
-        _require_choice(w.strategy, [k for k in WINDOW_STRATEGIES if k != "none"], "algorithm.mix_grpo.strategy", "strategy")
+        w, s = cls.options(cfg), cfg.sampling
+        _require_choice(w.strategy, [k for k in WINDOW_STRATEGIES if k != "none"], f"algorithm.{cls.name}.strategy", "strategy")
         _require(s.sde_window is None, "sampling.sde_window", "mix_grpo's moving window replaces sampling.sde_window; remove it")
-        _require(w.size <= s.num_steps, "algorithm.mix_grpo.size", f"must be in [1, num_steps={s.num_steps}]")
-        _require_choice(w.interval_rounding, INTERVAL_ROUNDING, "algorithm.mix_grpo.interval_rounding", "rounding")
-        _require_choice(w.window_end, WINDOW_ENDS, "algorithm.mix_grpo.window_end", "window end")
+        _require(w.size <= s.num_steps, f"algorithm.{cls.name}.size", f"must be in [1, num_steps={s.num_steps}]")
+        _require_choice(w.interval_rounding, INTERVAL_ROUNDING, f"algorithm.{cls.name}.interval_rounding", "rounding")
+        _require_choice(w.window_end, WINDOW_ENDS, f"algorithm.{cls.name}.window_end", "window end")
         if w.window_end == "reference":
-            _require(s.num_steps >= 3, "algorithm.mix_grpo.window_end",
+            _require(s.num_steps >= 3, f"algorithm.{cls.name}.window_end",
                      f"'reference' trains steps [0, num_steps - 2) and needs sampling.num_steps >= 3, got {s.num_steps}")
-            _require(w.strategy != "random" or w.size <= s.num_steps - 2, "algorithm.mix_grpo.size",
+            _require(w.strategy != "random" or w.size <= s.num_steps - 2, f"algorithm.{cls.name}.size",
                      f"random windows with window_end 'reference' need size <= num_steps - 2 = {s.num_steps - 2}")
-        _require(w.trimmed_ratio == 0 or cfg.algorithm.std_mode == "group", "algorithm.mix_grpo.trimmed_ratio",
+        _require(w.trimmed_ratio == 0 or cfg.algorithm.std_mode == "group", f"algorithm.{cls.name}.trimmed_ratio",
                  f"trims each prompt's group (MixGRPO's use_group); needs algorithm.std_mode=group, got {cfg.algorithm.std_mode!r}")

@@ -27,13 +27,12 @@ from torch import Tensor
 
 from flowalign.algorithms.flow import FlowAlgorithm
 from flowalign.algorithms.registry import register_algorithm
-from flowalign.config_checks import _require
+from flowalign.config_checks import _require, _require_gaussian_log_probs
 from flowalign.advantages import group_advantages
 from flowalign.algorithms.flow import ScoredRollout
 from flowalign.config_fields import _f
 from flowalign.estimators.preference import BLEND_ON, blend_advantages, blend_win_rates, standardize
-from flowalign.losses import ppo_clip_loss
-from flowalign.losses.ppo import ratio_norm_log_ratio
+from flowalign.losses.ppo import ratio_norm_log_ratio, step_weighted_ppo_clip_loss
 
 #: rewards that turn a pairwise judge into per-sample win rates within the group
 WIN_RATE_REWARDS = ("pairwise_winrate",)
@@ -140,30 +139,16 @@ class PrefGRPO(FlowAlgorithm):
                                      mean_old=mean_old, std=std, delta=delta)
         a = self.cfg.algorithm
         log_ratio = ratio_norm_log_ratio(log_prob, log_prob_old, mean, mean_old, std)
-        base = weights if weights is not None else torch.ones_like(log_ratio)
-        per_dt = base / delta.to(base.device).float()
-        # ppo_clip_loss takes sum(w l) / sum(w); with w = base / dt, x sum(w) / sum(base) is mean_base(l / dt)
-        policy, metrics = ppo_clip_loss(log_ratio, torch.zeros_like(log_ratio), advantages, clip_range=a.clip_range,
-                                        weights=per_dt, check=False)
-        policy = policy * (per_dt.sum() / base.sum())
-        loss = policy
-        if a.kl_beta > 0:
-            kl_mean = (base * kl.float()).sum() / base.sum()
-            loss = loss + a.kl_beta * kl_mean
-            metrics["kl"] = kl_mean.detach()
-        metrics["policy_loss"] = policy.detach()
-        metrics["loss"] = loss.detach()
-        return loss, metrics
+        return step_weighted_ppo_clip_loss(log_ratio, advantages, 1.0 / delta.detach().float(), clip_range=a.clip_range,
+                                           weights=weights, kl=kl, kl_beta=a.kl_beta)
 
     @classmethod
     def check(cls, cfg: Any, world_size: int) -> None:
         opts = cfg.algorithm.pref_grpo
         _require(isinstance(opts.ratio_norm, bool), "algorithm.pref_grpo.ratio_norm",
                  f"algorithm.pref_grpo.ratio_norm must be true or false, got {opts.ratio_norm!r}")
-        # the normalisation's bias term is the Gaussian one; CPS's constant-free log-prob has no 1/(2 s^2)
-        _require(not (opts.ratio_norm and cfg.sampling.sampler == "cps" and cfg.sampling.cps_log_prob == "flow_grpo"),
-                 "algorithm.pref_grpo.ratio_norm", "algorithm.pref_grpo.ratio_norm needs Gaussian log-probs: it cannot "
-                 "be combined with sampling.cps_log_prob: flow_grpo (set one of them to false / exact)")
+        if opts.ratio_norm:
+            _require_gaussian_log_probs(cfg, "algorithm.pref_grpo.ratio_norm")
         for key in ("overall_weight", "dim_weight"):
             value = getattr(opts, key)
             _require(not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0,

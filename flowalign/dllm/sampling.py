@@ -348,6 +348,8 @@ class Trajectory:
             (``SamplingSpec.suppress_tokens``).
         cfg_scale: the classifier-free guidance scale of the decode (its log-probs are those of
             the guided logits, :func:`guided_logits_fn`).
+        commit_records: with a ``commit_policy`` (:func:`generate`), what it returned at every step,
+            stacked on dim 1 (``{name: [B, S, ...]}``; :mod:`flowalign.dllm.unmasking_policy`); else ``None``.
     """
 
     sequences: Tensor
@@ -360,6 +362,7 @@ class Trajectory:
     log_prob_temperature: float = 1.0
     suppressed_tokens: tuple[int, ...] = ()
     cfg_scale: float = 0.0
+    commit_records: dict[str, Tensor] | None = None
 
     @property
     def completion_ids(self) -> Tensor:
@@ -396,6 +399,7 @@ class Trajectory:
             log_prob_temperature=self.log_prob_temperature,
             suppressed_tokens=self.suppressed_tokens,
             cfg_scale=self.cfg_scale,
+            commit_records=None if self.commit_records is None else {k: v[index] for k, v in self.commit_records.items()},
         )
 
 
@@ -429,6 +433,7 @@ def generate(
     eos_id: int | None = None,
     generator: Generator = None,
     record_predictions: bool = True,
+    commit_policy: Callable[..., tuple[Tensor, dict[str, Tensor]]] | None = None,
 ) -> Trajectory:
     """Decode ``spec.gen_length`` tokens after each (left-padded) prompt.
 
@@ -444,6 +449,11 @@ def generate(
             (one stream per block of rows, e.g. per prompt group: a row's decode then does not
             depend on the rows decoded beside it).
         record_predictions: keep the ``[B, S, Lg]`` intermediate decodes.
+        commit_policy: ``None`` (the ``spec.remasking`` rule) or a learned choice of the positions
+            to commit (``order="diffusion"`` only): ``(logits [B, Lg, V], candidates [B, Lg] bool,
+            k, step, num_steps, generator) -> (select [B, Lg] bool with k per row, records
+            {name: [B, ...]})``, the records kept in ``Trajectory.commit_records``
+            (:class:`flowalign.dllm.unmasking_policy.CommitmentPolicy`).
     Returns:
         the :class:`Trajectory`.
     """
@@ -462,6 +472,9 @@ def generate(
     counts = transfer_schedule(spec)
     tau = spec.log_prob_temperature
     positions = torch.arange(Lg, device=device)
+    if commit_policy is not None and spec.order != "diffusion":
+        raise ValueError(f"a commit_policy chooses positions of a diffusion decode; spec.order is {spec.order!r}")
+    records: list[dict[str, Tensor]] = []
 
     for s in range(S):
         logits = logits_fn(x, attn)
@@ -482,7 +495,10 @@ def generate(
             block = s // spec.steps_per_block
             lo, hi = block * spec.block_length, (block + 1) * spec.block_length
             candidates = masked & (positions >= lo) & (positions < hi)
-            if spec.remasking == "low_confidence":
+            if commit_policy is not None:
+                select, record = commit_policy(logits, candidates, counts[s], s, S, generator)
+                records.append(record)
+            elif spec.remasking == "low_confidence":
                 probs = torch.softmax(logits, dim=-1)
                 conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # LLaDA Alg. 5: p(x0)
                 gamma = eos_confidence_factor(s, spec)
@@ -490,9 +506,10 @@ def generate(
                     conf = torch.where(x0 == eos_id, conf * gamma, conf)  # EOSER, Yang et al. §3.1
             else:
                 conf = rand_rows((B, Lg), generator, device=device)
-            conf = torch.where(candidates, conf, torch.full_like(conf, -float("inf")))
-            idx = conf.topk(counts[s], dim=1).indices  # [B, k]
-            select = torch.zeros((B, Lg), dtype=torch.bool, device=device).scatter_(1, idx, True)
+            if commit_policy is None:
+                conf = torch.where(candidates, conf, torch.full_like(conf, -float("inf")))
+                idx = conf.topk(counts[s], dim=1).indices  # [B, k]
+                select = torch.zeros((B, Lg), dtype=torch.bool, device=device).scatter_(1, idx, True)
             if bool((select & ~candidates).any()):  # cannot happen with a valid schedule
                 raise RuntimeError(f"step {s} selected a position outside block [{lo}, {hi}) or already committed")
 
@@ -514,4 +531,5 @@ def generate(
         log_prob_temperature=tau,
         suppressed_tokens=spec.suppress_tokens,
         cfg_scale=spec.cfg_scale,
+        commit_records={k: torch.stack([r[k] for r in records], dim=1) for k in records[0]} if records else None,
     )

@@ -97,7 +97,7 @@ def kl_form_scale(form: str, kind: str, delta: Tensor) -> Tensor | None:
     """
     if form not in KL_FORMS:
         raise ValueError(f"kl_form must be one of {list(KL_FORMS)}, got {form!r}")
-    if form == "exact" or kind == "cps":
+    if form == "exact" or kind in ("cps", "sage"):  # their reference std is already the transition std
         return None
     return delta.detach().float()
 
@@ -255,4 +255,42 @@ def ppo_clip_loss(
             "ratio_mean": ratio.mean(),
             "ratio_max_dev": dev.max(),
         }
+    return loss, metrics
+
+
+def step_weighted_ppo_clip_loss(log_ratio: Tensor, advantages: Tensor, step_weight: Tensor, *, clip_range: float,
+                      weights: Tensor | None = None, kl: Tensor | None = None, kl_beta: float = 0.0
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO-clip with a per-step weight, ``mean_w(δ·l) + kl_beta·mean_w(kl)``, over ``N`` edges: GRPO-Guard's
+    gradient reweighting (``δ = 1/Δt``, arXiv:2510.22319 §3) and Pref-GRPO's rationorm update (CodeGoat24/Pref-GRPO
+    @ 3e787f6, ``fastvideo/train_flux.py`` lines 756, 802: the clipped term divided by Δσ, the KL not).
+
+    ``l = max(−A·r̂, −A·clip(r̂, 1 ± ε))`` is PPO-clip (Schulman et al. 2017, Eq. 7) on
+    ``r̂ = exp(log_ratio)``; ``δ`` the per-step weight ; ``mean_w`` the mean
+    weighted by ``weights`` (plain mean without). The KL is not reweighted (Pref-GRPO's; ours for GRPO-Guard).
+
+    Args:
+        log_ratio: ``[N]`` (e.g. :func:`ratio_norm_log_ratio`); advantages: ``[N]``; step_weight: ``[N]`` ``δ > 0``.
+        clip_range: ``ε > 0``; weights: optional ``[N]`` loss weights; kl: ``[N]`` per-edge KL when
+            ``kl_beta > 0``.
+
+    Returns:
+        ``(loss, metrics)``: ``ppo_clip_loss``'s metrics of the ratio ``r̂`` (``ratio_mean``,
+        ``clip_frac``, ``ratio_max_dev``, ...), with ``policy_loss``, ``kl`` and ``loss`` of this loss.
+    """
+    base = weights.detach().float() if weights is not None else torch.ones_like(log_ratio, dtype=torch.float32)
+    w = base * step_weight.to(base.device).float()
+    # ppo_clip_loss returns sum(w l) / sum(w); x sum(w) / sum(base) makes it sum(base δ l) / sum(base) = mean_base(δ l)
+    policy, metrics = ppo_clip_loss(log_ratio, torch.zeros_like(log_ratio), advantages, clip_range=clip_range,
+                                    weights=w, check=False)
+    policy = policy * (w.sum() / base.sum())
+    loss = policy
+    if kl_beta > 0:
+        if kl is None:
+            raise ValueError(f"step_weighted_ppo_clip_loss: kl_beta={kl_beta} > 0 needs the per-edge `kl`")
+        kl_mean = (base * kl.float()).sum() / base.sum()
+        loss = loss + kl_beta * kl_mean
+        metrics["kl"] = kl_mean.detach()
+    metrics["policy_loss"] = policy.detach()
+    metrics["loss"] = loss.detach()
     return loss, metrics

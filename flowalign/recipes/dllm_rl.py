@@ -116,8 +116,9 @@ class DLLMRecipe(Recipe):
         # FSDP2 (train.fsdp or an accelerate FSDP launch): the policy and the frozen KL reference copy are
         # sharded over every process (the reference resharded after each forward); without it, no-op
         self.shard_trainable(self.model, reference=self.reference)
-        self.params = list(self.model.trainable_parameters())
-        optimizer = build_optimizer(cfg.train.optimizer, self.params)
+        self.algorithm.setup(self)
+        self.params = self.algorithm.trainable_parameters(self)
+        optimizer = build_optimizer(cfg.train.optimizer, self.algorithm.param_groups(self, self.params))
         if self.fsdp is not None:
             # each rank's loss is its share of the global loss (divided by every rank's total weight): the
             # reduce-scatter must sum the ranks' gradients, as _all_reduce_gradients does, not average them
@@ -151,6 +152,7 @@ class DLLMRecipe(Recipe):
 
     def save_pretrained(self, path: str) -> None:
         self.model.save_pretrained(path)
+        self.algorithm.save_pretrained(path)
 
     def judge_names(self) -> list[str]:
         return list(self.judges)
@@ -277,7 +279,8 @@ class DLLMRecipe(Recipe):
         streams = RowStreams.for_blocks(cfg.seed, "rollout", list(range(first, first + per_rank)), [s.group_size] * per_rank,
                                         prefix=(iteration,))
         traj = generate(self.logits_fn, prompt_ids, prompt_mask, self.spec, mask_id=self.mask_id, eos_id=self.eos_id,
-                        generator=streams, record_predictions=self.algorithm.record_predictions)
+                        generator=streams, record_predictions=self.algorithm.record_predictions,
+                        commit_policy=self.algorithm.commit_policy(self, greedy=False))
         P = traj.prompt_length
         t1 = time.perf_counter()
         rollout_examples = [ex for ex in examples for _ in range(s.group_size)]
@@ -517,7 +520,7 @@ class DLLMRecipe(Recipe):
             traj = generate(self.model, ids.to(self.accelerator.device), am.to(self.accelerator.device), self.eval_spec,
                             mask_id=self.mask_id, eos_id=self.eos_id,
                             generator=RowStreams([stream_seed(cfg.seed, "eval", start)], [len(chunk)]),
-                            record_predictions=False)
+                            record_predictions=False, commit_policy=self.algorithm.commit_policy(self, greedy=True))
             texts = self.model.decode(traj.sequences[:, traj.prompt_length:])
             rewards.append(self._score_texts(texts, chunk))
             if self.judges:
@@ -547,7 +550,7 @@ class DLLMRecipe(Recipe):
         am = am.to(self.accelerator.device).repeat_interleave(e.diversity_samples, dim=0)
         streams = RowStreams.for_blocks(self.cfg.seed, "eval_diversity", prompts, [e.diversity_samples] * len(prompts))
         traj = generate(self.model, ids, am, self.spec, mask_id=self.mask_id, eos_id=self.eos_id,
-                        generator=streams, record_predictions=False)
+                        generator=streams, record_predictions=False, commit_policy=self.algorithm.commit_policy(self, greedy=False))
         completions = [tuple(row) for row in traj.sequences[:, traj.prompt_length:].tolist()]
         k = e.diversity_samples
         fractions = [distinct_fraction(completions[i * k:(i + 1) * k]) for i in range(len(prompts))]

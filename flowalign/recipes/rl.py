@@ -89,6 +89,7 @@ class RLRecipe(Recipe):
                 raise
             raise ConfigError(f"model.options: {err} (options accepted by {adapter_cls.__name__}.from_pretrained)") from err
         self.module = self._make_trainable(self.adapter.trainable_module())
+        self.algorithm.prepare_module(self.module, self.adapter)  # FIND: freeze the generator, attach the noise policy
         self.shard_trainable(self.module, reference=self.adapter.reference_copy)  # the KL reference, sharded alike
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg.train.optimizer, self.params)
@@ -138,7 +139,7 @@ class RLRecipe(Recipe):
                                           target_modules=self.adapter.lora_target_modules, init_lora_weights="gaussian"))
         else:
             module.requires_grad_(True)
-            if self.cfg.algorithm.kl_beta > 0:
+            if self.cfg.algorithm.kl_beta > 0 or self.algorithm.needs_reference:
                 self.adapter.keep_reference_copy()
         if m.gradient_checkpointing:
             module.enable_gradient_checkpointing()
@@ -168,10 +169,11 @@ class RLRecipe(Recipe):
 
     def describe(self) -> str:
         cfg, s = self.cfg, self.cfg.sampling
+        sampler = "ODE" if self.algorithm.deterministic_rollouts else f"{s.sampler} SDE, noise {s.noise_level}"
         return (f"[flowalign] {cfg.algorithm.name} ({self.algorithm.paper}) on {cfg.model._component_} ({cfg.model.pretrained}), "
                 f"{self.accelerator.device}, num_processes={self.world}, threads={self.num_threads}, trainable parameters="
                 f"{sum(p.numel() for p in self.params):,}; per iteration: {cfg.data.prompts_per_iter} prompts x "
-                f"{s.group_size} samples, {s.num_steps} steps ({s.sampler} SDE, noise {s.noise_level})")
+                f"{s.group_size} samples, {s.num_steps} steps ({sampler})")
 
     # ------------------------------------------------------------------------------------------
     # one iteration
@@ -195,6 +197,7 @@ class RLRecipe(Recipe):
                            init_generator=stream_generator(cfg.seed, "init_noise", iteration) if spec.shared_noise else None,
                            train_generator=stream_generator(cfg.seed, "train_steps", iteration, 0),
                            group_ids=torch.arange(cfg.data.prompts_per_iter)[mine],
+                           initial_latents=self._policy_initial_latents(cond, spec, iteration),
                            keep_means=self.algorithm.keeps_means,
                            keep_velocities=self.algorithm.keeps_velocities, decode=True, shard=self.shard)
         t1 = time.perf_counter()
@@ -211,9 +214,10 @@ class RLRecipe(Recipe):
         train_metrics = self._update(tree, cond, targets, noise_levels, iteration)
         t3 = time.perf_counter()
 
-        trained = targets.advantages[targets.trainable]
+        trainable = targets.trainable.cpu()  # the scores live on the CPU, the tree's mask on the model's device
+        trained = targets.advantages.cpu()[trainable]
         stats = torch.stack([scored.all_scores.mean(), scored.all_scores.std(), trained.abs().mean(),
-                             targets.trainable.sum().float()]).tolist()
+                             trainable.sum().float()]).tolist()
         metrics = {
             "train/reward_mean": stats[0], "train/reward_std": stats[1], "train/advantage_abs_mean": stats[2],
             "rollout/nfe": float(tree.nfe + targets.nfe), "rollout/trained_edges": stats[3],
@@ -222,6 +226,20 @@ class RLRecipe(Recipe):
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/train_s": t3 - t2, "time/iteration_s": t3 - t0,
         }
         return metrics
+
+    def _policy_initial_latents(self, cond: Conditioning, spec: Any, iteration: int) -> torch.Tensor | None:
+        """``[P*G, *latent]`` the rollout's initial latents through :meth:`FlowAlgorithm.initial_latents` (from
+        the noises the rollout itself would draw, the ``("init_noise", iteration)`` stream), or ``None`` (the
+        rollout draws them) unless the algorithm ``shapes_initial_noise``."""
+        if not self.algorithm.shapes_initial_noise:
+            return None
+        P, G = len(cond), spec.samples_per_prompt
+        if spec.splits or spec.shared_noise:
+            raise ConfigError(f"algorithm.name: {self.cfg.algorithm.name} draws every sample's own initial noise; "
+                              "it runs neither with tree splits nor with sampling.init_same_noise")
+        drawn = self.adapter.init_latents(P * G * self.world, stream_generator(self.cfg.seed, "init_noise", iteration))
+        noise = self.shard.local_rows(drawn, P)
+        return self.algorithm.initial_latents(noise, cond[torch.arange(P).repeat_interleave(G)])
 
     def _score_leaves(self, tree: RolloutTree, prompts: list[str], records: list[dict]) -> tuple[ScoredRollout, Any]:
         """Score this rank's leaves and gather the scores of every rank's."""
@@ -250,6 +268,9 @@ class RLRecipe(Recipe):
         The first micro-batch runs before any weight change, so its ratio must be exactly 1
         (docs/ARCHITECTURE.md invariant 2): it is checked, with the first step's other values, in
         that step's single host sync, before the optimizer steps."""
+        custom = self.algorithm.trajectory_update(self, tree, cond, targets, noise_levels, iteration)
+        if custom is not None:  # a loss coupling edges (FlowAlgorithm.trajectory_update)
+            return custom
         device = tree.step.device  # the estimators' targets may live on the CPU; the tree on the model's device
         targets = replace(targets, advantages=targets.advantages.to(device), trainable=targets.trainable.to(device),
                           weights=targets.weights.to(device) if targets.weights is not None else None)
@@ -313,7 +334,7 @@ class RLRecipe(Recipe):
         new = sde_step(v.float(), sigma, sigma_next, tree.x_t[mb], **kwargs)
         kl = None
         if cfg.algorithm.kl_beta > 0:
-            with torch.no_grad(), self.adapter.disable_adapter(), acc.autocast():
+            with torch.no_grad(), self.algorithm.reference_policy(self), acc.autocast():
                 v_ref = self.adapter.predict(x_t, sigma, c, cfg.sampling.guidance_scale)
             ref = sde_step(v_ref.float(), sigma, sigma_next, tree.x_t[mb], **kwargs)
             # algorithm.kl_form: exact, or Flow-GRPO's train_sd3.py form (exact x dt; losses.ppo.kl_form_scale)
@@ -361,6 +382,8 @@ class RLRecipe(Recipe):
         self.module.eval()
         with self.ema_weights(), acc.autocast():
             cond = self._encode(local_prompts, records[shard], cfg.eval.prompts)
+            if self.algorithm.shapes_initial_noise:  # FIND: the same fixed noise through the noise policy
+                latents = self.algorithm.initial_latents(latents, cond)
             final = sample_ode(self.adapter, cond, e.num_steps, latents=latents, guidance_scale=cfg.sampling.guidance_scale)
             media = self.adapter.decode(final)
         self.module.train()

@@ -29,6 +29,8 @@ the last step's clean-image prediction ``x_{T-1} - sigma_{T-1} v`` (DanceGRPO); 
 Precision: the model runs in ``adapter.dtype``; step math, log-probs and stored latents are fp32.
 ODE steps (noise level 0) use ``ode_step`` and draw no noise from the generator, so the random
 stream is consumed only by SDE steps (one ``sde_step`` call per SDE step, on all its children).
+With ``spec.ode_solver = "dpm_solver++_2m"`` the ODE steps after the last SDE step are DPM-Solver++(2M)
+steps instead (MixGRPO-Flash; :mod:`flowalign.samplers.dpm_solver`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 
 from flowalign.pipelines.base import PipelineAdapter
 from flowalign.rollout.spec import BranchSpec, Shard
+from flowalign.samplers.dpm_solver import dpm_solver_pp_2m_step
 from flowalign.samplers.steps import ode_step, sde_step
 from flowalign.types import Conditioning, RolloutTree
 
@@ -65,6 +68,20 @@ def _velocity(adapter: PipelineAdapter, x: Tensor, sigma: Tensor, cond: Conditio
     if v.shape != x.shape:
         raise ValueError(f"adapter.predict returned shape {tuple(v.shape)} for x_t of shape {tuple(x.shape)}")
     return v.float()
+
+
+def _mixed_schedule(adapter: PipelineAdapter, points: tuple[tuple[int, int], ...]) -> Tensor:
+    """``[len(points)]`` sigmas ``adapter.sigmas(K)[i]`` for each ``(K, i)`` (``BranchSpec.schedule``), descending."""
+    grids = {k: _schedule(adapter, k) for k in sorted({k for k, _ in points})}
+    sigmas = torch.stack([grids[k][i] for k, i in points])
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"BranchSpec.schedule {points} gives sigmas {sigmas.tolist()}, not strictly descending")
+    return sigmas
+
+
+def _bcast_to(sigma: Tensor, x: Tensor) -> Tensor:
+    """``[B]`` sigmas viewed as ``[B, 1, ...]`` against ``x [B, *latent]``."""
+    return sigma.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
 def _check_latents(name: str, latents: Tensor, n: int, latent_shape: tuple[int, ...]) -> None:
@@ -212,8 +229,11 @@ def rollout(
     _check_latents("initial_latents", initial_latents, P * G, tuple(adapter.latent_shape))
     step_mask = _trained_subsets(spec, P * G, train_generator, device, shard, P)
 
-    sigmas = _schedule(adapter, T)
+    sigmas = _schedule(adapter, T) if spec.schedule is None else _mixed_schedule(adapter, spec.schedule)
     branching = spec.branching
+    # steps after the last SDE step run spec.ode_solver (MixGRPO-Flash); x0_prev: the previous step's x0 prediction
+    multistep_from = 1 + max((t for t, a in enumerate(spec.noise_levels) if a > 0), default=-1)
+    x0_prev: Tensor | None = None
 
     # State of the nodes at the current depth (prompt-major at depth 0).
     x = initial_latents.to(device=device, dtype=torch.float32)
@@ -239,7 +259,10 @@ def rollout(
         sigma, sigma_next = sigmas[t].expand(m), sigmas[t + 1].expand(m)
 
         a = spec.noise_levels[t]
-        if a == 0:
+        if a == 0 and spec.ode_solver != "euler" and t >= max(multistep_from, 1) and float(sigmas[t + 1]) > 0:
+            x_next = dpm_solver_pp_2m_step(x, x - _bcast_to(sigma, x) * v, x0_prev, sigmas[t - 1], sigma, sigma_next)
+            log_prob, std, mean = torch.zeros(m, device=device), torch.zeros(m, device=device), x_next
+        elif a == 0:
             x_next = ode_step(v, sigma, sigma_next, x).float()
             log_prob = torch.zeros(m, device=device)
             std = torch.zeros(m, device=device)
@@ -282,6 +305,8 @@ def rollout(
             # not the SDE sample, which carries the last step's noise (std eta * sqrt(sigma_{T-1})).
             x_next = x - sigmas[t] * v
 
+        if spec.ode_solver != "euler":
+            x0_prev = x - _bcast_to(sigma, x) * v.float()
         x, node_edge, num_edges = x_next, ids, num_edges + m
 
     cat = {k: torch.cat(v) for k, v in parts.items() if v}

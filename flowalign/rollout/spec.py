@@ -27,6 +27,7 @@ from typing import Iterable
 
 from torch import Tensor
 
+from flowalign.samplers.dpm_solver import ODE_SOLVERS
 from flowalign.samplers.steps import CPS_LOG_PROBS, SDE_KINDS
 
 #: what a rollout's leaves are (:attr:`BranchSpec.final_sample`)
@@ -85,6 +86,13 @@ class BranchSpec:
         final_sample: what the leaves are: ``"sde"``, the sample after the last SDE step, or
             ``"predicted_x0"``, the last step's clean-image prediction ``x_{T-1} - sigma_{T-1} v``
             (DanceGRPO rewards that; ``sampling.final_sample``). The edges are the same either way.
+        schedule: ``None`` (the schedule is ``adapter.sigmas(num_steps)``), or ``num_steps + 1`` pairs
+            ``(K, i)``: sigma ``i`` is ``adapter.sigmas(K)[i]`` (MixGRPO-Flash's compressed tail, points of a
+            finer grid; :func:`flowalign.samplers.dpm_solver.flash_tail_grid`). Must start at ``(K, 0)``, end at
+            ``(K, K)`` and descend.
+        ode_solver: the solver of the ODE steps after the last SDE step: ``"euler"`` (every ODE step is
+            ``ode_step``) or ``"dpm_solver++_2m"`` (:func:`flowalign.samplers.dpm_solver.dpm_solver_pp_2m_step`
+            with the previous step's data prediction; first order on step 0 and into ``sigma = 0``).
 
     Lists (e.g. from an OmegaConf config) are accepted and stored as tuples.
     """
@@ -100,6 +108,8 @@ class BranchSpec:
     shared_noise: bool = False
     train_subset: int | None = None
     final_sample: str = "sde"
+    schedule: tuple[tuple[int, int], ...] | None = None
+    ode_solver: str = "euler"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen)
@@ -177,6 +187,15 @@ class BranchSpec:
             set_("train_subset", int(self.train_subset))
         if self.final_sample not in FINAL_SAMPLES:
             raise ValueError(f"BranchSpec.final_sample must be one of {FINAL_SAMPLES}, got {self.final_sample!r}")
+        if self.ode_solver not in ODE_SOLVERS:
+            raise ValueError(f"BranchSpec.ode_solver must be one of {ODE_SOLVERS}, got {self.ode_solver!r}")
+        if self.schedule is not None:
+            points = tuple(tuple(p) for p in self.schedule)
+            if (len(points) != T + 1 or not all(len(p) == 2 and _is_int(p[0]) and _is_int(p[1]) and 0 <= p[1] <= p[0]
+                                                for p in points) or points[0][1] != 0 or points[-1][0] != points[-1][1]):
+                raise ValueError(f"BranchSpec.schedule must be {T + 1} (K, i) pairs with 0 <= i <= K, from (K, 0) to (K, K), "
+                                 f"got {points!r}")
+            set_("schedule", tuple((int(k), int(i)) for k, i in points))
 
     # -- derived quantities ---------------------------------------------------------------------
     @property

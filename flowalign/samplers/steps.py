@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowalign.samplers.sage import sage_mean, sage_variance
+
 __all__ = ["CPS_LOG_PROBS", "SDE_KINDS", "StepOutput", "cps_flow_grpo_log_prob", "gaussian_log_prob", "ode_step", "sde_step",
            "ddim_step"]
 
-SDE_KINDS = ("flow_grpo", "dance", "cps")
+SDE_KINDS = ("flow_grpo", "dance", "cps", "sage")
 #: forms of the CPS transition log-prob (``sampling.cps_log_prob``)
 CPS_LOG_PROBS = ("exact", "flow_grpo")
 
@@ -240,6 +242,11 @@ def _sde_mean_std(kind: str, x: Tensor, v: Tensor, s: Tensor, sn: Tensor, a: Ten
         # clamp: sn^2 - std^2 = (sn cos(a pi/2))^2 >= 0, but may round to -ulp at a = 1.
         noise_coef = torch.sqrt((sn**2 - std**2).clamp_min(0))
         mean = (1 - snb) * x0_hat + _bcast(noise_coef, nd) * x1_hat
+    elif kind == "sage":
+        # SAGE-GRPO (Zheng et al. 2026, arXiv:2603.21872 §3.2.1): the diffusion integrated over the step
+        # (logarithmic curvature correction) instead of Euler's g(sigma)^2 delta; flowalign.samplers.sage.
+        var = sage_variance(s, sn, a)
+        mean, std = sage_mean(x, v, s, sn, var), torch.sqrt(var)
     else:  # pragma: no cover - checked by the caller
         raise AssertionError(kind)
     return mean, std
@@ -271,6 +278,9 @@ def sde_step(
     * ``"cps"`` (Coefficients-Preserving Sampling, Wang & Yu 2025): ``std = sigma_next sin(a pi/2)``,
       ``x0_hat = x - sigma v``, ``x1_hat = x + (1 - sigma) v``,
       ``mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat``. Needs ``a <= 1``.
+    * ``"sage"`` (SAGE-GRPO, Zheng et al. 2026, arXiv:2603.21872 §3.2.1; :mod:`flowalign.samplers.sage`):
+      variance ``a^2 [log((1 - sigma_next) / (1 - sigma)) - delta]`` (the integral of Flow-GRPO's ``g^2``
+      over the step), ``mean = x - delta v - var / (2 sigma) (x + (1 - sigma) v)``.
 
     Where ``noise_level == 0`` (per sample) the step is exactly :func:`ode_step` (same tensor
     values), with ``log_prob = 0`` and ``std = 0``.

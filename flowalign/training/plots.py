@@ -250,22 +250,27 @@ def save_curves(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    many = len(curves) > 10  # beyond the 10 colours of the cycle: line styles tell curves apart, legend outside
+    fig = Figure(figsize=(8.6 if many else 6.4, 4.6 if many else 4.0), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     empty = []
-    for label, pts in curves.items():
+    for i, (label, pts) in enumerate(curves.items()):
         if not pts:
             empty.append(label)
             continue
         xs, ys = zip(*sorted(pts, key=lambda p: p[0]))
-        ax.plot(xs, ys, label=label, marker="o" if len(pts) <= 40 else None, markersize=3, linewidth=1.5)
+        ax.plot(xs, ys, label=label, marker="os^"[i // 10 % 3] if len(pts) <= 40 else None, markersize=3, linewidth=1.5,
+                linestyle=("-", "--", ":")[i // 10 % 3])
     if reference is not None:
         ax.axhline(reference[0], color="gray", linestyle="--", linewidth=1, label=reference[1])
     if empty:
         ax.text(0.01, 0.01, "no data: " + ", ".join(empty), transform=ax.transAxes, fontsize=7, color="gray")
     if len(empty) < len(curves) or reference is not None:
-        ax.legend(loc="best", fontsize=8)
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0.0)
+        else:
+            ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
