@@ -71,6 +71,16 @@ def on_device(module: nn.Module, device: torch.device | str, offload: bool) -> I
             module.to("cpu")
 
 
+def decode_shifted_latents(vae: nn.Module, latents: Tensor, device: torch.device | str, offload: bool) -> Tensor:
+    """``[B, C, h, w]`` diffusion-space latents -> ``[B, 3, H, W]`` images in [0, 1] through a VAE whose config has
+    ``scaling_factor`` and ``shift_factor``: ``z = latents / scaling_factor + shift_factor`` (the inverse of the
+    SD3 / FLUX / Z-Image pipelines' ``(z - shift_factor) * scaling_factor``), decoded, mapped from [-1, 1]."""
+    with on_device(vae, device, offload):
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(z, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
 def set_attention_backend(module: nn.Module, backend: str | None) -> None:
     """Select diffusers' attention backend (e.g. ``"flash"``, ``"_native_cudnn"``, ``"xformers"``);
     ``None`` / ``"default"`` keeps PyTorch SDPA."""

@@ -28,7 +28,8 @@ from torch import Tensor
 
 
 from .base import AdapterBase, static_shift_sigmas
-from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
+from .common import (PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, decode_shifted_latents, on_device,
+                     place_modules)
 
 FLUX_OPTIONS = ("resolution", "shift", "guidance", "max_sequence_length", "attention_backend", "offload_idle",
                 "embedding_cache_dir")
@@ -181,7 +182,4 @@ class FluxAdapter(TransformerPipelineIO, AdapterBase):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Unpacked ``[B, C, h, w]`` latents -> ``[B, 3, H, W]`` images in [0, 1] (VAE scaling + shift)."""
-        with on_device(self.vae, self.device, self.offload):
-            z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            image = self.vae.decode(z, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return decode_shifted_latents(self.vae, latents, self.device, self.offload)

@@ -29,7 +29,8 @@ from diffusers import ZImagePipeline
 from torch import Tensor
 
 from .base import AdapterBase, static_shift_sigmas
-from .common import PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, on_device, place_modules
+from .common import (PromptEmbeddingCache, TransformerPipelineIO, checked_resolution, decode_shifted_latents, on_device,
+                     place_modules)
 from .flux import calculate_mu
 from .flux2 import flow_match_sigmas
 
@@ -137,7 +138,4 @@ class ZImageAdapter(TransformerPipelineIO, AdapterBase):
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """``[B, C, h, w]`` latents -> ``[B, 3, H, W]`` images in [0, 1] (VAE scaling + shift)."""
-        with on_device(self.vae, self.device, self.offload):
-            z = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-            image = self.vae.decode(z, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return decode_shifted_latents(self.vae, latents, self.device, self.offload)
